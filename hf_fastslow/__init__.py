@@ -1,0 +1,41 @@
+"""hf_fastslow: recent inference and training methods as Hugging Face-native building blocks.
+
+Importing the package registers its integrations with transformers (e.g. `cache_implementation="xquant"`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import integrations  # noqa: E402  (version gate first)
+from .default_model import default_model_path, load_default_model  # noqa: E402
+from .integrations import (  # noqa: E402
+    cache_kwarg_name,
+    cache_kwargs,
+    register_attention,
+    register_cache_implementation,
+    unregister_cache_implementation,
+)
+from .model_card import build_model_card, save_model_card  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "build_model_card",
+    "cache_kwarg_name",
+    "cache_kwargs",
+    "default_model_path",
+    "load_default_model",
+    "register_attention",
+    "register_cache_implementation",
+    "save_model_card",
+    "unregister_cache_implementation",
+]
+
+# Feature modules register themselves below (kept import-light: no triton/trl import at package import time).
+try:  # XQuant caches (hf_fastslow.quantizers)
+    from .quantizers import XQuantCache, XQuantConfig  # noqa: E402,F401
+
+    __all__ += ["XQuantCache", "XQuantConfig"]
+except ImportError as _err:  # pragma: no cover - only while the module is being built
+    if "hf_fastslow.quantizers" not in str(_err) and "XQuant" not in str(_err):
+        raise

@@ -1,0 +1,1 @@
+"""Cache classes that quantize what they hold."""

