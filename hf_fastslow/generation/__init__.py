@@ -10,3 +10,4 @@ __all__ = [
     "SpeculativeStats",
     "problem_id_for",
 ]
+from .v1_infer import EndpointJudge, HFJudge, PairwiseTournament, PointwiseSelector, majority_vote, round_robin, v1_generate  # noqa: E402,F401  (V1-Infer)
