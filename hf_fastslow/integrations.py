@@ -272,6 +272,134 @@ def strip_gguf_quantization(model: torch.nn.Module) -> torch.nn.Module:
 # trl seam (trainers and rollouts): sections below are owned by the respective features.
 # --------------------------------------------------------------------------------------------------------------------
 # [speculative decoding / TRL rollouts] -- section start
+def speculative_cache_check(cache: Any, batch_size: int) -> None:
+    """Raise a ValueError unless `cache` can be rolled back (`crop(-n)`) the way the speculative loop needs.
+
+    Batched verification leaves masked "holes" (rejected drafts of rows behind the leader) inside the cache; that is
+    exact for full-attention layers only, so sliding-window and linear-attention caches are refused for batch > 1.
+    """
+    if cache is None:
+        raise ValueError(
+            "speculative_generate needs a KV cache to roll back rejected drafts: do not pass `use_cache=False`."
+        )
+    if not callable(getattr(cache, "crop", None)) or getattr(cache, "is_croppable", True) is False:
+        raise ValueError(
+            f"speculative_generate cannot use a {type(cache).__name__}: rejected draft tokens are removed with "
+            "`cache.crop(-n)`, which this cache does not support. Use a DynamicCache or another croppable cache "
+            "(e.g. hf_fastslow's XQuant cache)."
+        )
+    if batch_size > 1 and (any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ())):
+        raise ValueError(
+            f"speculative_generate with batch size > 1 supports full-attention caches only (got a {type(cache).__name__} "
+            "with sliding-window or linear-attention layers): generate one sequence at a time instead."
+        )
+
+
+def speculative_prepare_cache(cache: Any) -> None:
+    """Let sliding-window / linear-attention layers keep the states a later `crop` needs (no-op elsewhere)."""
+    if hasattr(cache, "activate_past_recording") and (
+        any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ())
+    ):
+        cache.activate_past_recording()
+
+
+def speculative_crop(cache: Any, tokens_to_remove: int) -> None:
+    """Drop the last `tokens_to_remove` cache positions (5.17 and 5.24 both take a negative count)."""
+    if tokens_to_remove < 0:
+        raise ValueError("tokens_to_remove must be >= 0")
+    # crop(0) is still called on sliding/linear caches: it trims the states recorded for a possible rollback.
+    if tokens_to_remove > 0 or any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ()):
+        cache.crop(-tokens_to_remove)
+
+
+def speculative_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    cache: Any,
+    logits_to_keep: int,
+    output_hidden_states: bool = False,
+    **extra: Any,
+):
+    """One target forward with an explicit cache, mask and positions (the cache keyword differs across versions)."""
+    kwargs = dict(extra)
+    kwargs.update(cache_kwargs(model, cache))
+    if output_hidden_states:
+        kwargs["output_hidden_states"] = True
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        return_dict=True,
+        **kwargs,
+    )
+
+
+def split_stopping_criteria(stopping_criteria: Any) -> tuple[int | None, list]:
+    """(max_length, other criteria): the speculative loop enforces length and EOS per row itself."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    max_length, rest = None, []
+    for criterion in stopping_criteria or ():
+        if isinstance(criterion, MaxLengthCriteria):
+            max_length = criterion.max_length if max_length is None else min(max_length, criterion.max_length)
+        elif isinstance(criterion, EosTokenCriteria):
+            continue
+        else:
+            rest.append(criterion)
+    return max_length, rest
+
+
+def decoder_only_generate_output(
+    sequences: torch.Tensor, scores=None, logits=None, cache: Any = None
+):
+    """A `GenerateDecoderOnlyOutput` whose cache field has this version's name (`cache` or `past_key_values`)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    fields = GenerateDecoderOnlyOutput.__dataclass_fields__
+    kwargs = {"sequences": sequences, "scores": scores, "logits": logits}
+    kwargs["cache" if "cache" in fields else "past_key_values"] = cache
+    return GenerateDecoderOnlyOutput(**kwargs)
+
+
+def trl_tokenize_prompts(trainer: Any, prompts: list) -> list[list[int]]:
+    """Prompt token ids exactly as GRPOTrainer would build them (chat template, tools); text-only prompts."""
+    prompt_ids, images, multimodal_fields = trainer._tokenize_prompts(prompts)
+    if images is not None or multimodal_fields:
+        raise NotImplementedError("The DAS rollout function supports text-only prompts.")
+    return [list(map(int, ids)) for ids in prompt_ids]
+
+
+def trl_generation_context(trainer: Any):
+    """The context GRPOTrainer generates under: unwrapped model, no grad, training generation kwargs applied."""
+    import contextlib
+
+    from trl.models.utils import unwrap_model_for_generation
+
+    stack = contextlib.ExitStack()
+    unwrap_kwargs = {"gather_deepspeed3_params": trainer.args.ds3_gather_for_generation}
+    params = inspect.signature(unwrap_model_for_generation).parameters
+    if "generation_kwargs" in params:
+        unwrap_kwargs["generation_kwargs"] = getattr(trainer, "generation_kwargs", None)
+    if "gradient_checkpointing_kwargs" in params:
+        unwrap_kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
+    model = stack.enter_context(unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **unwrap_kwargs))
+    stack.enter_context(torch.no_grad())
+    dist = getattr(trainer, "_dist", None)
+    if dist is not None and hasattr(dist, "summon_full_params"):
+        stack.enter_context(dist.summon_full_params(trainer.model_wrapped, recurse=False))
+    return stack, model
+
+
+def trl_pad_token_id(trainer: Any) -> int:
+    tok = getattr(trainer, "_tokenizer", None) or trainer.processing_class
+    tok = getattr(tok, "tokenizer", tok)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 # [speculative decoding / TRL rollouts] -- section end
 
 # [trainers] -- section start

@@ -1,6 +1,7 @@
 """Generation utilities: speculative decoding with pluggable drafters (`speculative_generate`, `Drafter`, DAS)."""
 
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
+from .speculative import speculative_generate
 
 __all__ = [
     "DraftContext",
@@ -9,5 +10,6 @@ __all__ = [
     "Drafter",
     "SpeculativeStats",
     "problem_id_for",
+    "speculative_generate",
 ]
 from .v1_infer import EndpointJudge, HFJudge, PairwiseTournament, PointwiseSelector, majority_vote, round_robin, v1_generate  # noqa: E402,F401  (V1-Infer)

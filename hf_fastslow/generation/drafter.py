@@ -103,12 +103,15 @@ class DraftFeedback:
 class SpeculativeStats:
     """Counters of one or more speculative generate calls.
 
-    `target_forwards` counts every forward of the target, prefill included. `rounds` counts per-row verification
-    rounds (a batch round over 3 active rows counts 3), so `mean_acceptance_length` = tokens emitted per row-round
-    (accepted drafts + the target's own token), the usual "acceptance length" (1.0 = no speedup).
+    `target_forwards` counts every forward of the target, prefill included; `new_tokens` every generated token.
+    `rounds` counts per-row verification rounds (a batch round over 3 active rows counts 3) and `emitted` the tokens
+    they produced, so `mean_acceptance_length` = tokens per row-round (accepted drafts + the target's own token), the
+    usual "acceptance length" (1.0 = no speedup). `tokens_per_forward` = new_tokens / target_forwards over the whole
+    batch (plain decoding of one row: 1.0).
     """
 
     target_forwards: int = 0
+    new_tokens: int = 0
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -125,16 +128,17 @@ class SpeculativeStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.emitted / self.target_forwards if self.target_forwards else 0.0
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
 
     def __iadd__(self, other: "SpeculativeStats") -> "SpeculativeStats":
-        for name in ("target_forwards", "rounds", "proposed", "accepted", "emitted", "sequences"):
+        for name in ("target_forwards", "new_tokens", "rounds", "proposed", "accepted", "emitted", "sequences"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def as_dict(self) -> dict[str, float]:
         return {
             "target_forwards": self.target_forwards,
+            "new_tokens": self.new_tokens,
             "rounds": self.rounds,
             "proposed": self.proposed,
             "accepted": self.accepted,

@@ -1,0 +1,398 @@
+"""Lossless speculative decoding loop for `generate(custom_generate=...)` (Leviathan et al., "Fast Inference from
+Transformers via Speculative Decoding", ICML 2023), batched, with pluggable `Drafter`s.
+
+Usage::
+
+    out = model.generate(ids, attention_mask=mask, custom_generate=speculative_generate, drafter=drafter,
+                         max_new_tokens=256)
+    drafter.last_stats.tokens_per_forward
+
+Batch > 1 (HF's assisted loop is batch-1 only) uses a "holey" cache: every row verifies its own draft in one padded
+target pass, rows then advance by different amounts, the rejected positions of rows behind the leader stay in the
+cache but are masked out, each row keeps its own position ids, and only the tail that no row needs is cropped. With
+batch size 1 this is exactly HF's assisted loop (crop the rejected tail).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from ..integrations import (
+    cache_from_kwargs,
+    decoder_only_generate_output,
+    output_cache,
+    speculative_cache_check,
+    speculative_crop,
+    speculative_forward,
+    speculative_prepare_cache,
+    split_stopping_criteria,
+)
+from .drafter import DraftContext, Drafter, DraftFeedback, SpeculativeStats, problem_id_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["speculative_generate"]
+
+_call_counter = itertools.count()
+# model_kwargs that generate() prepares and this loop rebuilds itself every round.
+_HANDLED_KWARGS = {"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}
+
+
+def _as_id_list(value: Any, batch_size: int, name: str) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"`{name}` must be a list with one id per row, got {type(value).__name__}.")
+    if len(value) != batch_size:
+        raise ValueError(f"`{name}` has {len(value)} entries but the batch has {batch_size} rows.")
+    return list(value)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    drafter: Drafter | None = None,
+    problem_ids: Sequence[Hashable] | None = None,
+    request_ids: Sequence[Hashable] | None = None,
+    **model_kwargs,
+):
+    r"""Speculative decoding with a `Drafter`, as a `generate(custom_generate=...)` callable.
+
+    Greedy decoding returns the same tokens as plain greedy `generate` (up to floating-point differences between a
+    one-token and a multi-token forward, which do not show on the models we test); sampling draws from the same
+    distribution as plain sampling (point-mass speculative sampling: draft token d is kept iff the target's own sample
+    at that position equals d), but not the same random stream.
+
+    Args:
+        drafter (`Drafter`): the draft source (required). Its `last_stats` / `stats` are updated.
+        problem_ids (`list`, *optional*): one id per row grouping requests that share history (DAS); defaults to a
+            hash of each row's prompt tokens.
+        request_ids (`list`, *optional*): unique id per row; defaults to `(call index, row)`.
+
+    Returns:
+        What `generate` returns: a `LongTensor` of sequences, or a `GenerateDecoderOnlyOutput` when
+        `return_dict_in_generate=True` (with `scores` / `logits` if requested; rows that already finished hold
+        `-inf` scores; the cache is returned only when it has no masked holes, i.e. batch size 1).
+    """
+    if drafter is None:
+        raise ValueError(
+            "speculative_generate needs a draft source: call `generate(..., custom_generate=speculative_generate, "
+            "drafter=<hf_fastslow.generation.Drafter>)`."
+        )
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"`drafter` must be a hf_fastslow.generation.Drafter, got {type(drafter).__name__}.")
+    if synced_gpus:
+        raise NotImplementedError("speculative_generate does not support `synced_gpus=True` (DeepSpeed ZeRO-3/FSDP).")
+    if model.config.is_encoder_decoder:
+        raise ValueError("speculative_generate supports decoder-only models only.")
+    if getattr(model, "_is_stateful", False):
+        raise ValueError(f"{type(model).__name__} is stateful (recurrent); its state cannot be rolled back.")
+    if generation_config.num_beams not in (None, 1):
+        raise ValueError("speculative_generate does not support beam search (`num_beams > 1`).")
+    if generation_config.output_attentions or generation_config.output_hidden_states:
+        raise ValueError(
+            "speculative_generate does not return attentions or hidden states "
+            "(`output_attentions` / `output_hidden_states`); drafters that need hidden states set "
+            "`needs_hidden_states = True` instead."
+        )
+    if getattr(generation_config, "prefill_chunk_size", None) is not None:
+        raise ValueError("speculative_generate does not support `prefill_chunk_size`.")
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("Streaming is only supported for batch size 1.")
+    drafter.check_compatible(model)
+
+    cache = cache_from_kwargs(model_kwargs)
+    batch_size, prompt_width = input_ids.shape
+    speculative_cache_check(cache, batch_size)
+    device = input_ids.device
+    do_sample = bool(generation_config.do_sample)
+
+    # --- special tokens, lengths, ids -------------------------------------------------------------------------------
+    eos = generation_config._eos_token_tensor if hasattr(generation_config, "_eos_token_tensor") else None
+    if eos is None and generation_config.eos_token_id is not None:
+        eos = torch.as_tensor(generation_config.eos_token_id)
+    eos_ids = tuple(int(t) for t in eos.reshape(-1).tolist()) if eos is not None else ()
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    if pad is None and generation_config.pad_token_id is not None:
+        pad = torch.as_tensor(generation_config.pad_token_id)
+    pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
+    max_length, other_criteria = split_stopping_criteria(stopping_criteria)
+    if max_length is None:
+        max_length = generation_config.max_length
+    has_processors = logits_processor is not None and len(logits_processor) > 0
+
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    valid = attention_mask.bool()
+    prompts = [input_ids[i][valid[i]] for i in range(batch_size)]
+    left_pad = [int((~valid[i]).sum()) for i in range(batch_size)]
+    if any(bool(valid[i, left_pad[i]:].all()) is False for i in range(batch_size)):
+        raise ValueError("speculative_generate expects left padding (pad tokens only at the start of each row).")
+
+    call = next(_call_counter)
+    request_ids = _as_id_list(request_ids, batch_size, "request_ids") or [(call, i) for i in range(batch_size)]
+    problem_ids = _as_id_list(problem_ids, batch_size, "problem_ids") or [problem_id_for(p) for p in prompts]
+
+    extra_kwargs = {k: v for k, v in model_kwargs.items() if k not in _HANDLED_KWARGS and v is not None}
+    want_hidden = bool(drafter.needs_hidden_states)
+    layers = tuple(drafter.hidden_state_layers)
+    want_target_logits = bool(drafter.needs_target_logits)
+    return_dict = bool(generation_config.return_dict_in_generate)
+    keep_scores = return_dict and bool(generation_config.output_scores)
+    keep_logits = return_dict and bool(generation_config.output_logits)
+
+    stats = SpeculativeStats(sequences=batch_size)
+    drafter.reset()
+
+    # --- per-row state ----------------------------------------------------------------------------------------------
+    generated: list[list[int]] = [[] for _ in range(batch_size)]
+    finished = [False] * batch_size
+    row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    # Number of real (non-pad) tokens of each row that are in the cache.
+    n_cached = [0] * batch_size
+
+    def row_ids(i: int, extra: Sequence[int] = ()) -> torch.Tensor:
+        """Row i as plain `generate` would show it to processors/criteria: left pads + prompt + generated."""
+        toks = generated[i] + list(extra)
+        tail = torch.tensor(toks, dtype=torch.long, device=device)
+        return torch.cat([input_ids[i], tail]).unsqueeze(0)
+
+    def process(i: int, prefix_extra: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if not has_processors:
+            return logits
+        return logits_processor(row_ids(i, prefix_extra), logits.unsqueeze(0))[0]
+
+    def select(scores: torch.Tensor) -> torch.Tensor:
+        if do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(-1)
+        return scores.argmax(dim=-1)
+
+    def append(i: int, tokens: list[int]) -> list[int]:
+        """Append tokens to row i until it stops; returns the tokens actually kept."""
+        kept = []
+        for tok in tokens:
+            generated[i].append(tok)
+            kept.append(tok)
+            if tok in eos_ids or prompt_width + len(generated[i]) >= max_length:
+                finished[i] = True
+            elif other_criteria and any(bool(c(row_ids(i), None).reshape(-1)[0]) for c in other_criteria):
+                finished[i] = True
+            if finished[i]:
+                break
+        return kept
+
+    # --- prefill ----------------------------------------------------------------------------------------------------
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] != prompt_width:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    mask_arg = None if bool(attention_mask.all()) else attention_mask
+    outputs = speculative_forward(
+        model, input_ids, mask_arg, position_ids, cache, logits_to_keep=1, output_hidden_states=want_hidden,
+        **extra_kwargs,
+    )
+    stats.target_forwards += 1
+    cache = output_cache(outputs) or cache
+    speculative_cache_check(cache, batch_size)
+    speculative_prepare_cache(cache)
+    first_logits = outputs.logits[:, -1].to(dtype=torch.float32)
+    first_scores = logits_processor(input_ids, first_logits) if has_processors else first_logits
+    first_tokens = select(first_scores).tolist()
+    hidden = [None] * batch_size
+    offsets = [0] * batch_size
+    if want_hidden:
+        hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, P, L, H)
+        hidden = [hs[i, left_pad[i]:].detach() for i in range(batch_size)]
+    for i in range(batch_size):
+        n_cached[i] = len(prompts[i])
+        if keep_scores:
+            row_scores[i].append(first_scores[i])
+        if keep_logits:
+            row_logits[i].append(first_logits[i])
+        stats.new_tokens += len(append(i, [first_tokens[i]]))
+    if streamer is not None:
+        streamer.put(torch.tensor(generated[0], device="cpu"))
+    del outputs
+    # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
+    pending_feedback = [i for i in range(batch_size) if finished[i]]
+    if pending_feedback:
+        _final_feedback(drafter, pending_feedback, request_ids, problem_ids, generated, device, round_index=0)
+
+    # --- verify rounds ----------------------------------------------------------------------------------------------
+    round_index = 0
+    while not all(finished):
+        round_index += 1
+        active = [i for i in range(batch_size) if not finished[i]]
+        budgets = [0] * batch_size
+        for i in active:
+            remaining = max_length - prompt_width - len(generated[i])
+            budgets[i] = max(0, min(drafter.max_draft_tokens, remaining - 1))
+        context = DraftContext(
+            input_ids=[torch.cat([prompts[i], torch.tensor(generated[i], dtype=torch.long, device=device)])
+                       for i in range(batch_size)],
+            budgets=budgets,
+            request_ids=request_ids,
+            problem_ids=problem_ids,
+            prompt_lengths=[len(p) for p in prompts],
+            round=round_index,
+            do_sample=do_sample,
+            eos_token_ids=eos_ids,
+            hidden_states=hidden if want_hidden else None,
+            hidden_offsets=offsets if want_hidden else None,
+        )
+        proposals = drafter.propose(context)
+        if len(proposals) != batch_size:
+            raise ValueError(f"{type(drafter).__name__}.propose returned {len(proposals)} drafts for {batch_size} rows.")
+        drafts: list[list[int]] = [[] for _ in range(batch_size)]
+        for i in active:
+            d = proposals[i]
+            d = d.reshape(-1).tolist() if isinstance(d, torch.Tensor) else [int(t) for t in d]
+            drafts[i] = d[: budgets[i]]
+        width = 1 + max(len(drafts[i]) for i in active)
+
+        # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
+        step_ids = torch.full((batch_size, width), pad_id, dtype=torch.long, device=device)
+        step_mask = torch.zeros((batch_size, width), dtype=torch.long, device=device)
+        step_pos = torch.empty((batch_size, width), dtype=torch.long, device=device)
+        for i in range(batch_size):
+            step_pos[i] = torch.arange(n_cached[i], n_cached[i] + width, device=device)
+            if not finished[i]:
+                seg = [generated[i][-1]] + drafts[i]
+                step_ids[i, : len(seg)] = torch.tensor(seg, dtype=torch.long, device=device)
+                step_mask[i, : len(seg)] = 1
+        full_mask = torch.cat([attention_mask, step_mask], dim=1)
+        mask_arg = None if bool(full_mask.all()) else full_mask
+        outputs = speculative_forward(
+            model, step_ids, mask_arg, step_pos, cache, logits_to_keep=width, output_hidden_states=want_hidden,
+        )
+        stats.target_forwards += 1
+        cache = output_cache(outputs) or cache
+        logits = outputs.logits.to(dtype=torch.float32)  # (B, width, V)
+        if not has_processors and not do_sample:
+            # Greedy without processors: one batched argmax covers every row and position.
+            choice_all = logits.argmax(dim=-1).tolist()
+
+        num_accepted = [0] * batch_size
+        appended: list[list[int]] = [[] for _ in range(batch_size)]
+        verified_logits: list[torch.Tensor | None] = [None] * batch_size
+        for i in active:
+            d = drafts[i]
+            if not has_processors and not do_sample:
+                choice = choice_all[i][: len(d) + 1]
+                scores_i = logits[i, : len(d) + 1]
+            else:
+                # Position j's processors see the prefix extended by the first j draft tokens.
+                scores_i = torch.stack([process(i, d[:j], logits[i, j]) for j in range(len(d) + 1)])
+                choice = select(scores_i).tolist()
+            n = 0
+            while n < len(d) and d[n] == choice[n]:
+                n += 1
+            num_accepted[i] = n
+            kept = append(i, choice[: n + 1])
+            appended[i] = kept
+            if keep_scores or keep_logits:
+                for j in range(len(kept)):
+                    if keep_scores:
+                        row_scores[i].append(scores_i[j])
+                    if keep_logits:
+                        row_logits[i].append(logits[i, j])
+            if want_target_logits:
+                verified_logits[i] = scores_i[: n + 1].detach()
+            stats.rounds += 1
+            stats.proposed += len(d)
+            stats.accepted += n
+            stats.emitted += len(kept)
+            stats.new_tokens += len(kept)
+
+        # Cache bookkeeping: row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole.
+        keep_cols = 1 + max(num_accepted[i] for i in active)
+        for i in active:
+            step_mask[i, 1 + num_accepted[i]:] = 0
+        attention_mask = torch.cat([attention_mask, step_mask[:, :keep_cols]], dim=1)
+        speculative_crop(cache, width - keep_cols)
+        if want_hidden:
+            hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, width, L, H)
+        new_hidden = [None] * batch_size
+        for i in active:
+            if want_hidden:
+                new_hidden[i] = hs[i, : 1 + num_accepted[i]].detach()
+                offsets[i] = n_cached[i]
+            n_cached[i] += 1 + num_accepted[i]
+        hidden = new_hidden
+        del outputs, logits
+
+        if streamer is not None and appended[0]:
+            streamer.put(torch.tensor(appended[0], device="cpu"))
+        drafter.observe(
+            DraftFeedback(
+                request_ids=[request_ids[i] for i in active],
+                problem_ids=[problem_ids[i] for i in active],
+                proposed=[torch.tensor(drafts[i], dtype=torch.long, device=device) for i in active],
+                num_accepted=[num_accepted[i] for i in active],
+                appended=[torch.tensor(appended[i], dtype=torch.long, device=device) for i in active],
+                finished=[finished[i] for i in active],
+                round=round_index,
+                target_logits=[verified_logits[i] for i in active] if want_target_logits else None,
+            )
+        )
+
+    if streamer is not None:
+        streamer.end()
+
+    # --- output -----------------------------------------------------------------------------------------------------
+    longest = max(len(g) for g in generated)
+    sequences = torch.full((batch_size, prompt_width + longest), pad_id, dtype=torch.long, device=device)
+    sequences[:, :prompt_width] = input_ids
+    for i in range(batch_size):
+        if generated[i]:
+            sequences[i, prompt_width : prompt_width + len(generated[i])] = torch.tensor(generated[i], device=device)
+
+    drafter.last_stats = stats
+    drafter.stats += stats
+    if not return_dict:
+        return sequences
+    has_holes = not bool(attention_mask[:, prompt_width:].all())
+    return decoder_only_generate_output(
+        sequences,
+        scores=_stack_steps(row_scores, longest) if keep_scores else None,
+        logits=_stack_steps(row_logits, longest) if keep_logits else None,
+        cache=None if has_holes else cache,
+    )
+
+
+def _final_feedback(drafter, rows, request_ids, problem_ids, generated, device, round_index):
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    drafter.observe(
+        DraftFeedback(
+            request_ids=[request_ids[i] for i in rows],
+            problem_ids=[problem_ids[i] for i in rows],
+            proposed=[empty for _ in rows],
+            num_accepted=[0 for _ in rows],
+            appended=[torch.tensor(generated[i], dtype=torch.long, device=device) for i in rows],
+            finished=[True for _ in rows],
+            round=round_index,
+        )
+    )
+
+
+def _stack_steps(per_row: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
+    """Per-row token scores -> one (batch, vocab) tensor per step, like `generate` (finished rows: -inf)."""
+    template = next(t for row in per_row for t in row)
+    out = []
+    for s in range(steps):
+        out.append(
+            torch.stack([row[s] if s < len(row) else torch.full_like(template, float("-inf")) for row in per_row])
+        )
+    return tuple(out)
