@@ -31,11 +31,10 @@ __all__ = [
     "unregister_cache_implementation",
 ]
 
-# Feature modules register themselves below (kept import-light: no triton/trl import at package import time).
-try:  # XQuant caches (hf_fastslow.quantizers)
-    from .quantizers import XQuantCache, XQuantConfig  # noqa: E402,F401
+from .quantizers import XQuantCache, XQuantConfig, xquant_cache_factory, xquant_cl_cache_factory  # noqa: E402
 
-    __all__ += ["XQuantCache", "XQuantConfig"]
-except ImportError as _err:  # pragma: no cover - only while the module is being built
-    if "hf_fastslow.quantizers" not in str(_err) and "XQuant" not in str(_err):
-        raise
+__all__ += ["XQuantCache", "XQuantConfig"]
+
+# Built-in cache implementations: generate(cache_implementation="xquant" | "xquant_cl", cache_config={...}).
+register_cache_implementation("xquant", xquant_cache_factory)
+register_cache_implementation("xquant_cl", xquant_cl_cache_factory)

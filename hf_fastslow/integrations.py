@@ -6,6 +6,7 @@ Other modules never reach into private transformers/trl APIs; they call the help
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -45,10 +46,10 @@ def _forward_accepts_cache_kwarg(model_cls: type) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _library_cache_kwarg() -> str:
-    from transformers.generation import utils as gen_utils
+    # The reference decoder-only model of the installed transformers tells which name the library uses.
+    from transformers.models.llama.modeling_llama import LlamaModel
 
-    src = inspect.getsource(gen_utils.GenerationMixin._prepare_cache_for_generation)
-    return "cache" if 'model_kwargs.get("cache")' in src or "model_kwargs[\"cache\"]" in src else "past_key_values"
+    return "cache" if _forward_accepts_cache_kwarg(LlamaModel) else "past_key_values"
 
 
 def cache_kwarg_name(model: torch.nn.Module | None = None) -> str:
@@ -403,4 +404,81 @@ def trl_pad_token_id(trainer: Any) -> int:
 # [speculative decoding / TRL rollouts] -- section end
 
 # [trainers] -- section start
+# --- FST (hf_fastslow.trainers.fst_trainer): the trl 1.16 GRPOTrainer internals FSTTrainer relies on -------------
+FST_GRPO_HOOKS = {
+    # method -> leading parameters FSTTrainer's override expects (checked once, so a trl refactor fails loudly)
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_load_optimizer_and_scheduler": ["self", "checkpoint"],
+    "_tokenize_prompts": ["self", "prompts"],
+}
+
+
+def fst_check_grpo_hooks() -> None:
+    """Raise a clear error if this trl's GRPOTrainer lacks the hooks FSTTrainer overrides."""
+    import trl
+
+    from trl import GRPOTrainer
+
+    for name, expected in FST_GRPO_HOOKS.items():
+        fn = getattr(GRPOTrainer, name, None)
+        params = list(inspect.signature(fn).parameters)[: len(expected)] if fn is not None else None
+        if params != expected:
+            raise RuntimeError(
+                f"trl {trl.__version__}: GRPOTrainer.{name} is {'missing' if fn is None else params}; FSTTrainer "
+                f"needs {name}({', '.join(expected)}, ...). Supported: trl>=1.10,<2."
+            )
+
+
+@functools.lru_cache(maxsize=1)
+def grpo_loss_types() -> tuple[str, ...]:
+    """The `loss_type` values this trl's GRPOConfig documents (trl only rejects unknown ones at the first loss)."""
+    import dataclasses
+    import re
+
+    from trl import GRPOConfig
+
+    field = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"]
+    help_text = field.metadata.get("help", "")
+    match = re.search(r"Supported values are (.*?)\.\s", help_text)
+    names = tuple(re.findall(r"'([a-z_]+)'", match.group(1))) if match else ()
+    return names or ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
+
+
+@contextlib.contextmanager
+def fst_generation_model(trainer):
+    """The trainer's policy unwrapped for `generate` (DeepSpeed/FSDP aware), in eval mode, without gradients.
+
+    FST's fast rounds roll out outside GRPO's own generation path, which would count the tokens as training input
+    and log them as training completions.
+    """
+    from trl.models import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(
+        trainer.model_wrapped,
+        trainer.accelerator,
+        gather_deepspeed3_params=getattr(trainer.args, "ds3_gather_for_generation", True),
+        gradient_checkpointing_kwargs=getattr(trainer.args, "gradient_checkpointing_kwargs", None),
+    ) as model, torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
+
+def fst_log_metric(trainer, name: str, value: float) -> None:
+    """Add a scalar to the GRPOTrainer's per-logging-step metric buffer (averaged and logged with `reward`, `kl`...)."""
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode][name].append(float(value))
+
+
+def fst_tokenize_prompts(trainer, prompts: list) -> list[list[int]]:
+    """Token ids of `prompts` exactly as GRPOTrainer tokenizes its rollout prompts (chat template, tools, kwargs)."""
+    prompt_ids, images, _ = trainer._tokenize_prompts(prompts)
+    if images is not None:
+        raise NotImplementedError("FSTTrainer's fast rounds support text prompts only (the prompts carry images).")
+    return [list(ids) for ids in prompt_ids]
+
+
 # [trainers] -- section end

@@ -1,1 +1,23 @@
 """Cache classes that quantize what they hold."""
+
+from .xquant import (
+    XQuantCache,
+    XQuantLayer,
+    attach_xquant,
+    compute_xquant_factors,
+    detach_xquant,
+    xquant_cache_factory,
+    xquant_cl_cache_factory,
+)
+from .xquant_config import XQuantConfig
+
+__all__ = [
+    "XQuantCache",
+    "XQuantConfig",
+    "XQuantLayer",
+    "attach_xquant",
+    "compute_xquant_factors",
+    "detach_xquant",
+    "xquant_cache_factory",
+    "xquant_cl_cache_factory",
+]
