@@ -1,0 +1,30 @@
+"""TRL trainers (FST, PairRL, ...). Names resolve lazily: `import hf_fastslow.trainers` does not import trl."""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> submodule; each trainer adds its own lines
+_LAZY = {
+    "VerifiableTask": "tasks",
+    "FSTConfig": "fst_config",
+    "FSTTrainer": "fst_trainer",
+    "load_fast_context": "fst_trainer",
+    "Reflector": "reflection",
+    "PolicyReflector": "reflection",
+    "HFReflector": "reflection",
+    "OpenAIReflector": "reflection",
+    "FunctionReflector": "reflection",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

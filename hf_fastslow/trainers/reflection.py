@@ -1,0 +1,220 @@
+"""Reflection models for FST's fast weights (Tiwari et al., "Learning, Fast and Slow", arXiv 2605.12484).
+
+A reflector reads the current system context and a "reflective dataset" (inputs, generated outputs, feedback text
+from the task's evaluator) and proposes a rewritten context. It is never trained. Three back-ends:
+
+* `PolicyReflector` - the policy being trained (its current weights, no extra memory);
+* `HFReflector` - any other local causal LM (`transformers` `generate`);
+* `OpenAIReflector` - any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, hosted APIs), stdlib only;
+* `FunctionReflector` - a Python callable, e.g. a rule-based rewriter or a scripted reflector in tests.
+
+`make_reflector("policy" | "<local path or model id>" | "http(s)://host/v1", ...)` builds one from `FSTConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Sequence
+
+import torch
+
+Record = dict[str, Any]  # {"Inputs": str, "Generated Outputs": str, "Feedback": str, "Score": float | None}
+
+
+def build_reflection_prompt(current_context: str, records: Sequence[Record]) -> str:
+    """The instruction sent to the reflection LM: current context, examples with feedback, the rewrite request."""
+    shown = current_context if current_context.strip() else "(empty: the assistant had no instructions)"
+    lines = [
+        "An assistant solved a task while following the instructions (system prompt) below.",
+        "```",
+        shown,
+        "```",
+        "",
+        "Here are task inputs, the assistant's responses and the evaluator's feedback on each response:",
+    ]
+    for i, rec in enumerate(records, 1):
+        score = rec.get("Score")
+        lines += [
+            "",
+            f"### Example {i}" + (f" (score {score:.3g})" if isinstance(score, (int, float)) else ""),
+            f"Input: {rec.get('Inputs', '')}",
+            f"Response: {rec.get('Generated Outputs', '')}",
+            f"Feedback: {rec.get('Feedback', '')}",
+        ]
+    lines += [
+        "",
+        "Write an improved system prompt for the assistant. Use the feedback: state explicitly every requirement it "
+        "reveals (for example the exact answer format), add any strategy that would have fixed the failed examples, "
+        "and keep the parts of the current instructions that still help. Reply with the new system prompt only, "
+        "between ``` marks.",
+    ]
+    return "\n".join(lines)
+
+
+_FENCE = re.compile(r"```([^\n`]*)\n?(.*?)```", re.DOTALL)
+
+
+def extract_context(text: str) -> str:
+    """The proposed context inside the reply's last ``` block (the whole reply if it has none)."""
+    blocks = _FENCE.findall(text or "")
+    if not blocks:
+        # An unterminated fence is common with a small max_new_tokens: take what follows it.
+        body = (text or "").split("```", 1)[-1] if "```" in (text or "") else (text or "")
+        return body.strip()
+    tag, body = blocks[-1]
+    # "```text\n...": a one-word tag is a language name; "```You are ...```" (words on the fence line) is content.
+    if tag.strip() and (" " in tag.strip() or not body.strip()):
+        body = tag + "\n" + body
+    return body.strip()
+
+
+class Reflector:
+    """Base class: override `complete` (one LM call) or, for full control, `propose`."""
+
+    def complete(self, prompt: str) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must implement `complete(prompt) -> str`.")
+
+    def propose(self, current_context: str, records: Sequence[Record]) -> str:
+        """A rewritten context ("" = no proposal; the trainer then keeps the parent)."""
+        return extract_context(self.complete(build_reflection_prompt(current_context, records)))
+
+    def bind_policy(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Called by the trainer before each fast round with the (unwrapped) policy; only `PolicyReflector` uses it."""
+
+
+class FunctionReflector(Reflector):
+    """Wraps `fn(current_context, records) -> new_context` (rule-based rewriters, scripted tests)."""
+
+    def __init__(self, fn: Callable[[str, Sequence[Record]], str]):
+        self.fn = fn
+
+    def propose(self, current_context: str, records: Sequence[Record]) -> str:
+        return str(self.fn(current_context, records) or "").strip()
+
+
+class HFReflector(Reflector):
+    """A local causal LM used through `generate` (chat template applied when the tokenizer has one)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        do_sample: bool = True,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.do_sample = max_new_tokens, temperature, do_sample
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> "HFReflector":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).eval()
+        return cls(model, tok, **kwargs)
+
+    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True,
+                return_tensors="pt",
+            )
+            return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+        enc = tok(prompt, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def complete(self, prompt: str) -> str:
+        if self.model is None or self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__} has no model/tokenizer (a PolicyReflector is bound by the trainer).")
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in self._encode(prompt).items()}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                                      "pad_token_id": pad}
+        if self.do_sample:
+            gen_kwargs["temperature"] = self.temperature
+        with torch.no_grad():
+            out = self.model.generate(**inputs, **gen_kwargs)
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class PolicyReflector(HFReflector):
+    """The policy reflects on its own rollouts (the trainer binds its current weights before each fast round)."""
+
+    def bind_policy(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+
+class OpenAIReflector(Reflector):
+    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`), e.g. a vLLM or TGI server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        timeout: float = 120.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.model, self.api_key = model, api_key
+        self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
+
+    def complete(self, prompt: str) -> str:
+        url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        if self.model:
+            body["model"] = self.model
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = json.loads(resp.read().decode())
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"Reflection endpoint {url} returned HTTP {err.code}: {detail}") from err
+        except urllib.error.URLError as err:
+            raise RuntimeError(f"Reflection endpoint {url} is unreachable: {err.reason}") from err
+        try:
+            return payload["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as err:
+            raise RuntimeError(f"Reflection endpoint {url} returned an unexpected payload: {str(payload)[:300]}") from err
+
+
+def make_reflector(
+    spec: "str | Reflector | Callable | None",
+    *,
+    endpoint_model: str | None = None,
+    api_key_env: str | None = "OPENAI_API_KEY",
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+) -> Reflector:
+    """`"policy"` (or None) -> `PolicyReflector`; `"http(s)://..."` -> `OpenAIReflector`; another string -> a local
+    model (`HFReflector.from_pretrained`); a `Reflector` is returned as is; a callable becomes a `FunctionReflector`."""
+    if isinstance(spec, Reflector):
+        return spec
+    if spec is None or spec == "policy":
+        return PolicyReflector(max_new_tokens=max_new_tokens, temperature=temperature)
+    if callable(spec):
+        return FunctionReflector(spec)
+    if isinstance(spec, str) and spec.startswith(("http://", "https://")):
+        key = os.environ.get(api_key_env) if api_key_env else None
+        return OpenAIReflector(spec, model=endpoint_model, api_key=key, max_tokens=max_new_tokens,
+                               temperature=temperature)
+    if isinstance(spec, str):
+        return HFReflector.from_pretrained(spec, max_new_tokens=max_new_tokens, temperature=temperature)
+    raise TypeError(f"Cannot build a reflector from {type(spec).__name__}: pass 'policy', a URL, a model path, a "
+                    "Reflector or a callable(current_context, records) -> str.")

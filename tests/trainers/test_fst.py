@@ -1,0 +1,279 @@
+"""FSTTrainer (fast-slow training, arXiv 2605.12484) on a tiny random Llama with a char-level tokenizer built offline."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+
+from hf_fastslow.trainers import (  # noqa: E402
+    FSTConfig,
+    FSTTrainer,
+    FunctionReflector,
+    OpenAIReflector,
+    VerifiableTask,
+    load_fast_context,
+)
+from hf_fastslow.trainers.reflection import build_reflection_prompt  # noqa: E402
+from hf_fastslow.trainers.tasks import feedback_for_reward_funcs  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
+
+torch.set_num_threads(1)
+SEED_CONTEXT = "You are a helper."
+RULE = "RULE: be brief"
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    return tok
+
+
+def dataset(n=8, with_na=False):
+    rows = []
+    for i in range(n):
+        a, b = i + 1, 2 * i + 3
+        answer = None if with_na and i % 2 else str(a + b)
+        rows.append({"prompt": [{"role": "system", "content": SEED_CONTEXT}, {"role": "user", "content": f"{a}+{b}"}],
+                     "answer": answer})
+    return Dataset.from_list(rows)
+
+
+def system_of(prompt):
+    return prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+
+
+class HouseRuleTask(VerifiableTask):
+    """Scores the *context* a rollout ran under: 1 iff the system turn carries RULE; the feedback names the rule.
+
+    A random tiny model's text carries no signal, so this makes "feedback says what to change" deterministic while
+    exercising the real rollout -> feedback -> reflection -> acceptance path.
+    """
+
+    def __init__(self, say_rule=True):
+        self.say_rule, self.seen_systems = say_rule, []
+
+    def score(self, prompt, completion, answer=None, **columns):
+        if answer is None:
+            return None, "not applicable: no reference answer"
+        self.seen_systems.append(system_of(prompt))
+        if RULE in system_of(prompt):
+            return 1.0, "correct: the house rule was followed"
+        return 0.0, (f"wrong: the system prompt must say '{RULE}'" if self.say_rule else "wrong")
+
+
+def rule_reflector(calls):
+    def propose(context, records):
+        calls.append(records)
+        wanted = [m.group(1) for r in records for m in [re.search(r"must say '([^']+)'", r["Feedback"])] if m]
+        # With no actionable feedback, propose a cosmetic edit: the minibatch check must reject it.
+        return f"{context} {wanted[0]}" if wanted else f"{context} Think carefully."
+
+    return FunctionReflector(propose)
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", seed=0,
+        per_device_train_batch_size=4, num_generations=2, max_completion_length=6, max_steps=2,
+        learning_rate=1e-2, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+        fast_every_steps=2, pareto_set_size=4, reflection_minibatch_size=2, candidates_per_round=1,
+        max_proposals_per_round=2, reflection_max_new_tokens=8, dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return FSTConfig(**base)
+
+
+def make_trainer(tmp_path, reward_funcs, reflector=None, ds=None, **kw):
+    return FSTTrainer(model=tiny_llama(vocab=128), reward_funcs=reward_funcs, args=config(tmp_path, **kw),
+                      train_dataset=ds if ds is not None else dataset(), processing_class=char_tokenizer(),
+                      reflector=reflector)
+
+
+def test_train_end_to_end_with_policy_reflector(tmp_path):
+    seen = []
+
+    def length_reward(prompts, completions, completion_ids, **kwargs):
+        seen.append(kwargs)
+        return [float(sum(ids) % 5) for ids in completion_ids]  # varies across a group
+
+    trainer = make_trainer(tmp_path, [HouseRuleTask(), length_reward], max_steps=3)  # reflector: the policy itself
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer._fast_rounds_done == 2  # before step 1 and before step 3 (T = 2)
+    assert trainer.fast_history and all("outcome" in e for e in trainer.fast_history)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"fast/pool_size", "fast/best_pareto_score", "reward", "fast/contexts_per_batch"} <= logged
+    # Dataset columns and the context id reach plain reward functions (TRL's reward contract).
+    assert all("answer" in kw and "fast_context_id" in kw for kw in seen)
+
+
+def test_context_changes_when_feedback_says_so(tmp_path):
+    task, calls = HouseRuleTask(say_rule=True), []
+    trainer = make_trainer(tmp_path, task, reflector=rule_reflector(calls), max_steps=1)
+    assert trainer.fast_context == SEED_CONTEXT
+    trainer.train()
+    assert calls and RULE in trainer.fast_context and trainer.fast_context != SEED_CONTEXT
+    assert [e["outcome"] for e in trainer.fast_history] == ["accepted"]
+    assert trainer.fast_scores[0] == [0.0] * 4 and trainer.fast_scores[1] == [1.0] * 4
+    # The reflector saw the evaluator's feedback text, and the RL rollouts ran under the learned context.
+    assert any("must say" in r["Feedback"] for r in calls[0])
+    rl_systems = task.seen_systems[-trainer.args.per_device_train_batch_size:]
+    assert all(RULE in s for s in rl_systems)
+
+
+def test_context_stays_when_feedback_does_not_say_so(tmp_path):
+    calls = []
+    trainer = make_trainer(tmp_path, HouseRuleTask(say_rule=False), reflector=rule_reflector(calls), max_steps=1)
+    trainer.train()
+    assert len(calls) == 2  # both proposals were made and evaluated ...
+    assert all(e["outcome"] == "rejected: not better on minibatch" for e in trainer.fast_history)
+    assert trainer.fast_pool == [SEED_CONTEXT] and trainer.fast_context == SEED_CONTEXT  # ... and rejected
+
+    class Solved(VerifiableTask):
+        def score(self, prompt, completion, **columns):
+            return 1.0, "correct"
+
+    calls.clear()
+    trainer = make_trainer(tmp_path, Solved(), reflector=rule_reflector(calls), max_steps=1)
+    trainer.train()
+    assert calls == [] and trainer.fast_context == SEED_CONTEXT  # nothing to fix: the reflector is not even asked
+    assert {e["outcome"] for e in trainer.fast_history} == {"skipped: minibatch already solved"}
+
+
+def test_checkpoint_save_resume_round_trip(tmp_path):
+    out = tmp_path / "run"
+    trainer = make_trainer(out, HouseRuleTask(), reflector=rule_reflector([]), max_steps=2, fast_every_steps=3,
+                           save_strategy="steps", save_steps=2)
+    trainer.train()
+    learned = trainer.fast_context
+    ckpt = out / "checkpoint-2"
+    assert RULE in learned and load_fast_context(ckpt) == learned
+    state = json.loads((ckpt / "fst_state.json").read_text())
+    assert state["pool"] == trainer.fast_pool and state["rounds_done"] == 1
+
+    task, calls = HouseRuleTask(), []
+    resumed = make_trainer(out, task, reflector=rule_reflector(calls), max_steps=3, fast_every_steps=3,
+                           save_strategy="no")
+    assert resumed.fast_context == SEED_CONTEXT
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 3 and calls == []  # no new round was due: T = 3
+    assert resumed.fast_context == learned and resumed.fast_pool == trainer.fast_pool
+    assert resumed._fst_rng.getstate() is not None and resumed._fast_rounds_done == 1
+    assert all(RULE in s for s in task.seen_systems[-4:])  # step 3 rolled out under the restored context
+
+    final = tmp_path / "final"
+    resumed.save_model(str(final))
+    assert load_fast_context(final) == learned
+    assert (final / "model.safetensors").is_file() and RULE in (final / "README.md").read_text()
+
+    with pytest.raises(FileNotFoundError, match="fst_state.json"):
+        os.remove(ckpt / "fst_state.json")
+        make_trainer(out, HouseRuleTask(), max_steps=3).train(resume_from_checkpoint=str(ckpt))
+
+
+def test_reward_contract_none_is_not_applicable(tmp_path):
+    task, calls = HouseRuleTask(), []
+    ds = dataset(8, with_na=True)
+    user = [{"role": "user", "content": "p"}]
+    assert task([user, user], ["x", "y"], answer=["3", None], trainer_state=None) == [0.0, None]
+    mixed = feedback_for_reward_funcs([task, lambda prompts, completions, **kw: [None, 0.5]], [1.0, 2.0],
+                                      [[{"role": "user", "content": "p"}]] * 2, ["x", "y"], answer=[None, None])
+    assert mixed[0][0] is None and mixed[1][0] == 1.0 and "not applicable" in mixed[0][1]
+    trainer = make_trainer(tmp_path, task, reflector=rule_reflector(calls), ds=ds, max_steps=2)
+    trainer.train()
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    assert rewards and all(r == r for r in rewards)  # NaN rows are excluded, not averaged in
+    # On the Pareto set, not-applicable rows score 0 for every candidate; applicable ones follow the context.
+    na = [j for j, i in enumerate(trainer._pareto_indices) if ds[i]["answer"] is None]
+    assert na and all(row[j] == 0.0 for row in trainer.fast_scores for j in na)
+    assert RULE in trainer.fast_context
+    best = trainer.fast_scores[trainer.fast_pool.index(trainer.fast_context)]
+    assert all(best[j] == 1.0 for j in range(len(best)) if j not in na)
+
+
+def test_openai_compatible_reflector_against_local_server():
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, self.headers.get("Authorization"), body))
+            if body.get("model") == "broken":
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"boom")
+                return
+            reply = {"choices": [{"message": {"role": "assistant", "content": "Sure:\n```\nAlways add units.\n```"}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        records = [{"Inputs": "2+2", "Generated Outputs": "5", "Feedback": "expected 4 with units", "Score": 0.0}]
+        new = OpenAIReflector(url, model="judge", api_key="k").propose("Be correct.", records)
+        assert new == "Always add units."
+        path, auth, body = received[0]
+        assert path == "/v1/chat/completions" and auth == "Bearer k" and body["model"] == "judge"
+        assert "expected 4 with units" in body["messages"][0]["content"]
+        assert body["messages"][0]["content"] == build_reflection_prompt("Be correct.", records)
+        with pytest.raises(RuntimeError, match="HTTP 500"):
+            OpenAIReflector(url, model="broken").propose("Be correct.", records)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="num_generations"):
+        config(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="bf16"):
+        FSTConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    with pytest.raises(ValueError, match="epsilon_high"):
+        config(tmp_path, epsilon_high=0.5)
+    with pytest.raises(ValueError, match="loss_type"):
+        config(tmp_path, loss_type="ppo_clip")
+    with pytest.raises(ValueError, match="prompt_sampling"):
+        config(tmp_path, prompt_sampling="random")
+    assert config(tmp_path).epsilon_high == 5.0 and config(tmp_path).loss_type == "cispo"
+    with pytest.raises(ValueError, match="empty"):
+        make_trainer(tmp_path, HouseRuleTask(), ds=Dataset.from_list([]))
+    with pytest.raises(TypeError, match="reward models"):
+        make_trainer(tmp_path, tiny_llama())
+    with pytest.raises(TypeError, match="FSTConfig"):
+        from trl import GRPOConfig
+
+        FSTTrainer(model=tiny_llama(), reward_funcs=HouseRuleTask(), train_dataset=dataset(),
+                   args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"))
