@@ -1,9 +1,16 @@
 """Generation utilities: speculative decoding with pluggable drafters (`speculative_generate`, `Drafter`, DAS)."""
 
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
+from .das import DASDrafter, DASWindowCallback, LengthAwareBudget, SuffixHistory, SuffixTrie, das_rollout_func
 from .speculative import speculative_generate
 
 __all__ = [
+    "DASDrafter",
+    "DASWindowCallback",
+    "LengthAwareBudget",
+    "SuffixHistory",
+    "SuffixTrie",
+    "das_rollout_func",
     "DraftContext",
     "DraftFeedback",
     "DraftModelDrafter",

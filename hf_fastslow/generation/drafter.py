@@ -16,7 +16,9 @@ The verify loop owns the target model, its cache and all correctness; a drafter 
 3. After the target pass the loop calls ``drafter.observe(feedback)`` with a `DraftFeedback`: per row the proposed
    tokens, how many were accepted, the tokens appended to the row (accepted drafts + the target's own next token),
    and whether the row finished (EOS, length or a stopping criterion). ``feedback.finished[i]`` is True exactly once
-   per row (the round it finishes); rows that never started drafting still get one final feedback.
+   per row (the round it finishes; a row that finished at prefill gets one feedback with nothing proposed); then
+   ``feedback.sequences[i]`` is the row's whole sequence (prompt + response, no padding) and
+   ``feedback.prompt_lengths[i]`` its prompt length (both None/absent for rows still running).
 4. Rows are identified across rounds by ``context.request_ids[i]`` (unique per row and generate call) and grouped by
    ``context.problem_ids[i]`` (caller-supplied via ``generate(..., problem_ids=[...])``, otherwise a hash of the prompt
    token ids, so GRPO siblings and later epochs of the same prompt share it).
@@ -88,6 +90,8 @@ class DraftFeedback:
     finished: list[bool]
     round: int
     target_logits: list[torch.Tensor | None] | None = None
+    prompt_lengths: list[int] | None = None
+    sequences: list[torch.LongTensor | None] | None = None
 
     @property
     def accepted(self) -> list[torch.LongTensor]:

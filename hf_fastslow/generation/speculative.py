@@ -170,6 +170,9 @@ def speculative_generate(
         tail = torch.tensor(toks, dtype=torch.long, device=device)
         return torch.cat([input_ids[i], tail]).unsqueeze(0)
 
+    def full_row(i: int) -> torch.Tensor:
+        return torch.cat([prompts[i], torch.tensor(generated[i], dtype=torch.long, device=device)])
+
     def process(i: int, prefix_extra: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         if not has_processors:
             return logits
@@ -228,7 +231,20 @@ def speculative_generate(
     # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
     pending_feedback = [i for i in range(batch_size) if finished[i]]
     if pending_feedback:
-        _final_feedback(drafter, pending_feedback, request_ids, problem_ids, generated, device, round_index=0)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        drafter.observe(
+            DraftFeedback(
+                request_ids=[request_ids[i] for i in pending_feedback],
+                problem_ids=[problem_ids[i] for i in pending_feedback],
+                proposed=[empty for _ in pending_feedback],
+                num_accepted=[0 for _ in pending_feedback],
+                appended=[torch.tensor(generated[i], dtype=torch.long, device=device) for i in pending_feedback],
+                finished=[True for _ in pending_feedback],
+                round=0,
+                prompt_lengths=[len(prompts[i]) for i in pending_feedback],
+                sequences=[full_row(i) for i in pending_feedback],
+            )
+        )
 
     # --- verify rounds ----------------------------------------------------------------------------------------------
     round_index = 0
@@ -345,6 +361,8 @@ def speculative_generate(
                 finished=[finished[i] for i in active],
                 round=round_index,
                 target_logits=[verified_logits[i] for i in active] if want_target_logits else None,
+                prompt_lengths=[len(prompts[i]) for i in active],
+                sequences=[full_row(i) if finished[i] else None for i in active],
             )
         )
 
@@ -369,21 +387,6 @@ def speculative_generate(
         scores=_stack_steps(row_scores, longest) if keep_scores else None,
         logits=_stack_steps(row_logits, longest) if keep_logits else None,
         cache=None if has_holes else cache,
-    )
-
-
-def _final_feedback(drafter, rows, request_ids, problem_ids, generated, device, round_index):
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    drafter.observe(
-        DraftFeedback(
-            request_ids=[request_ids[i] for i in rows],
-            problem_ids=[problem_ids[i] for i in rows],
-            proposed=[empty for _ in rows],
-            num_accepted=[0 for _ in rows],
-            appended=[torch.tensor(generated[i], dtype=torch.long, device=device) for i in rows],
-            finished=[True for _ in rows],
-            round=round_index,
-        )
     )
 
 
