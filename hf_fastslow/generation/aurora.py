@@ -307,6 +307,8 @@ class AuroraHead(nn.Module):
         earlier chain steps (EAGLE-3's diagonal), exactly what `propose` sees at inference.
         """
         b, s, _ = taps.shape
+        if next_embeds.shape[1] < s + steps - 1:
+            raise ValueError(f"next_embeds needs S + steps - 1 = {s + steps - 1} positions, got {next_embeds.shape[1]}.")
         scale = self.config.head_dim**-0.5
         pos = torch.arange(s, device=taps.device)
         band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.config.window)
@@ -537,6 +539,11 @@ class AuroraTrace:
         return self.taps.shape[0]
 
 
+def _labelled_end(trace: AuroraTrace) -> int:
+    """One past the last anchor whose step-0 label (`ids[a + 1]`) is known."""
+    return min(len(trace), trace.ids.numel() - 1)
+
+
 class ReplayBuffer:
     """Bounded FIFO of traces; `put` never blocks and drops the oldest trace when full."""
 
@@ -623,8 +630,8 @@ class AuroraTrainer:
 
     # ---- data --------------------------------------------------------------------------------------------------
     def add_trace(self, trace: AuroraTrace):
-        if len(trace) == 0 or trace.loss_from >= len(trace):
-            return  # a round without new positions carries no signal
+        if trace.loss_from >= _labelled_end(trace):
+            return  # no anchor with a known next token: no signal
         self.buffer.put(trace)
 
     def _collate(self, traces: list[AuroraTrace]):
@@ -633,7 +640,7 @@ class AuroraTrainer:
         pieces = []
         for tr in traces:
             n = len(tr)
-            lo = self.rng.randrange(tr.loss_from, n)
+            lo = self.rng.randrange(tr.loss_from, _labelled_end(tr))
             hi = min(n, lo + self.max_len)
             ctx = max(0, lo - (w - 1))  # give the first loss anchor its full attention window
             pieces.append((tr, ctx, lo, hi))
@@ -861,11 +868,12 @@ class AuroraDrafter(Drafter):
         self.flush_every = flush_every
         self.trainer = AuroraTrainer(self.hot, self.embed, **trainer_kwargs) if online else None
         self._rows: dict[Any, _Row] = {}
-        self.versions_used: collections.Counter[int] = collections.Counter()
+        # Serving version used by each recent proposal (bounded): lets callers check swaps are monotonic.
+        self.version_trace: collections.deque[int] = collections.deque(maxlen=4096)
 
     # ---- Drafter hooks -------------------------------------------------------------------------------------------
     def check_compatible(self, model, head: AuroraHead | None = None) -> None:
-        cfg = (head or self.hot).config
+        cfg = (head if head is not None else self.hot).config
         mcfg = model.config
         vocab = model.get_input_embeddings().weight.shape[0]
         if cfg.hidden_size != mcfg.hidden_size:
@@ -921,7 +929,7 @@ class AuroraDrafter(Drafter):
                         out = out[: j + 1]  # nothing after EOS can be accepted
                         break
                 row.pending = (anchor, out, version)
-                self.versions_used[version] += 1
+                self.version_trace.append(version)
                 drafts.append(torch.tensor(out, dtype=torch.long, device=ids.device))
         return drafts
 
