@@ -20,3 +20,4 @@ __all__ = [
     "speculative_generate",
 ]
 from .v1_infer import EndpointJudge, HFJudge, PairwiseTournament, PointwiseSelector, majority_vote, round_robin, v1_generate  # noqa: E402,F401  (V1-Infer)
+from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, AuroraTrainer, HotSwapHead  # noqa: E402,F401  (Aurora)
