@@ -14,6 +14,8 @@ from hf_fastslow.integrations import cache_kwargs
 from hf_fastslow.quantizers import attach_xquant, compute_xquant_factors, detach_xquant
 from tests.conftest import tiny_llama
 
+pytestmark = pytest.mark.integration  # exercises the transformers seam: also run on 5.17 in CI
+
 MODES = ["x", "latent", "cl", "auto"]
 
 
