@@ -79,6 +79,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda and triton_available()
 
 
+def _tensor_args(values) -> list[torch.Tensor]:
+    # Containers such as QuantizedTensor carry their tensors as dataclass fields: look one level inside.
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "__dataclass_fields__"):
+            found.extend(v for v in vars(value).values() if isinstance(v, torch.Tensor))
+    return found
+
+
 def kernel(reference: Callable, triton_impl: str | Callable | None = None, name: str | None = None) -> Callable:
     """Build a dispatcher that calls `triton_impl` when `use_triton(tensor args)` holds, else `reference`.
 
@@ -94,7 +105,7 @@ def kernel(reference: Callable, triton_impl: str | Callable | None = None, name:
 
     @functools.wraps(reference)
     def dispatcher(*args, **kwargs):
-        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = _tensor_args(list(args) + list(kwargs.values()))
         if triton_impl is not None and tensors and use_triton(*tensors):
             return _resolve()(*args, **kwargs)
         return reference(*args, **kwargs)
