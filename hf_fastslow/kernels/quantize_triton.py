@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreter_enabled
-from .quantize import SUPPORTED_BITS, QuantizedTensor, check_quant_args
+from .quantize import QuantizedTensor, check_quant_args
 
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _next_pow2(v: int) -> int:
@@ -152,10 +152,13 @@ def _dequant_matmul_kernel(
     packed_ptr, scale_ptr, min_ptr, w_ptr, bias_ptr, out_ptr,
     M, N_OUT, K, row_bytes, n_groups, stride_wk, stride_wn,
     NBITS: tl.constexpr, GROUP: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ONE_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # A is (M, K) per batch. Per-token layout: packed row = m, position along it = k (groups along K).
     # Per-channel layout: packed row = batch * K + k, position along it = m (groups along M, the token axis).
+    # ONE_GROUP: tiles never cross a group boundary along the quantized axis (BLOCK_K, or BLOCK_M when
+    # TRANSPOSED, divides GROUP), so scale and minimum are one vector per tile instead of a gather per element.
     QMAX: tl.constexpr = (1 << NBITS) - 1
     pid = tl.program_id(0)
     batch = tl.program_id(1)
@@ -168,31 +171,61 @@ def _dequant_matmul_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N_OUT
 
+    j = tl.arange(0, 8)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Codes are unpacked a word (8 codes, NBITS bytes; 3 bytes for 3 bits, so codes straddle bytes) at a time:
+    # the bytes are joined into an int32 before shifting, then the (words, 8) block is flattened to the tile.
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a_mask = m_ok[:, None] & k_ok[None, :]
         if TRANSPOSED:
-            prow = (batch * K + offs_k)[None, :].to(tl.int64)
-            pos = offs_m[:, None]
+            # Packed rows are the features k; words of 8 codes run along the tokens m.
+            rows = (batch * K + offs_k).to(tl.int64)
+            if NBITS == 8:
+                codes = tl.load(packed_ptr + rows[None, :] * row_bytes + offs_m[:, None], mask=a_mask, other=0)
+                codes = codes.to(tl.int32)
+            else:
+                w_idx = pid_m * (BLOCK_M // 8) + tl.arange(0, BLOCK_M // 8)
+                word_ptr = packed_ptr + rows[None, :] * row_bytes + w_idx[:, None] * NBITS
+                word_mask = (w_idx < M // 8)[:, None] & k_ok[None, :]
+                word = tl.zeros((BLOCK_M // 8, BLOCK_K), dtype=tl.int32)
+                for byte in tl.static_range(NBITS):
+                    word = word | (tl.load(word_ptr + byte, mask=word_mask, other=0).to(tl.int32) << (8 * byte))
+                codes = (word[:, None, :] >> (j * NBITS)[None, :, None]) & QMAX
+                codes = tl.reshape(codes, (BLOCK_M, BLOCK_K))
+            if ONE_GROUP:
+                gidx = rows * n_groups + (pid_m * BLOCK_M) // GROUP
+                scale = tl.load(scale_ptr + gidx, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                minimum = tl.load(min_ptr + gidx, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                gidx = rows[None, :] * n_groups + offs_m[:, None] // GROUP
+                scale = tl.load(scale_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
+                minimum = tl.load(min_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
         else:
-            prow = offs_m[:, None].to(tl.int64)
-            pos = offs_k[None, :]
-        # Each element is decoded from the byte(s) holding its bits, so one code path serves both layouts and the
-        # tile needs no reshape. For 3 bits a code straddles two bytes when its bit offset in the byte exceeds 5;
-        # the two bytes are joined into an int32 before shifting.
-        bit = pos * NBITS
-        byte_ptr = packed_ptr + prow * row_bytes + (bit >> 3)
-        shift = bit & 7
-        word = tl.load(byte_ptr, mask=a_mask, other=0).to(tl.int32)
-        if NBITS == 3:
-            hi = tl.load(byte_ptr + 1, mask=a_mask & (shift > 5), other=0).to(tl.int32)
-            word = word | (hi << 8)
-        codes = (word >> shift) & QMAX
-        gidx = prow * n_groups + pos // GROUP
-        scale = tl.load(scale_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
-        minimum = tl.load(min_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
+            # Packed rows are the tokens m; words of 8 codes run along the features k.
+            rows = offs_m.to(tl.int64)
+            if NBITS == 8:
+                codes = tl.load(packed_ptr + rows[:, None] * row_bytes + offs_k[None, :], mask=a_mask, other=0)
+                codes = codes.to(tl.int32)
+            else:
+                w_idx = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                word_ptr = packed_ptr + rows[:, None] * row_bytes + w_idx[None, :] * NBITS
+                word_mask = m_ok[:, None] & (w_idx < K // 8)[None, :]
+                word = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.int32)
+                for byte in tl.static_range(NBITS):
+                    word = word | (tl.load(word_ptr + byte, mask=word_mask, other=0).to(tl.int32) << (8 * byte))
+                codes = (word[:, :, None] >> (j * NBITS)[None, None, :]) & QMAX
+                codes = tl.reshape(codes, (BLOCK_M, BLOCK_K))
+            if ONE_GROUP:
+                gidx = rows * n_groups + k0 // GROUP
+                scale = tl.load(scale_ptr + gidx, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+                minimum = tl.load(min_ptr + gidx, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+            else:
+                gidx = rows[:, None] * n_groups + offs_k[None, :] // GROUP
+                scale = tl.load(scale_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
+                minimum = tl.load(min_ptr + gidx, mask=a_mask, other=0.0).to(tl.float32)
         b = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         # Round to the weight dtype before the product, as the reference dequantizes to weight.dtype first.
@@ -236,7 +269,7 @@ def quantize_pack_triton(x: torch.Tensor, nbits: int, group_size: int) -> Quanti
     """Quantize `x` (..., n) group-wise along the last dim and pack the codes (Triton; same output as the reference)."""
     n = x.shape[-1]
     check_quant_args(n, nbits, group_size)
-    if x.dtype not in _TORCH_TO_TL:
+    if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}.")
     lead = tuple(x.shape[:-1])
     rows = math.prod(lead)
@@ -252,6 +285,8 @@ def quantize_pack_triton(x: torch.Tensor, nbits: int, group_size: int) -> Quanti
             _quantize_pack_kernel[grid](
                 x2, packed, scale, minimum, rows, n, n_groups,
                 NBITS=nbits, GROUP=group_size, WORDS_P=words_p, BLOCK_R=block_r,
+                # Bit-identical codes need the reference's exact sequence of roundings, with no contraction.
+                enable_fp_fusion=False,
             )
     return QuantizedTensor(
         packed.reshape(*lead, n * nbits // 8), scale.reshape(*lead, n_groups), minimum.reshape(*lead, n_groups),
@@ -262,7 +297,7 @@ def quantize_pack_triton(x: torch.Tensor, nbits: int, group_size: int) -> Quanti
 def dequantize_triton(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unpack and dequantize a `QuantizedTensor` to `(..., n)` in `dtype` (Triton; same output as the reference)."""
     _check_quantized(q)
-    if dtype not in _TORCH_TO_TL:
+    if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
     lead = tuple(q.packed.shape[:-1])
     rows = math.prod(lead)
@@ -276,6 +311,8 @@ def dequantize_triton(q: QuantizedTensor, dtype: torch.dtype = torch.float32) ->
             _dequantize_kernel[grid](
                 q.packed.contiguous(), q.scale.contiguous(), q.minimum.contiguous(), out, rows, n, n_groups,
                 NBITS=q.nbits, GROUP=q.group_size, WORDS_P=words_p, BLOCK_R=block_r,
+                # The reference multiplies, rounds, then adds; a fused multiply-add would differ in the last bit.
+                enable_fp_fusion=False,
             )
     return out.reshape(*lead, n)
 
@@ -291,7 +328,7 @@ def dequant_matmul_triton(
     _check_quantized(q)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (n, m), got shape {tuple(weight.shape)}.")
-    if weight.dtype not in _TORCH_TO_TL:
+    if weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}.")
     if weight.device != q.packed.device:
         raise ValueError(f"weight is on {weight.device} but q is on {q.packed.device}.")
@@ -315,7 +352,7 @@ def dequant_matmul_triton(
             raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}.")
         # Keep the reference's dtype promotion of `x @ weight + bias`.
         out_dtype = torch.promote_types(weight.dtype, bias.dtype)
-        if out_dtype not in _TORCH_TO_TL:
+        if out_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"bias dtype {bias.dtype} is not supported.")
 
     rows_m = tokens if transposed else math.prod(lead)
@@ -329,10 +366,21 @@ def dequant_matmul_triton(
             out += bias
         return out.reshape(out_shape)
 
+    group = q.group_size
+    # The block along the quantized axis divides the group where the group allows a large enough block (16 is the
+    # smallest tl.dot tile), so that scale/minimum load once per tile (ONE_GROUP in the kernel).
+    aligned = group & -group  # largest power of two dividing the group
+    # 64 x 32 A tiles with 4 warps: ptxas (sm_90, triton 3.9) reports no spills for any bit width, layout or dtype,
+    # while 64 x 64 spills in the per-token layout unless the warps double.
     block_m = min(64, max(16, _next_pow2(rows_m)))
+    block_k = min(32, max(16, _next_pow2(n_feat)))
+    if transposed and aligned >= 32:  # below 32 rows the product loses more than the gathers cost
+        block_m = min(block_m, aligned)
+    if not transposed and aligned >= 16:
+        block_k = min(block_k, aligned)
+    one_group = group % (block_m if transposed else block_k) == 0
     block_n = min(64, max(16, _next_pow2(m_out)))
-    # fp32 operands keep the ieee product (the reference's accuracy) at a smaller K step to hold registers down.
-    block_k = min(32 if weight.dtype == torch.float32 else 64, max(16, _next_pow2(n_feat)))
+    # fp32 weights get the ieee product: tf32 would miss the reference by ~1e-3 relative.
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"
     upcast = weight.dtype == torch.bfloat16 and interpreter_enabled()
     grid = (triton.cdiv(rows_m, block_m) * triton.cdiv(m_out, block_n), batches)
@@ -343,10 +391,10 @@ def dequant_matmul_triton(
             rows_m, m_out, n_feat, q.numel_last * q.nbits // 8, q.numel_last // q.group_size,
             weight.stride(0), weight.stride(1),
             NBITS=q.nbits, GROUP=q.group_size, TRANSPOSED=bool(transposed), HAS_BIAS=bias is not None,
-            DOT_PRECISION=precision, UPCAST_DOT=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION=precision, UPCAST_DOT=upcast, ONE_GROUP=one_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=4,
         )
     return out.reshape(out_shape)
 
 
-__all__ = ["quantize_pack_triton", "dequantize_triton", "dequant_matmul_triton", "SUPPORTED_BITS"]
+__all__ = ["dequant_matmul_triton", "dequantize_triton", "quantize_pack_triton"]

@@ -92,10 +92,8 @@ def test_quantize_pack_degenerate_groups():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dequantize_matches(nbits, dtype):
     q = quantize_pack_reference(_randn(3, 5, 48, seed=nbits), nbits, 24)
-    got, expected = assert_matches_reference(dequantize, q, dtype, atol=1e-6, rtol=1e-6)
-    if DEVICE == "cpu":
-        # The interpreter has no FMA contraction, so the arithmetic is the reference's exactly.
-        assert torch.equal(got, expected)
+    got, expected = assert_matches_reference(dequantize, q, dtype, atol=0, rtol=0)
+    assert torch.equal(got, expected)  # same roundings as the reference (no FMA contraction, RTNE to bf16)
 
 
 # -- fused dequantize + matmul -----------------------------------------------------------------------------------
@@ -131,6 +129,24 @@ def test_dequant_matmul_per_channel(nbits, use_bias):
     expected = dequant_matmul_reference(q, w, b, transposed=True)
     got, _ = assert_matches_reference(dequant_matmul, q, w, b, transposed=True, **_matmul_tol(expected, w.dtype))
     assert got.shape == (3, 24, 20)
+
+
+@pytest.mark.parametrize("nbits", [2, 3])
+@pytest.mark.parametrize(
+    "transposed, group_size",
+    # Tiles inside one group (scale/minimum once per tile) and tiles spanning several groups (gathered per element),
+    # including group sizes that are not powers of two.
+    [(False, 8), (False, 24), (False, 48), (False, 64), (True, 16), (True, 32), (True, 48), (True, 64)],
+)
+def test_dequant_matmul_group_sizes(nbits, transposed, group_size):
+    quantized_len = 2 * group_size if group_size < 48 else group_size
+    other = 24
+    # The quantized axis is last in both layouts: (..., T, n) per-token, (..., n, T) per-channel.
+    q = quantize_pack_reference(_randn(2, other, quantized_len, seed=group_size), nbits, group_size)
+    n = other if transposed else quantized_len  # features: q.shape[-2] per-channel, q.shape[-1] per-token
+    w = _randn(n, 16, seed=11, scale=0.2)
+    expected = dequant_matmul_reference(q, w, transposed=transposed)
+    assert_matches_reference(dequant_matmul, q, w, transposed=transposed, **_matmul_tol(expected, w.dtype))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
