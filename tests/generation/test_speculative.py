@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from hf_fastslow import cache_kwargs
 from hf_fastslow.generation import Drafter, DraftModelDrafter, speculative_generate
 from tests.conftest import tiny_llama
 
@@ -338,7 +339,7 @@ def test_errors(model):
 
     with pytest.raises(ValueError, match="crop"):
         model.generate(ids, max_new_tokens=4, custom_generate=speculative_generate, drafter=EmptyDrafter(2),
-                       cache=NoCropCache(config=model.config))
+                       **cache_kwargs(model, NoCropCache(config=model.config)))
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(ids, max_new_tokens=4, custom_generate=speculative_generate, drafter=EmptyDrafter(2),
                        use_cache=False)
