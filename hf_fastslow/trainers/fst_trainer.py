@@ -152,6 +152,7 @@ class FSTTrainer(GRPOTrainer):
         self.fast_scores: list[list[float]] = []  # [candidate][pareto item]; filled by the first fast round
         self.fast_history: list[dict[str, Any]] = []
         self._fast_rounds_done = 0
+        self.fast_rollouts = 0  # generations spent by fast rounds (not RL rollouts); reported for fair budgets
         tasks = [f for f in funcs if isinstance(f, VerifiableTask)]
         self._perfect_score = tasks[0].perfect_score if len(tasks) == len(funcs) and len(funcs) == 1 else None
 
@@ -242,6 +243,7 @@ class FSTTrainer(GRPOTrainer):
             for seq in out:
                 cut = next((j + 1 for j, t in enumerate(seq) if t in eos_ids), len(seq))
                 completion_ids.append(seq[:cut])
+        self.fast_rollouts += len(prompts)
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         conversational = not isinstance(prompts[0], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
@@ -331,7 +333,7 @@ class FSTTrainer(GRPOTrainer):
             state = [self._fst_state()]
             broadcast_object_list(state, from_process=0)
             self._load_fst_state(state[0])
-        summary = {"fast/proposals": proposals, "fast/accepted": accepted, "fast/pool_size": len(self.fast_pool),
+        summary = {"fast/proposals": proposals, "fast/rollouts_total": self.fast_rollouts, "fast/accepted": accepted, "fast/pool_size": len(self.fast_pool),
                    "fast/frontier_size": len(self.pareto_frontier()),
                    "fast/best_pareto_score": self._mean_score(self._ranked_candidates()[0]),
                    "fast/round_seconds": time.perf_counter() - start}
@@ -368,6 +370,7 @@ class FSTTrainer(GRPOTrainer):
             "pareto_source": self._pareto_source,
             "pareto_indices": list(self._pareto_indices),
             "rounds_done": self._fast_rounds_done,
+            "fast_rollouts": self.fast_rollouts,
             "global_step": self.state.global_step,
             "history": self.fast_history,
             "rng_state": _json_rng_state(self._fst_rng.getstate()),
@@ -386,6 +389,7 @@ class FSTTrainer(GRPOTrainer):
         self.fast_scores = [list(r) for r in state["scores"]]
         self._pareto_indices = list(state["pareto_indices"])
         self._fast_rounds_done = int(state["rounds_done"])
+        self.fast_rollouts = int(state.get("fast_rollouts", 0))
         self.fast_history = list(state["history"])
         self._fst_rng.setstate(_rng_state_from_json(state["rng_state"]))
 

@@ -1,0 +1,269 @@
+"""Benchmark: Fast-Slow Training (arXiv 2605.12484) vs GRPO alone on SmolLM2-135M-Instruct, two-digit arithmetic.
+
+Task A: fresh two-digit additions, 16-token completions; reward 1 iff the reply's last number is the sum (see
+`ArithmeticTask`). Task B (plasticity): fresh two-digit subtractions, same reward.
+
+Arms, same seed, same training items in the same order, same number of RL rollouts and the same slow optimizer
+(trl CISPO, epsilon_high=5): (1) `trl.GRPOTrainer`; (2) `FSTTrainer` with a rule-based reflector that turns the
+expected reply stated in the feedback into a worked example (it measures the fast/slow machinery - Pareto pool, minibatch
+acceptance, context-conditioned RL - not the quality of an LLM reflector). Both start from SmolLM2's default system
+prompt. Then plain GRPO on task B from each arm's final weights (plasticity).
+
+Run:  python benchmarks/fst.py --out docs/benchmarks/fst_results.json --plot docs/fst_reward_vs_rollouts.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)  # the box is shared; one thread per process avoids oversubscription
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from hf_fastslow import load_default_model  # noqa: E402
+from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
+from hf_fastslow.trainers.fst_trainer import apply_context  # noqa: E402
+
+SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+class ArithmeticTask(VerifiableTask):
+    """Two-digit arithmetic where only a direct answer fits the completion budget.
+
+    Reward 1 iff the reply's last number is the result. SmolLM2-135M usually starts a long explanation ("To add 40
+    and 85, you simply add ...") that the 16-token budget cuts off: answering directly is a declarative convention a
+    context can carry (a demonstration), while getting the sums right is a skill. The feedback states what was
+    expected, as a task's evaluator would (expected reply and the reply's last number).
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def items(self, n: int, seed: int) -> list[dict]:
+        rng, rows = random.Random(seed), []
+        for _ in range(n):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            if self.op == "-" and a < b:
+                a, b = b, a
+            answer = a + b if self.op == "+" else a - b
+            rows.append({"prompt": [{"role": "system", "content": SMOL_DEFAULT_SYSTEM},
+                                    {"role": "user", "content": f"What is {a} {self.op} {b}?"}],
+                         "answer": str(answer), "expected_reply": f"{a} {self.op} {b} = {answer}."})
+        return rows
+
+    def score(self, prompt, completion, answer=None, expected_reply=None, **columns):
+        if answer is None:
+            return None, "not applicable"
+        numbers = re.findall(r"-?\d+", completion)
+        if numbers and numbers[-1] == answer:
+            return 1.0, f"Correct: {answer}."
+        got = f"ended with the number {numbers[-1]}" if numbers else "gave no number"
+        return 0.0, (f"Wrong: expected {answer}; the reply {got} (replies are cut after 16 tokens). "
+                     f"Expected reply: '{expected_reply}'")
+
+
+def demonstration_reflector(context: str, records) -> str:
+    """Rule-based reflection: turn the first failure's feedback (its expected reply) into a worked example.
+
+    A 135M policy follows demonstrations far better than instructions, and an LLM reflector has not been run here
+    (see docs/benchmarks/fst.md). The minibatch / Pareto checks decide whether the edit is kept.
+    """
+    for rec in records:
+        m = re.search(r"Expected reply: '([^']+)'", rec["Feedback"])
+        if (rec["Score"] or 0.0) < 1.0 and m:
+            example = f"User: {rec['Inputs']}\nAssistant: {m.group(1)}"
+            head = context.split("\nAnswer directly, like this example.")[0]
+            return f"{head}\nAnswer directly, like this example.\n{example}"
+    return context
+
+
+@torch.no_grad()
+def generate(model, tok, rows, context, max_new_tokens, sample=False, batch=16):
+    tok.padding_side = "left"
+    outs = []
+    for s in range(0, len(rows), batch):
+        msgs = [apply_context(r["prompt"], context) for r in rows[s:s + batch]]
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+        for i in range(out.shape[0]):
+            comp = out[i, enc["input_ids"].shape[1]:].tolist()
+            if tok.eos_token_id in comp:
+                comp = comp[: comp.index(tok.eos_token_id) + 1]
+            outs.append((enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist(), comp))
+    return outs
+
+
+def accuracy(model, tok, task, rows, context, max_new_tokens):
+    model.eval()
+    outs = generate(model, tok, rows, context, max_new_tokens)
+    scores = [task.score(None, tok.decode(c, skip_special_tokens=True), answer=r["answer"],
+                         expected_reply=r["expected_reply"])[0]
+              for r, (_, c) in zip(rows, outs)]
+    return sum(s == 1.0 for s in scores) / len(scores), sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def kl_to_base(model, base, tok, rows, context, max_new_tokens, seed=0):
+    """Monte-Carlo token KL(pi_theta || pi_base) on completions sampled from pi_theta, same context for both."""
+    model.eval()
+    torch.manual_seed(seed)
+    outs = generate(model, tok, rows, context, max_new_tokens, sample=True)
+    per_seq = []
+    for prompt_ids, comp in outs:
+        if not comp:
+            continue
+        ids = torch.tensor([prompt_ids + comp])
+        lp = [torch.log_softmax(m(ids).logits[0, len(prompt_ids) - 1:-1].float(), -1) for m in (model, base)]
+        tgt = torch.tensor(comp)
+        diff = lp[0].gather(-1, tgt[:, None]) - lp[1].gather(-1, tgt[:, None])
+        per_seq.append(diff.mean().item())
+    return sum(per_seq) / max(1, len(per_seq))
+
+
+def common_args(a, out_dir, steps):
+    return dict(
+        output_dir=out_dir, use_cpu=True, bf16=False, report_to="none", seed=a.seed, data_seed=a.seed,
+        per_device_train_batch_size=a.problems * a.G, num_generations=a.G, max_completion_length=a.max_new_tokens,
+        max_steps=steps, learning_rate=a.lr, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+        loss_type="cispo", epsilon_high=5.0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+def rewards_from(trainer):
+    return [e["reward"] for e in trainer.state.log_history if "reward" in e]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--problems", type=int, default=4, help="problems per RL step")
+    p.add_argument("--G", type=int, default=4, help="rollouts per problem")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--fast-every", type=int, default=3)
+    p.add_argument("--pareto", type=int, default=6)
+    p.add_argument("--heldout", type=int, default=12)
+    p.add_argument("--plasticity-steps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/benchmarks/fst_results.json")
+    p.add_argument("--plot", default="docs/fst_reward_vs_rollouts.png")
+    p.add_argument("--workdir", default="/tmp/fst_bench")
+    a = p.parse_args()
+    t_start = time.time()
+    task_a, task_b = ArithmeticTask("+"), ArithmeticTask("-")
+    train_a = Dataset.from_list(task_a.items(a.steps * a.problems, seed=a.seed + 1))
+    pareto_a = Dataset.from_list(task_a.items(a.pareto, seed=a.seed + 2))
+    held_a = task_a.items(a.heldout, seed=a.seed + 3)
+    train_b = Dataset.from_list(task_b.items(a.plasticity_steps * a.problems, seed=a.seed + 4))
+    held_b = task_b.items(a.heldout, seed=a.seed + 5)
+    rollouts_per_step = a.problems * a.G
+    res: dict = {"config": vars(a), "rollouts_per_step": rollouts_per_step, "torch_threads": 1}
+
+    def log(msg):
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    base, tok = load_default_model()
+    base.eval()
+    acc = accuracy(base, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
+    res["base"] = {"heldout_A_acc": acc[0], "heldout_A_mean_reward": acc[1]}
+    log(f"base model, seed context: held-out A acc {acc[0]:.3f} (mean reward {acc[1]:.3f})")
+
+    # --- arm 1: GRPO alone ---------------------------------------------------------------------------------------
+    model, _ = load_default_model()
+    t0 = time.time()
+    grpo = GRPOTrainer(model=model, reward_funcs=task_a, args=GRPOConfig(**common_args(a, f"{a.workdir}/grpo", a.steps)),
+                       train_dataset=train_a, processing_class=tok)
+    grpo.train()
+    g = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(grpo)}
+    g["heldout_A_acc"], g["heldout_A_mean_reward"] = accuracy(grpo.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
+                                                              a.max_new_tokens)
+    g["kl_to_base"] = kl_to_base(grpo.model, base, tok, held_a, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
+    res["grpo"] = g
+    log(f"GRPO: rewards {['%.3f' % r for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} KL {g['kl_to_base']:.5f}")
+
+    # --- arm 2: FST ---------------------------------------------------------------------------------------------
+    model, _ = load_default_model()
+    t0 = time.time()
+    fst_args = FSTConfig(**common_args(a, f"{a.workdir}/fst", a.steps), fast_every_steps=a.fast_every,
+                         candidates_per_round=1, max_proposals_per_round=2, reflection_minibatch_size=3,
+                         seed_context=SMOL_DEFAULT_SYSTEM, fast_eval_batch_size=16)
+    fst = FSTTrainer(model=model, reward_funcs=task_a, args=fst_args, train_dataset=train_a, processing_class=tok,
+                     reflector=FunctionReflector(demonstration_reflector), pareto_dataset=pareto_a)
+    fst.train()
+    f = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(fst), "fast_context": fst.fast_context,
+         "pool_size": len(fst.fast_pool), "history": fst.fast_history,
+         "fast_round_seconds": [e["fast/round_seconds"] for e in fst.state.log_history if "fast/round_seconds" in e]}
+    # Fast-round generations (Pareto scoring + minibatch evaluations) are extra rollouts, reported separately.
+    f["fast_round_generations"] = fst.fast_rollouts
+    f["heldout_A_acc"], f["heldout_A_mean_reward"] = accuracy(fst.model, tok, task_a, held_a, fst.fast_context,
+                                                              a.max_new_tokens)
+    f["heldout_A_acc_seed_context"], _ = accuracy(fst.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
+                                                  a.max_new_tokens)
+    f["base_with_fast_context_acc"], _ = accuracy(base, tok, task_a, held_a, fst.fast_context, a.max_new_tokens)
+    f["kl_to_base"] = kl_to_base(fst.model, base, tok, held_a, fst.fast_context, a.max_new_tokens)
+    res["fst"] = f
+    log(f"FST: rewards {['%.3f' % r for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f} KL {f['kl_to_base']:.5f}"
+        f" context {f['fast_context']!r}")
+
+    # --- plasticity: plain GRPO on task B from each arm's weights -----------------------------------------------
+    res["plasticity"] = {}
+    for name, trainer in (("grpo", grpo), ("fst", fst)):
+        t0 = time.time()
+        model = trainer.model
+        tb = GRPOTrainer(model=model, reward_funcs=task_b,
+                         args=GRPOConfig(**common_args(a, f"{a.workdir}/{name}_B", a.plasticity_steps)),
+                         train_dataset=train_b, processing_class=tok)
+        tb.train()
+        b_acc1 = accuracy(tb.model, tok, task_b, held_b, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
+        curve = rewards_from(tb)
+        res["plasticity"][name] = {"reward_curve_B": curve, "heldout_B_acc_after": b_acc1[0], "seconds": time.time() - t0}
+        log(f"plasticity from {name}: B rewards {['%.3f' % r for r in curve]} held-out B acc after {b_acc1[0]:.3f}")
+
+    res["total_seconds"] = time.time() - t_start
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    if a.plot:
+        plot(res, a.plot)
+    log(f"done; results in {a.out}, plot in {a.plot}")
+    return res
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rps = res["rollouts_per_step"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, label in (("grpo", "GRPO"), ("fst", "FST (fast context + GRPO)")):
+        curve = res[name]["reward_curve"]
+        axes[0].plot([rps * (i + 1) for i in range(len(curve))], curve, marker="o", label=label)
+        curve_b = res["plasticity"][name]["reward_curve_B"]
+        axes[1].plot([rps * (i + 1) for i in range(len(curve_b))], curve_b, marker="o", label=f"GRPO on B from {label}")
+    axes[0].set(title="Task A (addition): training reward", xlabel="RL rollouts", ylabel="mean reward")
+    axes[1].set(title="Plasticity: plain GRPO on task B", xlabel="RL rollouts on B", ylabel="mean reward")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M-Instruct, CPU, seed %d" % res["config"]["seed"], fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
