@@ -153,6 +153,7 @@ def speculative_generate(
     keep_scores = return_dict and bool(generation_config.output_scores)
     keep_logits = return_dict and bool(generation_config.output_logits)
 
+    vocab_size = model.get_input_embeddings().num_embeddings
     stats = SpeculativeStats(sequences=batch_size)
     drafter.reset()
 
@@ -276,6 +277,11 @@ def speculative_generate(
             d = proposals[i]
             d = d.reshape(-1).tolist() if isinstance(d, torch.Tensor) else [int(t) for t in d]
             drafts[i] = d[: budgets[i]]
+            if drafts[i] and not (0 <= min(drafts[i]) and max(drafts[i]) < vocab_size):
+                raise ValueError(
+                    f"{type(drafter).__name__}.propose returned token ids outside the model's vocabulary "
+                    f"[0, {vocab_size}) for row {i}: {drafts[i]}"
+                )
         width = 1 + max(len(drafts[i]) for i in active)
 
         # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.

@@ -343,6 +343,12 @@ def test_errors(model):
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(ids, max_new_tokens=4, custom_generate=speculative_generate, drafter=EmptyDrafter(2),
                        use_cache=False)
+    class OutOfVocab(Drafter):
+        def propose(self, context):
+            return [torch.tensor([10_000]) for _ in context.input_ids]
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate(ids, max_new_tokens=4, custom_generate=speculative_generate, drafter=OutOfVocab(2))
     with pytest.raises(ValueError, match="problem_ids"):
         model.generate(ids, max_new_tokens=4, custom_generate=speculative_generate, drafter=EmptyDrafter(2),
                        problem_ids=["a", "b"])
