@@ -144,7 +144,8 @@ def _dequantize_kernel(
     scale = tl.load(scale_ptr + rows64 * n_groups + g, mask=row_ok, other=0.0).to(tl.float32)
     minimum = tl.load(min_ptr + rows64 * n_groups + g, mask=row_ok, other=0.0).to(tl.float32)
     val = codes.to(tl.float32) * scale[:, None, None] + minimum[:, None, None]
-    tl.store(out_ptr + rows64[:, None, None] * row_len + col[None, :, :], _cast(val, out_ptr.dtype.element_ty), mask=mask)
+    out = _cast(val, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows64[:, None, None] * row_len + col[None, :, :], out, mask=mask)
 
 
 @triton.jit
@@ -374,7 +375,7 @@ def dequant_matmul_triton(
     # while 64 x 64 spills in the per-token layout unless the warps double.
     block_m = min(64, max(16, _next_pow2(rows_m)))
     block_k = min(32, max(16, _next_pow2(n_feat)))
-    if transposed and aligned >= 32:  # below 32 rows the product loses more than the gathers cost
+    if transposed and aligned >= 32:  # keep >= 32 token rows for the product; smaller groups gather instead
         block_m = min(block_m, aligned)
     if not transposed and aligned >= 16:
         block_k = min(block_k, aligned)
@@ -391,8 +392,10 @@ def dequant_matmul_triton(
             rows_m, m_out, n_feat, q.numel_last * q.nbits // 8, q.numel_last // q.group_size,
             weight.stride(0), weight.stride(1),
             NBITS=q.nbits, GROUP=q.group_size, TRANSPOSED=bool(transposed), HAS_BIAS=bias is not None,
-            DOT_PRECISION=precision, UPCAST_DOT=upcast, ONE_GROUP=one_group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4,
+            DOT_PRECISION=precision, UPCAST_DOT=upcast, ONE_GROUP=one_group,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+            # Keeps the A tile equal to the reference's dequantized values; the dot's own FMAs are unaffected.
+            enable_fp_fusion=False,
         )
     return out.reshape(out_shape)
 
