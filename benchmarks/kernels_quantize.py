@@ -18,6 +18,7 @@ tool, not a speed measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -42,6 +43,12 @@ def _median_ms(fn, device: str, warmup: int, repeats: int) -> float:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _unfused(dequantize_fn, q, weight, bias, transposed):
+    # The peer a fused kernel must beat: the Triton dequantize written to memory, then cuBLAS.
+    a = dequantize_fn(q, weight.dtype)
+    return torch.matmul(a.transpose(-1, -2) if transposed else a, weight) + bias
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -109,35 +116,31 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for nbits in args.bits:
-        ref_q = _median_ms(lambda: quantize_pack_reference(x, nbits, args.group), device, args.warmup, args.repeats)
+        timed = functools.partial(_median_ms, device=device, warmup=args.warmup, repeats=args.repeats)
+        ref_q = timed(functools.partial(quantize_pack_reference, x, nbits, args.group))
         tri_q = None
         if use_triton:
             got, want = quantize_pack_triton(x, nbits, args.group), quantize_pack_reference(x, nbits, args.group)
             if not torch.equal(got.packed, want.packed):
                 raise SystemExit(f"quantize_pack_triton differs from the reference at {nbits} bits")
-            tri_q = _median_ms(lambda: quantize_pack_triton(x, nbits, args.group), device, args.warmup, args.repeats)
+            tri_q = timed(functools.partial(quantize_pack_triton, x, nbits, args.group))
         print(f"{'quantize_pack':<16}{'per-token':<12}{nbits:>5}{_fmt(ref_q):>11}{_fmt(None):>11}{_fmt(tri_q):>11}"
               f"{_ratio(ref_q, tri_q):>12}{_ratio(None, tri_q):>16}")
 
         for layout, src, transposed in (("per-token", x, False), ("per-channel", x_channel, True)):
             q = quantize_pack_reference(src, nbits, args.group)
-            ref = _median_ms(lambda: dequant_matmul_reference(q, weight, bias, transposed), device,
-                             args.warmup, args.repeats)
+            ref = timed(functools.partial(dequant_matmul_reference, q, weight, bias, transposed))
             peer = tri = None
             if use_triton:
                 want = dequant_matmul_reference(q, weight, bias, transposed).float()
                 got = dequant_matmul_triton(q, weight, bias, transposed).float()
                 err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
                 if err > 1e-2:
-                    raise SystemExit(f"dequant_matmul_triton differs from the reference ({layout}, {nbits} bits): {err}")
+                    raise SystemExit(f"dequant_matmul_triton differs from the reference ({layout}, {nbits} bits): "
+                                     f"relative error {err:.3g}")
 
-                def unfused():
-                    a = dequantize_triton(q, weight.dtype)
-                    return torch.matmul(a.transpose(-1, -2) if transposed else a, weight) + bias
-
-                peer = _median_ms(unfused, device, args.warmup, args.repeats)
-                tri = _median_ms(lambda: dequant_matmul_triton(q, weight, bias, transposed), device,
-                                 args.warmup, args.repeats)
+                peer = timed(functools.partial(_unfused, dequantize_triton, q, weight, bias, transposed))
+                tri = timed(functools.partial(dequant_matmul_triton, q, weight, bias, transposed))
             print(f"{'dequant_matmul':<16}{layout:<12}{nbits:>5}{_fmt(ref):>11}{_fmt(peer):>11}{_fmt(tri):>11}"
                   f"{_ratio(ref, tri):>12}{_ratio(peer, tri):>16}")
 
