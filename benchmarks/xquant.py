@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--only-generate", action="store_true", help="skip the perplexity/memory table")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,7 +90,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     base_ppl = None
     results = {}
-    for name, bits, factory in rows:
+    for name, bits, factory in ([] if args.only_generate else rows):
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -109,6 +110,7 @@ def main(argv=None):
 
     if args.skip_generate:
         return results
+    results["generate"] = {}
 
     print(f"\n## greedy generate: prompt {args.gen_prompt} tokens, {args.gen_tokens} new tokens, batch 1, "
           f"median of {args.repeats}")
@@ -145,6 +147,7 @@ def main(argv=None):
         if ref_seq is None:
             ref_seq, ref_speed = seq, speed
         same = (seq[:, prompt.shape[1]:] == ref_seq[:, prompt.shape[1]:]).float().mean().item()
+        results["generate"][name] = speed
         print(f"| {name} | {speed:.2f} | {speed / ref_speed:.2f}x | {same:.0%} |", flush=True)
     return results
 

@@ -437,3 +437,42 @@ def test_float_sanity_of_compression_ratio(gqa_model):
     ratio = cache.fp16_kv_nbytes() / cache.nbytes()
     # 2-bit codes + fp16 scale/min per 16 values = 4 bits per value; positions and a 0-token window on top
     assert 3.5 < ratio < 4.0 and math.isfinite(ratio)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# With speculative decoding (the verify loop crops rejected drafts out of the cache)
+# ---------------------------------------------------------------------------------------------------------------------
+class _NoisyOracle:
+    """Proposes the reference continuation, with every third draft token wrong (so crops happen)."""
+
+    def __init__(self, reference, k=4):
+        from hf_fastslow.generation import Drafter
+
+        class _D(Drafter):
+            max_draft_tokens = k
+
+            def propose(self, context):
+                out = []
+                for row, ids in enumerate(context.input_ids):
+                    n = ids.shape[0]
+                    draft = reference[row, n : n + context.budgets[row]].clone()
+                    draft[2::3] = (draft[2::3] + 1) % 128
+                    out.append(draft)
+                return out
+
+            def observe(self, feedback):
+                pass
+
+        self.drafter = _D()
+
+
+@pytest.mark.parametrize("mode", ["latent", "cl"])
+def test_speculative_generate_through_xquant_cache(gqa_model, mode):
+    from hf_fastslow.generation import speculative_generate
+
+    ids = torch.randint(3, 128, (2, 11))
+    cfg = {"nbits": 16, "mode": mode, "group_size": 8, "residual_length": 8, "base_layer": 1}
+    reference = gqa_model.generate(ids, max_new_tokens=30, do_sample=False)
+    out = gqa_model.generate(ids, max_new_tokens=30, do_sample=False, custom_generate=speculative_generate,
+                             drafter=_NoisyOracle(reference).drafter, cache_implementation="xquant", cache_config=cfg)
+    assert torch.equal(out, reference)
