@@ -19,5 +19,7 @@ __all__ = [
     "problem_id_for",
     "speculative_generate",
 ]
-from .v1_infer import EndpointJudge, HFJudge, PairwiseTournament, PointwiseSelector, majority_vote, round_robin, v1_generate  # noqa: E402,F401  (V1-Infer)
+from .v1_infer import (  # noqa: F401  (V1-Infer)
+    EndpointJudge, HFJudge, PairwiseTournament, PointwiseSelector, majority_vote, round_robin, v1_generate,
+)
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, AuroraTrainer, HotSwapHead  # noqa: E402,F401  (Aurora)

@@ -22,9 +22,10 @@ import threading
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -233,7 +234,7 @@ class HFJudge:
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        gen_kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, pad_token_id=pad_id)
+        gen_kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "pad_token_id": pad_id}
         if self.do_sample:
             gen_kwargs.update(temperature=self.temperature, top_p=self.top_p)
         out = self.model.generate(**enc, **gen_kwargs)
@@ -523,7 +524,7 @@ class PairwiseTournament:
         _PairJudging(judge, template, position, random.Random(0))  # validate template/position eagerly
 
     def budget_for(self, n: int) -> int:
-        return self.budget if self.budget is not None else int(math.floor(self.budget_multiplier * n))
+        return self.budget if self.budget is not None else math.floor(self.budget_multiplier * n)
 
     def select(self, problem: str, candidates: Sequence[str]) -> Selection:
         candidates = _check_candidates(candidates)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from accelerate.utils import gather_object
@@ -133,7 +134,7 @@ class PairRLTrainer(GRPOTrainer):
     1; λ scales the judge rows' advantages instead, so it acts even when advantages are group-normalised.
     """
 
-    _tag_names = ["trl", "grpo", "pairrl", "hf_fastslow"]
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "pairrl", "hf_fastslow"]
     _name = "PairRL"
 
     def __init__(
@@ -165,7 +166,7 @@ class PairRLTrainer(GRPOTrainer):
             if isinstance(func, (str, torch.nn.Module)) or not callable(func):
                 raise TypeError("PairRLTrainer builds judge labels from verifiable rewards; reward models "
                                 f"({func if isinstance(func, str) else type(func).__name__}) are not supported.")
-            call = func if inspect.isfunction(func) else getattr(func, "__call__", func)
+            call = func if inspect.isfunction(func) or inspect.ismethod(func) else type(func).__call__
             if inspect.iscoroutinefunction(call):
                 raise TypeError(f"PairRLTrainer: async reward function {getattr(func, '__name__', func)!r} is not "
                                 "supported; pass a synchronous one.")

@@ -46,7 +46,7 @@ def byte_tokenizer():
     return tok
 
 
-_SOL_RE = re.compile(r"Solution A:\n(.*?)\n\nSolution B:\n(.*?)\n\n", re.S)
+_SOL_RE = re.compile(r"Solution A:\n(.*?)\n\nSolution B:\n(.*?)\n\n", re.DOTALL)
 
 
 def quality(solution: str) -> int:
@@ -149,7 +149,7 @@ def test_round_robin_ranking_matches_known_order():
 @pytest.mark.parametrize("position", ["random", "fixed", "both"])
 @pytest.mark.parametrize("n", [2, 5, 8])
 def test_budget_never_exceeded(position, n):
-    for budget in range(0, n * (n - 1) // 2 + 6):
+    for budget in range(n * (n - 1) // 2 + 6):
         judge = scripted_pair_judge()
         pick = PairwiseTournament(judge, budget=budget, position=position, allow_repeats=True).select(
             "p", candidates_with_qualities(range(n))

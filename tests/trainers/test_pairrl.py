@@ -27,11 +27,11 @@ def make_dataset(n=8):
 
 
 def make_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        per_device_train_batch_size=4, num_generations=2, max_completion_length=6, max_steps=2,
-        learning_rate=1e-3, logging_steps=1, seed=0, max_solution_tokens=8,
-    )
+    base = {
+        "output_dir": str(tmp_path), "use_cpu": True, "bf16": False, "report_to": "none", "save_strategy": "no",
+        "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 6, "max_steps": 2,
+        "learning_rate": 1e-3, "logging_steps": 1, "seed": 0, "max_solution_tokens": 8,
+    }
     base.update(kw)
     return PairRLConfig(**base)
 
