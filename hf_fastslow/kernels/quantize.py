@@ -78,7 +78,7 @@ def pack_bits(q: torch.Tensor, nbits: int) -> torch.Tensor:
         return q.to(torch.uint8)
     words = q.to(torch.int32).reshape(*q.shape[:-1], n // 8, 8)
     shifts = torch.arange(8, device=q.device, dtype=torch.int32) * nbits
-    word = (words << shifts).sum(dim=-1)  # < 2**24, fits int32
+    word = (words << shifts).sum(dim=-1)  # 8*nbits <= 32 bits; for 4 bit the top bit wraps into the sign, harmlessly
     byte_shifts = torch.arange(nbits, device=q.device, dtype=torch.int32) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
     return out.to(torch.uint8).reshape(*q.shape[:-1], n // 8 * nbits)
