@@ -53,15 +53,53 @@ def _check_tokens(tokens: Iterable[Any]) -> list[int]:
 
 
 class _Node:
-    __slots__ = ("token", "count", "depth", "children", "best")
+    # Most nodes of a trie over fresh text sit on a single-child chain, so `kids` holds None, the only child itself,
+    # or a dict once a node branches: about 4x less memory than a dict per node.
+    __slots__ = ("token", "count", "depth", "kids", "best")
 
     def __init__(self, token: int, depth: int):
         self.token = token
         self.count = 0
         self.depth = depth
-        self.children: dict[int, _Node] = {}
+        self.kids: None | _Node | dict[int, _Node] = None
         # The child with the highest count (ties: the one that got there first); proposals follow it.
         self.best: _Node | None = None
+
+    def child(self, token: int) -> "_Node | None":
+        kids = self.kids
+        if kids is None:
+            return None
+        if type(kids) is _Node:
+            return kids if kids.token == token else None
+        return kids.get(token)
+
+    @property
+    def children(self) -> dict[int, "_Node"]:
+        """token -> child (a fresh dict; for inspection and tests)."""
+        kids = self.kids
+        if kids is None:
+            return {}
+        if type(kids) is _Node:
+            return {kids.token: kids}
+        return dict(kids)
+
+    def _add_child(self, child: "_Node") -> None:
+        kids = self.kids
+        if kids is None:
+            self.kids = child
+        elif type(kids) is _Node:
+            self.kids = {kids.token: kids, child.token: child}
+        else:
+            kids[child.token] = child
+
+    def _remove_child(self, token: int) -> None:
+        kids = self.kids
+        if type(kids) is _Node:
+            self.kids = None
+        else:
+            del kids[token]
+            if len(kids) == 1:
+                self.kids = next(iter(kids.values()))
 
 
 class SuffixTrie:
@@ -82,12 +120,12 @@ class SuffixTrie:
 
     # -- updates ------------------------------------------------------------------------------------------------------
     def _bump(self, node: _Node, token: int, delta: int) -> _Node | None:
-        child = node.children.get(token)
+        child = node.child(token)
         if child is None:
             if delta < 0:
                 raise KeyError("removing a sequence that was never inserted")
             child = _Node(token, node.depth + 1)
-            node.children[token] = child
+            node._add_child(child)
             self.num_nodes += 1
         child.count += delta
         if delta > 0:
@@ -95,7 +133,7 @@ class SuffixTrie:
                 node.best = child
         else:
             if child.count == 0:
-                del node.children[token]
+                node._remove_child(token)
                 self.num_nodes -= 1 + self._subtree_size(child)
             if node.best is child or child.count == 0:
                 node.best = max(node.children.values(), key=lambda c: c.count, default=None)
@@ -131,7 +169,7 @@ class SuffixTrie:
     def find(self, tokens: Sequence[int]) -> _Node | None:
         node = self.root
         for tok in tokens:
-            node = node.children.get(tok)
+            node = node.child(tok)
             if node is None:
                 return None
         return node
@@ -221,7 +259,7 @@ class SuffixHistory:
     """
 
     def __init__(
-        self, max_depth: int = 32, window_steps: int = 4, max_rollouts_per_problem: int = 64, length_ema: float = 0.5
+        self, max_depth: int = 24, window_steps: int = 4, max_rollouts_per_problem: int = 32, length_ema: float = 0.5
     ):
         if window_steps < 1:
             raise ValueError(f"`window_steps` must be >= 1, got {window_steps}.")
