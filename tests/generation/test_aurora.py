@@ -130,11 +130,13 @@ def test_training_step_lowers_loss_on_fixed_trace(target):
 
 
 def test_rejection_term_lowers_probability_of_rejected_token(target):
-    head = AuroraHead.from_target(target, seed=0)
+    # Draft vocabulary = ids 0..63 (+ EOS); the verified label at anchor 4 is id 100, outside it, so the only signal
+    # in this trace is the rejected proposal `bad` at anchor 4, step 0.
+    head = AuroraHead.from_target(target, draft_vocab_size=64, seed=0)
     trace, _ = _trace(target, head, n=12)
     emb = target.get_input_embeddings()
     bad = int(head.d2t[5])
-    # Only anchor 4 is trainable (labels stop after it), and its first draft was rejected.
+    trace.ids[5] = 100
     trace.ids, trace.loss_from, trace.negatives = trace.ids[:6], 4, [(4, 0, bad, 0)]
 
     @torch.no_grad()
@@ -142,12 +144,14 @@ def test_rejection_term_lowers_probability_of_rejected_token(target):
         steps = h.unroll(trace.taps[None, :5], emb(trace.ids[None, :5]), torch.ones(1, 5, dtype=torch.bool), 1)
         return float(torch.softmax(steps[0][0, 4].float(), -1)[5])
 
-    baseline = AuroraTrainer(HotSwapHead(head), emb, ttt_length=1, rejection_weight=0.0, lr=1e-2, seed=0)
-    with_neg = AuroraTrainer(HotSwapHead(head), emb, ttt_length=1, rejection_weight=1.0, lr=1e-2, seed=0)
-    for trainer in (baseline, with_neg):
-        for _ in range(3):
-            trainer.train_step([trace])
-    assert q_bad(with_neg.head) < q_bad(baseline.head)
+    silent = AuroraTrainer(HotSwapHead(head), emb, ttt_length=1, rejection_weight=0.0, lr=1e-3)
+    assert silent.train_step([trace]) is None  # without the rejection term there is nothing to learn here
+    trainer = AuroraTrainer(HotSwapHead(head), emb, ttt_length=1, rejection_weight=0.5, lr=1e-3)
+    before = q_bad(trainer.head)
+    loss = trainer.train_step([trace])
+    # -log(1 - q) ~ q for small q: the reported loss is the weighted unlikelihood of the rejected token
+    assert loss == pytest.approx(-0.5 * torch.log1p(torch.tensor(-before)).item(), rel=1e-3)
+    assert q_bad(trainer.head) < before
 
 
 def test_replay_buffer_drops_oldest():
