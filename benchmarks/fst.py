@@ -26,12 +26,12 @@ import torch
 
 torch.set_num_threads(1)  # the box is shared; one thread per process avoids oversubscription
 
-from datasets import Dataset  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
 
-from hf_fastslow import load_default_model  # noqa: E402
-from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
-from hf_fastslow.trainers.fst_trainer import apply_context  # noqa: E402
+from hf_fastslow import load_default_model
+from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask
+from hf_fastslow.trainers.fst_trainer import apply_context
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -191,7 +191,7 @@ def main():
                                                               a.max_new_tokens)
     g["kl_to_base"] = kl_to_base(grpo.model, base, tok, held_a, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
     res["grpo"] = g
-    log(f"GRPO: rewards {['%.3f' % r for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} KL {g['kl_to_base']:.5f}")
+    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} KL {g['kl_to_base']:.5f}")
 
     # --- arm 2: FST ---------------------------------------------------------------------------------------------
     model, _ = load_default_model()
@@ -214,7 +214,7 @@ def main():
     f["base_with_fast_context_acc"], _ = accuracy(base, tok, task_a, held_a, fst.fast_context, a.max_new_tokens)
     f["kl_to_base"] = kl_to_base(fst.model, base, tok, held_a, fst.fast_context, a.max_new_tokens)
     res["fst"] = f
-    log(f"FST: rewards {['%.3f' % r for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f} KL {f['kl_to_base']:.5f}"
+    log(f"FST: rewards {[f'{r:.3f}' for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f} KL {f['kl_to_base']:.5f}"
         f" context {f['fast_context']!r}")
 
     # --- plasticity: plain GRPO on task B from each arm's weights -----------------------------------------------
@@ -229,7 +229,7 @@ def main():
         b_acc1 = accuracy(tb.model, tok, task_b, held_b, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
         curve = rewards_from(tb)
         res["plasticity"][name] = {"reward_curve_B": curve, "heldout_B_acc_after": b_acc1[0], "seconds": time.time() - t0}
-        log(f"plasticity from {name}: B rewards {['%.3f' % r for r in curve]} held-out B acc after {b_acc1[0]:.3f}")
+        log(f"plasticity from {name}: B rewards {[f'{r:.3f}' for r in curve]} held-out B acc after {b_acc1[0]:.3f}")
 
     res["total_seconds"] = time.time() - t_start
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -259,7 +259,7 @@ def plot(res, path):
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M-Instruct, CPU, seed %d" % res["config"]["seed"], fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct, CPU, seed {res['config']['seed']}", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

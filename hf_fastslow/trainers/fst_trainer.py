@@ -15,7 +15,8 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list

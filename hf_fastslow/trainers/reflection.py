@@ -18,7 +18,8 @@ import os
 import re
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -47,10 +48,12 @@ def build_reflection_prompt(current_context: str, records: Sequence[Record]) -> 
         ]
     lines += [
         "",
-        "Write an improved system prompt for the assistant. Use the feedback: state explicitly every requirement it "
-        "reveals (for example the exact answer format), add any strategy that would have fixed the failed examples, "
-        "and keep the parts of the current instructions that still help. Reply with the new system prompt only, "
-        "between ``` marks.",
+        (
+            "Write an improved system prompt for the assistant. Use the feedback: state explicitly every requirement "
+            "it reveals (for example the exact answer format), add any strategy that would have fixed the failed "
+            "examples, and keep the parts of the current instructions that still help. Reply with the new system "
+            "prompt only, between ``` marks."
+        ),
     ]
     return "\n".join(lines)
 
@@ -111,7 +114,7 @@ class HFReflector(Reflector):
         self.max_new_tokens, self.temperature, self.do_sample = max_new_tokens, temperature, do_sample
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> "HFReflector":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> HFReflector:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -195,7 +198,7 @@ class OpenAIReflector(Reflector):
 
 
 def make_reflector(
-    spec: "str | Reflector | Callable | None",
+    spec: str | Reflector | Callable | None,
     *,
     endpoint_model: str | None = None,
     api_key_env: str | None = "OPENAI_API_KEY",

@@ -9,7 +9,8 @@ so it can be passed to any `GRPOTrainer`; trainers that learn from text (FST's r
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Keyword arguments TRL adds for every reward function call; they are not dataset columns.
 TRL_REWARD_CONTROL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
