@@ -48,6 +48,7 @@ class _LayerPlan:
     m_kv: torch.Tensor | None = None  # cl_delta: U_kv^T W_kv
     rope: object = None
     k_norm: nn.Module | None = None
+    sliding_window: int | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -169,7 +170,7 @@ def _build_plans(model: nn.Module, config: XQuantConfig, dtype: torch.dtype) -> 
         plan = _LayerPlan(
             layer_idx=i, kind=kind, bits=config.bits_for_layer(i), attn=attn, num_kv_heads=d_kv // head_dim,
             head_dim=head_dim, w_kv=torch.cat([w_k, w_v], dim=1), b_kv=b_kv, rope=apply_rotary_fn(attn),
-            k_norm=getattr(attn, "k_norm", None),
+            k_norm=getattr(attn, "k_norm", None), sliding_window=getattr(attn, "sliding_window", None) or None,
         )
         f = factors[i] if factors is not None else {}
         if kind == "latent":
@@ -325,6 +326,26 @@ class _Stream:
         self.n_quantized = n_quantized
         self.res = residual
 
+    def drop_front(self, n: int) -> None:
+        """Forget the oldest `n` quantized tokens (a multiple of the block size); copies so the memory is freed."""
+        if n == 0:
+            return
+        if isinstance(self.q, QuantizedTensor):
+            q = self.q
+            if self.per_channel:
+                self.q = QuantizedTensor(q.packed[..., n * q.nbits // 8 :].clone(),
+                                         q.scale[..., n // q.group_size :].clone(),
+                                         q.minimum[..., n // q.group_size :].clone(), q.nbits, q.group_size,
+                                         q.numel_last - n)
+            else:
+                self.q = QuantizedTensor(q.packed[:, n:].clone(), q.scale[:, n:].clone(), q.minimum[:, n:].clone(),
+                                         q.nbits, q.group_size, q.numel_last)
+        else:
+            self.q = self.q[:, n:].clone()
+        if self.outlier is not None:
+            self.outlier = self.outlier[:, n:].clone()
+        self.n_quantized -= n
+
     def map_batch(self, fn) -> None:
         if isinstance(self.q, QuantizedTensor):
             self.q = QuantizedTensor(fn(self.q.packed), fn(self.q.scale), fn(self.q.minimum), self.q.nbits,
@@ -364,6 +385,11 @@ class XQuantLayer(DynamicLayer):
             self.streams = {"d": _Stream(plan.bits, g)}
         self.keys = self.values = None
         self.is_initialized = False
+        # Sliding-window layers forget whole quantized blocks that no future query can see. Not in CL mode: later
+        # layers' deltas are chained on earlier layers, and one mask serves all sliding layers, so none may evict.
+        self.is_sliding = plan.sliding_window is not None
+        self.can_evict = self.is_sliding and cfg.mode != "cl"
+        self.evicted = 0
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -374,10 +400,31 @@ class XQuantLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         s = next(iter(self.streams.values()))
-        return s.n_quantized + s.n_residual
+        return self.evicted + s.n_quantized + s.n_residual
+
+    @property
+    def n_quantized_total(self) -> int:
+        return self.evicted + next(iter(self.streams.values())).n_quantized
+
+    def eviction_point(self, past: int) -> int:
+        """Tokens before this index are invisible to every query from position `past` on (window of the layer)."""
+        if not self.can_evict:
+            return 0
+        block = self._owner().config.residual_length
+        visible_from = max(0, past - self.plan.sliding_window + 1)
+        return max(self.evicted, min(self.n_quantized_total, visible_from // block * block))
+
+    def evict(self, past: int) -> None:
+        point = self.eviction_point(past)
+        if point > self.evicted:
+            for s in self.streams.values():
+                s.drop_front(point - self.evicted)
+            self.evicted = point
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        past = self.get_seq_length()
+        offset = self.eviction_point(past)
+        return past - offset + query_length, offset
 
     def get_max_length(self) -> int:
         return -1
@@ -464,7 +511,12 @@ class XQuantCache(Cache):
         """What an fp16 K/V cache would hold for the same tokens (the paper's reference size)."""
         n_tokens = self.get_seq_length()
         batch = 0 if self.positions is None else self.positions.shape[0]
-        return sum(2 * batch * n_tokens * layer.plan.d_kv * 2 for layer in self.layers)
+        total = 0
+        for layer in self.layers:
+            window = layer.plan.sliding_window
+            kept = min(n_tokens, window - 1) if window else n_tokens  # what DynamicSlidingWindowLayer keeps
+            total += 2 * batch * kept * layer.plan.d_kv * 2
+        return total
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -510,6 +562,7 @@ class XQuantCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         if layer_idx == 0:
             self._append_positions(position_ids, bsz, n_new, x.device)
+        layer.evict(layer.get_seq_length())  # the same point get_mask_sizes announced for this forward
         x = x.to(self.compute_dtype)
         self._append_sources(layer, x)
         self._flush(layer)
@@ -638,15 +691,15 @@ class XQuantCache(Cache):
         if plan.k_norm is not None:
             keys = plan.k_norm(keys)
         keys = keys.transpose(1, 2)
-        cos, sin = self._rope(plan, keys)
+        cos, sin = self._rope(plan, keys, layer.evicted)
         keys = plan.rope(keys, keys, cos, sin)[1]
         return keys.contiguous(), values.contiguous()
 
-    def _rope(self, plan: _LayerPlan, like: torch.Tensor):
-        key = (getattr(plan.attn, "layer_type", None), like.dtype, self.positions.shape[1])
+    def _rope(self, plan: _LayerPlan, like: torch.Tensor, start: int = 0):
+        key = (getattr(plan.attn, "layer_type", None), like.dtype, self.positions.shape[1], start)
         hit = self._rope_memo.get(key)
         if hit is None:
-            hit = rotary_embeddings(self.model, plan.attn, like, self.positions.long())
+            hit = rotary_embeddings(self.model, plan.attn, like, self.positions[:, start:].long())
             self._rope_memo[key] = hit
         return hit
 
@@ -659,14 +712,19 @@ class XQuantCache(Cache):
         new_len = max(total + max_length, 0) if max_length < 0 else min(max_length, total)
         if new_len == total:
             return
-        first: XQuantLayer = self.layers[0]
-        n_q = next(iter(first.streams.values())).n_quantized
-        if new_len >= n_q:
+        block = self.config.residual_length
+        keep = (new_len // block) * block
+        for layer in self.layers:
+            if layer.n_quantized_total > new_len and keep < layer.evicted:
+                raise RuntimeError(
+                    f"Cannot crop to {new_len} tokens: sliding-window layer {layer.plan.layer_idx} already forgot the "
+                    f"first {layer.evicted} tokens."
+                )
+        if all(layer.n_quantized_total <= new_len for layer in self.layers):
             for layer in self.layers:
                 for s in layer.streams.values():
-                    s.truncate(n_q, s.res[:, : new_len - n_q])
+                    s.truncate(s.n_quantized, s.res[:, : new_len - layer.n_quantized_total])
         else:
-            keep = (new_len // self.config.residual_length) * self.config.residual_length
             self._crop_into_quantized(keep, new_len)
         self.positions = self.positions[:, :new_len] if new_len else None
         self._rope_memo.clear()
@@ -676,11 +734,11 @@ class XQuantCache(Cache):
         dtype = self.compute_dtype
         acc = None
         for layer in self.layers:
-            plan = layer.plan
+            plan, off = layer.plan, layer.evicted
             if plan.kind in ("x", "latent"):
                 for s in layer.streams.values():
-                    tail = s.dequant(dtype)[:, keep:new_len]
-                    s.truncate(keep, tail)
+                    tail = s.dequant(dtype)[:, keep - off : new_len - off]
+                    s.truncate(keep - off, tail)
             elif plan.kind == "cl_base":
                 s = layer.streams["x"]
                 acc = s.dequant(dtype)[:, keep:new_len]

@@ -476,3 +476,26 @@ def test_speculative_generate_through_xquant_cache(gqa_model, mode):
     out = gqa_model.generate(ids, max_new_tokens=30, do_sample=False, custom_generate=speculative_generate,
                              drafter=_NoisyOracle(reference).drafter, cache_implementation="xquant", cache_config=cfg)
     assert torch.equal(out, reference)
+
+
+def test_sliding_window_layers_forget_old_blocks():
+    model = _gemma3()  # sliding window 8 on layers 0 and 2
+    ids = torch.randint(3, 128, (1, 60))
+    cache = XQuantCache(model, XQuantConfig(nbits=16, mode="latent", group_size=8, residual_length=8))
+    ref_cache = DynamicCache(config=model.config)
+    torch.testing.assert_close(logits_with(model, ids, cache), logits_with(model, ids, ref_cache), atol=1e-4,
+                               rtol=1e-4)
+    for _ in range(12):
+        nxt = torch.randint(3, 128, (1, 1))
+        torch.testing.assert_close(logits_with(model, nxt, cache), logits_with(model, nxt, ref_cache), atol=1e-4,
+                                   rtol=1e-4)
+    sliding = [layer for layer in cache.layers if layer.is_sliding]
+    full = [layer for layer in cache.layers if not layer.is_sliding]
+    assert sliding and full and cache.get_seq_length() == 72
+    for layer in sliding:  # at most the window plus one block and the residual survive
+        assert layer.evicted > 0 and layer.get_seq_length() == 72
+        assert layer.get_seq_length() - layer.evicted <= 8 + 8 + 8
+    assert all(layer.evicted == 0 for layer in full)
+    with pytest.raises(RuntimeError, match="forgot"):
+        cache.crop(-60)
+    assert cache.get_seq_length() == 72
