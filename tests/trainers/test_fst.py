@@ -205,8 +205,11 @@ def test_reward_contract_none_is_not_applicable(tmp_path):
     assert mixed[0][0] is None and mixed[1][0] == 1.0 and "not applicable" in mixed[0][1]
     trainer = make_trainer(tmp_path, task, reflector=rule_reflector(calls), ds=ds, max_steps=2)
     trainer.train()
+    # A step whose rows are all not applicable logs reward None (trl); otherwise N/A rows are left out of the mean:
+    # every applicable rollout ran under the learned context and scored 1, so counting N/A rows as 0 would show < 1.
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
-    assert rewards and not any(math.isnan(r) for r in rewards)  # NaN rows are excluded, not averaged in
+    scored = [r for r in rewards if r is not None and not math.isnan(r)]
+    assert scored and all(r == 1.0 for r in scored)
     # On the Pareto set, not-applicable rows score 0 for every candidate; applicable ones follow the context.
     na = [j for j, i in enumerate(trainer._pareto_indices) if ds[i]["answer"] is None]
     assert na and all(row[j] == 0.0 for row in trainer.fast_scores for j in na)
