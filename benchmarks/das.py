@@ -80,7 +80,7 @@ def run_workload(name, model, tok, prompts, epochs, new_tokens, sigma, pld_token
             ids = encode(tok, text)
             outs = {}
             for arm in arms:
-                kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
+                kwargs = {"max_new_tokens": new_tokens, "do_sample": False}
                 if arm == "prompt_lookup":
                     kwargs["prompt_lookup_num_tokens"] = pld_tokens
                 elif arm == "das":
@@ -151,7 +151,7 @@ def grpo_rollout_time(steps, new_tokens, num_generations):
             drafter = DASDrafter(history=SuffixHistory(max_depth=24, window_steps=2))
             inner = das_rollout_func(drafter)
 
-            def timed(prompts, trainer, inner=inner):
+            def timed(prompts, trainer, inner=inner, timing=timing):
                 t0 = time.perf_counter()
                 out = inner(prompts, trainer)
                 timing["rollout_s"] += time.perf_counter() - t0

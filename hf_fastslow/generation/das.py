@@ -20,7 +20,8 @@ import itertools
 import math
 import threading
 from collections import deque
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def _check_tokens(tokens: Iterable[Any]) -> list[int]:
 class _Node:
     # Most nodes of a trie over fresh text sit on a single-child chain, so `kids` holds None, the only child itself,
     # or a dict once a node branches: about 4x less memory than a dict per node.
-    __slots__ = ("token", "count", "depth", "kids", "best")
+    __slots__ = ("best", "count", "depth", "kids", "token")
 
     def __init__(self, token: int, depth: int):
         self.token = token
@@ -65,7 +66,7 @@ class _Node:
         # The child with the highest count (ties: the one that got there first); proposals follow it.
         self.best: _Node | None = None
 
-    def child(self, token: int) -> "_Node | None":
+    def child(self, token: int) -> _Node | None:
         kids = self.kids
         if kids is None:
             return None
@@ -74,7 +75,7 @@ class _Node:
         return kids.get(token)
 
     @property
-    def children(self) -> dict[int, "_Node"]:
+    def children(self) -> dict[int, _Node]:
         """token -> child (a fresh dict; for inspection and tests)."""
         kids = self.kids
         if kids is None:
@@ -83,7 +84,7 @@ class _Node:
             return {kids.token: kids}
         return dict(kids)
 
-    def _add_child(self, child: "_Node") -> None:
+    def _add_child(self, child: _Node) -> None:
         kids = self.kids
         if kids is None:
             self.kids = child
@@ -144,7 +145,7 @@ class SuffixTrie:
     def _subtree_size(self, node: _Node) -> int:
         return sum(1 + self._subtree_size(c) for c in node.children.values())
 
-    def appender(self) -> "_TrieAppender":
+    def appender(self) -> _TrieAppender:
         """An incremental writer: `append(token)` inserts the new suffixes ending at that token in O(max_depth)."""
         return _TrieAppender(self)
 
@@ -206,7 +207,7 @@ class SuffixTrie:
             node = self.find(context[t - m :])
             if node is None:
                 break  # a longer suffix contains this one, so it cannot match either
-            cap = min(budget, int(math.floor(max_spec_factor * m + max_spec_offset)))
+            cap = min(budget, math.floor(max_spec_factor * m + max_spec_offset))
             prob, score, draft = 1.0, 0.0, []
             while len(draft) < cap and node.best is not None:
                 child = node.best
@@ -226,7 +227,7 @@ class SuffixTrie:
 class _TrieAppender:
     """Open suffixes of a sequence being written into a `SuffixTrie` (at most max_depth - 1 of them)."""
 
-    __slots__ = ("trie", "active", "length")
+    __slots__ = ("active", "length", "trie")
 
     def __init__(self, trie: SuffixTrie):
         self.trie = trie
@@ -403,7 +404,7 @@ class LengthAwareBudget:
     def _quantile(values: list[float], q: float) -> float:
         s = sorted(values)
         pos = q * (len(s) - 1)
-        lo = int(math.floor(pos))
+        lo = math.floor(pos)
         hi = min(lo + 1, len(s) - 1)
         return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
@@ -469,7 +470,7 @@ _DEFAULT_BUDGET: Any = object()
 
 
 class _LiveRequest:
-    __slots__ = ("trie", "appender", "seen", "problem_id")
+    __slots__ = ("appender", "problem_id", "seen", "trie")
 
     def __init__(self, max_depth: int, problem_id: Hashable):
         self.trie = SuffixTrie(max_depth)

@@ -42,12 +42,13 @@ Thread-safety: one generate call uses its drafter from one thread. A drafter tha
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["DraftContext", "DraftFeedback", "Drafter", "DraftModelDrafter", "SpeculativeStats", "problem_id_for"]
+__all__ = ["DraftContext", "DraftFeedback", "DraftModelDrafter", "Drafter", "SpeculativeStats", "problem_id_for"]
 
 
 def problem_id_for(prompt_ids: Sequence[int] | torch.Tensor) -> str:
@@ -134,7 +135,7 @@ class SpeculativeStats:
     def tokens_per_forward(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
 
-    def __iadd__(self, other: "SpeculativeStats") -> "SpeculativeStats":
+    def __iadd__(self, other: SpeculativeStats) -> SpeculativeStats:  # noqa: PYI034
         for name in ("target_forwards", "new_tokens", "rounds", "proposed", "accepted", "emitted", "sequences"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def _as_id_list(value: Any, batch_size: int, name: str) -> list | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"`{name}` must be a list with one id per row, got {type(value).__name__}.")
+        raise TypeError(f"`{name}` must be a list with one id per row, got {type(value).__name__}.")
     if len(value) != batch_size:
         raise ValueError(f"`{name}` has {len(value)} entries but the batch has {batch_size} rows.")
     return list(value)
@@ -190,11 +191,10 @@ def speculative_generate(
         for tok in tokens:
             generated[i].append(tok)
             kept.append(tok)
-            if tok in eos_ids or prompt_width + len(generated[i]) >= max_length:
+            stop = tok in eos_ids or prompt_width + len(generated[i]) >= max_length
+            # Other criteria (stop strings, max time) see the row exactly as plain generate would show it.
+            if stop or any(bool(c(row_ids(i), None).reshape(-1)[0]) for c in other_criteria):
                 finished[i] = True
-            elif other_criteria and any(bool(c(row_ids(i), None).reshape(-1)[0]) for c in other_criteria):
-                finished[i] = True
-            if finished[i]:
                 break
         return kept
 

@@ -297,7 +297,7 @@ def test_length_policy_limits_drafts(model):
 
 
 def test_das_sampling_runs_with_siblings(model):
-    ids, mask = _batch()
+    ids, _ = _batch()
     torch.manual_seed(0)
     drafter = DASDrafter()
     rows = ids[:1].expand(4, -1)  # four GRPO-style siblings of one prompt

@@ -135,6 +135,28 @@ def test_stops_at_eos_even_if_draft_continues(model):
     assert out.shape[1] == ids.shape[1] + int((gen == eos).nonzero()[0]) + 1
 
 
+def test_custom_stopping_criteria_per_row(model):
+    """A stopping criterion is checked after every accepted token, per row, as in plain generate (with an EOS
+    configured: without one, plain generate keeps decoding rows a custom criterion stopped, we pad them)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = _batch(rows=3)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    stop_token = int(free[0, ids.shape[1] + 7])
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    kwargs = {"attention_mask": mask, "max_new_tokens": 30, "do_sample": False,
+              "stopping_criteria": StoppingCriteriaList([StopOn()])}
+    ref = model.generate(ids, **kwargs)
+    drafter = OracleDrafter(_unpadded(free, mask), k=6)
+    out = model.generate(ids, custom_generate=speculative_generate, drafter=drafter, **kwargs)
+    assert torch.equal(out, ref)
+    assert out.shape[1] < free.shape[1]
+
+
 def _count_forwards(model):
     calls = []
     handle = model.model.register_forward_pre_hook(lambda *a: calls.append(1))
