@@ -465,7 +465,9 @@ class HotSwapHead:
     """
 
     def __init__(self, head: AuroraHead):
-        self._replicas = [head, copy.deepcopy(head)]
+        # Both replicas are private copies: publishing writes into them, and a caller's head may be shared (e.g. by a
+        # frozen and an online drafter built from the same day-0 head).
+        self._replicas = [copy.deepcopy(head), copy.deepcopy(head)]
         for replica in self._replicas:
             replica.requires_grad_(False).eval()
         self._active = 0
@@ -612,8 +614,7 @@ class AuroraTrainer:
         self.embed = embed
         self.head = hot.snapshot()
         self.head.requires_grad_(True).train()
-        self.head.d2t.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.head.parameters() if p.requires_grad], lr=lr,
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr,
                                            weight_decay=0.0)
         self.ttt_length, self.rejection_weight, self.sync_every = ttt_length, rejection_weight, sync_every
         self.batch_size, self.max_len, self.grad_clip, self.max_staleness = batch_size, max_len, grad_clip, max_staleness

@@ -252,6 +252,18 @@ def test_hot_swap_readers_always_see_one_complete_weight_set():
     assert max(seen) > 0
 
 
+def test_drafters_built_from_one_head_do_not_share_weights(target):
+    head = AuroraHead.from_target(target, seed=0)
+    online = AuroraDrafter(target, head=head, sync_every=1, ttt_length=1)
+    frozen = AuroraDrafter(target, head=head, online=False)
+    _spec(target, torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(6)), online, max_new_tokens=8)
+    online.trainer.train(2)  # two publishes: both of the online drafter's replicas are rewritten
+    assert online.version == 2
+    for name, value in head.state_dict().items():
+        assert torch.equal(frozen.head.state_dict()[name], value), name
+    assert not torch.equal(online.head.fc.weight, head.fc.weight)
+
+
 def test_background_training_while_generating(target):
     """Concurrent propose (generate) and training thread: no exception, lossless, versions monotonic."""
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(4))
