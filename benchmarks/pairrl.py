@@ -118,8 +118,8 @@ def train(kind: str, train_rows, args) -> tuple[torch.nn.Module, dict]:
         "output_dir": f"{args.workdir}/{kind}", "use_cpu": True, "bf16": False, "report_to": "none", "save_strategy": "no",
         "max_steps": args.steps, "learning_rate": args.lr, "logging_steps": 1, "seed": args.seed,
         "per_device_train_batch_size": args.problems_per_step * args.rollouts // (2 if kind == "pairrl" else 1),
-        "max_completion_length": args.max_new_tokens, "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "none",
-        "beta": 0.0, "temperature": 1.0, "top_p": 0.95, "shuffle_dataset": True,
+        "max_completion_length": args.judge_max_new_tokens or args.max_new_tokens, "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "none",
+        "beta": 0.0, "temperature": args.temperature, "top_p": 0.95, "shuffle_dataset": True,
     }
     if kind == "pairrl":
         cfg = PairRLConfig(num_generations=args.rollouts // 2, verifier_weight=1.0, max_solution_tokens=64, **common)
@@ -151,6 +151,9 @@ def main():
     ap.add_argument("--rollouts", type=int, default=8, help="per problem: GRPO all solver; PairRL half solver, half judge")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--temperature", type=float, default=1.0, help="training rollout sampling temperature")
+    ap.add_argument("--judge-max-new-tokens", type=int, default=None,
+                    help="training completion cap; default --max-new-tokens (judge rollouts share it)")
     ap.add_argument("--heldout", type=int, default=48)
     ap.add_argument("--heldout-pairs", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
@@ -168,14 +171,14 @@ def main():
     pairs = build_heldout_pairs(base, tok, heldout, samples=4, max_new_tokens=args.max_new_tokens,
                                 max_pairs=args.heldout_pairs, seed=args.seed)
     results = {"base": {"pass_at_1": pass_at_1(base, tok, heldout, args.max_new_tokens),
-                        "verifier": verifier_accuracy(base, tok, pairs, 16)}}
+                        "verifier": verifier_accuracy(base, tok, pairs, args.judge_max_new_tokens or 16)}}
     print(f"[{time.time() - t0:.0f}s] base {results['base']}", flush=True)
     del base
     gc.collect()
     for kind in ("grpo", "pairrl"):
         model, info = train(kind, train_rows, args)
         info["pass_at_1"] = pass_at_1(model, tok, heldout, args.max_new_tokens)
-        info["verifier"] = verifier_accuracy(model, tok, pairs, 16)
+        info["verifier"] = verifier_accuracy(model, tok, pairs, args.judge_max_new_tokens or 16)
         results[kind] = info
         print(f"[{time.time() - t0:.0f}s] {kind} {json.dumps(info)}", flush=True)
         del model
