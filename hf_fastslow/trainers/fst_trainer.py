@@ -420,6 +420,11 @@ class FSTTrainer(GRPOTrainer):
 
     def _write_card(self, directory: str) -> None:
         base = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        if base and os.path.isdir(base):
+            # A local folder is not a Hub id; the converted default model is known by its Hub name.
+            from ..default_model import DEFAULT_MODEL_ID
+
+            base = DEFAULT_MODEL_ID if os.path.isfile(os.path.join(base, "hf_fastslow_stamp.txt")) else None
         best = self._ranked_candidates()[0] if self.fast_scores else 0
         figures = {"global_step": self.state.global_step, "fast_rounds": self._fast_rounds_done,
                    "contexts_in_pool": len(self.fast_pool)}
