@@ -5,9 +5,9 @@ Task A: fresh two-digit additions, 16-token completions; reward 1 iff the reply'
 
 Arms, same seed, same training items in the same order, same number of RL rollouts and the same slow optimizer
 (trl CISPO, epsilon_high=5): (1) `trl.GRPOTrainer`; (2) `FSTTrainer` with a rule-based reflector that turns the
-expected reply stated in the feedback into a worked example (it measures the fast/slow machinery - Pareto pool, minibatch
-acceptance, context-conditioned RL - not the quality of an LLM reflector). Both start from SmolLM2's default system
-prompt. Then plain GRPO on task B from each arm's final weights (plasticity).
+expected reply stated in the feedback into a worked example (it measures the fast/slow machinery - Pareto pool,
+minibatch acceptance, context-conditioned RL - not the quality of an LLM reflector). Both start from SmolLM2's default
+system prompt. Then plain GRPO on task B from each arm's final weights (plasticity).
 
 Run:  python benchmarks/fst.py --out docs/benchmarks/fst_results.json --plot docs/fst_reward_vs_rollouts.png
 """
@@ -26,12 +26,12 @@ import torch
 
 torch.set_num_threads(1)  # the box is shared; one thread per process avoids oversubscription
 
-from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from hf_fastslow import load_default_model
-from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask
-from hf_fastslow.trainers.fst_trainer import apply_context
+from hf_fastslow import load_default_model  # noqa: E402
+from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
+from hf_fastslow.trainers.fst_trainer import apply_context  # noqa: E402
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -183,7 +183,8 @@ def main():
     # --- arm 1: GRPO alone ---------------------------------------------------------------------------------------
     model, _ = load_default_model()
     t0 = time.time()
-    grpo = GRPOTrainer(model=model, reward_funcs=task_a, args=GRPOConfig(**common_args(a, f"{a.workdir}/grpo", a.steps)),
+    grpo_args = GRPOConfig(**common_args(a, f"{a.workdir}/grpo", a.steps))
+    grpo = GRPOTrainer(model=model, reward_funcs=task_a, args=grpo_args,
                        train_dataset=train_a, processing_class=tok)
     grpo.train()
     g = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(grpo)}
@@ -191,7 +192,8 @@ def main():
                                                               a.max_new_tokens)
     g["kl_to_base"] = kl_to_base(grpo.model, base, tok, held_a, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
     res["grpo"] = g
-    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} KL {g['kl_to_base']:.5f}")
+    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} "
+        f"KL {g['kl_to_base']:.5f}")
 
     # --- arm 2: FST ---------------------------------------------------------------------------------------------
     model, _ = load_default_model()
@@ -228,7 +230,8 @@ def main():
         tb.train()
         b_acc1 = accuracy(tb.model, tok, task_b, held_b, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
         curve = rewards_from(tb)
-        res["plasticity"][name] = {"reward_curve_B": curve, "heldout_B_acc_after": b_acc1[0], "seconds": time.time() - t0}
+        res["plasticity"][name] = {"reward_curve_B": curve, "heldout_B_acc_after": b_acc1[0],
+                                   "seconds": time.time() - t0}
         log(f"plasticity from {name}: B rewards {[f'{r:.3f}' for r in curve]} held-out B acc after {b_acc1[0]:.3f}")
 
     res["total_seconds"] = time.time() - t_start

@@ -25,12 +25,13 @@ class FSTConfig(GRPOConfig):
     means "bf16 if the accelerator supports it" instead of always True.
 
     Parameters:
-        fast_every_steps (`int`, defaults to `6`): optimizer steps between fast rounds (T). A round also runs before step 1.
+        fast_every_steps (`int`, defaults to `6`): optimizer steps between fast rounds (T); one
+            also runs before step 1.
         candidates_per_round (`int`, defaults to `4`): a round stops after this many accepted new contexts (K).
         max_proposals_per_round (`int` or `None`): reflection calls per round at most (default `2 * K`).
         reflection_minibatch_size (`int`, defaults to `3`): training problems per reflection (GEPA's b).
-        pareto_set_size (`int`, defaults to `16`): held-out problems scoring every candidate (Pareto set). Drawn from the
-            training set unless `FSTTrainer(pareto_dataset=...)` is given.
+        pareto_set_size (`int`, defaults to `16`): problems scoring every candidate (Pareto set), drawn
+            from the training set unless `FSTTrainer(pareto_dataset=...)` is given.
         max_pool_size (`int`, defaults to `8`): candidates kept; beyond it the one best on the fewest items goes.
         prompts_per_problem (`int` or `None`): distinct frontier contexts mixed into each group of `num_generations`
             rollouts (`None` = up to `num_generations`). 1 = every rollout uses the current best context.
@@ -38,9 +39,10 @@ class FSTConfig(GRPOConfig):
             frontier contexts; `"best"` always uses `fast_context`.
         seed_context (`str` or `None`): initial context. `None` uses the dataset's own system turn if the first row has
             one, else the empty context (no system turn is added: the chat template's default applies).
-        max_context_tokens (`int`, defaults to `256`): proposals longer than this are rejected (they eat the prompt budget).
-        rescore_frontier_each_round (`bool`, defaults to `True`): re-evaluate the pool on the Pareto set under the current
-            slow weights at each round (scores go stale as the weights move).
+        max_context_tokens (`int`, defaults to `256`): longer proposals are rejected (they eat the
+            prompt budget).
+        rescore_frontier_each_round (`bool`, defaults to `True`): re-evaluate the pool on the Pareto set under
+            the current slow weights at each round (scores go stale as the weights move).
         fast_eval_batch_size (`int`, defaults to `16`): prompts per `generate` call during fast rounds.
         fast_eval_do_sample (`bool`, defaults to `False`): greedy scoring is less noisy for accept/reject decisions.
         reflection_model (`str`, defaults to `"policy"`): `"policy"`, a local model path/id, or an OpenAI-compatible
@@ -110,5 +112,7 @@ class FSTConfig(GRPOConfig):
         if self.prompts_per_problem is not None and self.prompts_per_problem < 1:
             raise ValueError(f"FSTConfig: prompts_per_problem must be >= 1 or None (got {self.prompts_per_problem}).")
         if self.prompt_sampling not in PROMPT_SAMPLING:
-            raise ValueError(f"FSTConfig: prompt_sampling must be one of {PROMPT_SAMPLING} (got {self.prompt_sampling!r}).")
+            raise ValueError(
+                f"FSTConfig: prompt_sampling must be one of {PROMPT_SAMPLING} (got {self.prompt_sampling!r})."
+            )
         super().__post_init__()

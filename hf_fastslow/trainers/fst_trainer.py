@@ -334,7 +334,8 @@ class FSTTrainer(GRPOTrainer):
             state = [self._fst_state()]
             broadcast_object_list(state, from_process=0)
             self._load_fst_state(state[0])
-        summary = {"fast/proposals": proposals, "fast/rollouts_total": self.fast_rollouts, "fast/accepted": accepted, "fast/pool_size": len(self.fast_pool),
+        summary = {"fast/proposals": proposals, "fast/rollouts_total": self.fast_rollouts, "fast/accepted": accepted,
+                   "fast/pool_size": len(self.fast_pool),
                    "fast/frontier_size": len(self.pareto_frontier()),
                    "fast/best_pareto_score": self._mean_score(self._ranked_candidates()[0]),
                    "fast/round_seconds": time.perf_counter() - start}

@@ -134,7 +134,9 @@ class HFReflector(Reflector):
 
     def complete(self, prompt: str) -> str:
         if self.model is None or self.tokenizer is None:
-            raise ValueError(f"{type(self).__name__} has no model/tokenizer (a PolicyReflector is bound by the trainer).")
+            raise ValueError(
+                f"{type(self).__name__} has no model/tokenizer (a PolicyReflector is bound by the trainer)."
+            )
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in self._encode(prompt).items()}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -194,7 +196,9 @@ class OpenAIReflector(Reflector):
         try:
             return payload["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(f"Reflection endpoint {url} returned an unexpected payload: {str(payload)[:300]}") from err
+            raise RuntimeError(
+                f"Reflection endpoint {url} returned an unexpected payload: {str(payload)[:300]}"
+            ) from err
 
 
 def make_reflector(

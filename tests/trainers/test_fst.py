@@ -1,4 +1,4 @@
-"""FSTTrainer (fast-slow training, arXiv 2605.12484) on a tiny random Llama with a char-level tokenizer built offline."""
+"""FSTTrainer (fast-slow training, arXiv 2605.12484): tiny random Llama, char-level tokenizer built offline."""
 
 from __future__ import annotations
 
