@@ -45,16 +45,21 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _stamp(gguf: Path) -> str:
+def _transformers_version() -> str:
     import transformers
 
-    return f"{_FORMAT_VERSION}|{gguf.stat().st_size}|{transformers.__version__.split('.dev')[0]}"
+    return transformers.__version__.split(".dev")[0]
+
+
+def _stamp(gguf: Path) -> str:
+    return f"{_FORMAT_VERSION}|{gguf.stat().st_size}|{_transformers_version()}"
 
 
 def default_model_path(convert: bool = True) -> Path:
     """The converted safetensors folder of the default model, converting it from GGUF on first use."""
     gguf = default_gguf_path()
-    target = cache_dir() / _CONVERTED_NAME
+    # One folder per transformers version: environments with different versions never rewrite each other's copy.
+    target = cache_dir() / f"{_CONVERTED_NAME}-transformers-{_transformers_version()}"
     stamp_file = target / "hf_fastslow_stamp.txt"
     if stamp_file.is_file() and stamp_file.read_text().strip() == _stamp(gguf):
         return target
@@ -88,8 +93,9 @@ def _convert(gguf: Path, target: Path) -> Path:
                 lock.unlink(missing_ok=True)
                 continue
             time.sleep(1.0)
-            if (target / "hf_fastslow_stamp.txt").is_file():
-                return default_model_path(convert=False)
+            stamp_file = target / "hf_fastslow_stamp.txt"
+            if stamp_file.is_file() and stamp_file.read_text().strip() == _stamp(gguf):
+                return target
     try:
         stamp_file = target / "hf_fastslow_stamp.txt"
         if stamp_file.is_file() and stamp_file.read_text().strip() == _stamp(gguf):
