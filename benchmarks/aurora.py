@@ -12,8 +12,8 @@ Reported per window of requests: acceptance length (tokens emitted per verificat
 per target forward (load-independent), wall-clock tokens/s (noisy on a shared box; every arm's includes the trainer
 thread competing for the same cores), trainer steps / weight version, and mismatches against plain greedy (must be 0).
 
-Run:   python benchmarks/aurora.py                    (8 requests x 32 new tokens x 3 arms, ~800 target forwards plus
-                                                       the trainer; 2519 s on the shared 2-core box at load 12-16)
+Run:   python benchmarks/aurora.py                    (8 requests x 32 new tokens x 3 arms, ~700 target forwards plus
+                                                       the trainer; 491 s on the shared 2-core box at load 4-9)
        python benchmarks/aurora.py --draft-model-reference   (adds the Qwen2.5-Coder 0.5B -> 1.5B pair, see below)
 
 `--draft-model-reference` runs the classic draft-model speculator as the reference point: target
