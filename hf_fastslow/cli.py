@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--nbits", type=int, default=4, choices=(2, 3, 4, 8))
     demo.add_argument("--mode", default="auto", choices=("auto", "x", "latent", "cl"))
     demo.add_argument("--ppl-tokens", type=int, default=512)
-    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions, registered integrations, kernel backend")
     info.set_defaults(func=_info)
