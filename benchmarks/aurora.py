@@ -120,7 +120,8 @@ def _decode_all(model, tok, stream, arms, args, log, records):
 def _short(name, r):
     if "emitted" in r:
         acc = r["emitted"] / max(r["rounds"], 1)
-        return f"{name}: acc {acc:.2f} tok/fwd {r['new_tokens'] / r['forwards']:.2f} {r['new_tokens'] / r['wall_s']:.1f} tok/s"
+        per_fwd, per_s = r["new_tokens"] / r["forwards"], r["new_tokens"] / r["wall_s"]
+        return f"{name}: acc {acc:.2f} tok/fwd {per_fwd:.2f} {per_s:.1f} tok/s"
     return f"{name}: {r['new_tokens'] / r['wall_s']:.1f} tok/s"
 
 

@@ -308,7 +308,9 @@ class AuroraHead(nn.Module):
         """
         s = taps.shape[1]
         if next_embeds.shape[1] < s + steps - 1:
-            raise ValueError(f"next_embeds needs S + steps - 1 = {s + steps - 1} positions, got {next_embeds.shape[1]}.")
+            raise ValueError(
+                f"next_embeds needs S + steps - 1 = {s + steps - 1} positions, got {next_embeds.shape[1]}."
+            )
         scale = self.config.head_dim**-0.5
         pos = torch.arange(s, device=taps.device)
         band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < self.config.window)
@@ -526,7 +528,7 @@ class HotSwapHead:
 class AuroraTrace:
     """A contiguous piece of one request, as verified by the target.
 
-    taps: (N, n_taps*H) target states at positions p0..p0+N-1; ids: (N + 1,) tokens x_{p0+1}..x_{p0+N+1} (the token after
+    taps: (N, n_taps*H) target states at positions p0..p0+N-1; ids: tokens x_{p0+1}, x_{p0+2}, ... (the token after
     each anchor, then later tokens as labels for the unrolled steps); loss_from: anchors before it are context only
     (they were trained in the previous piece); negatives: (anchor, step, target id, serving version) of each round's
     first rejected proposal.
@@ -617,7 +619,8 @@ class AuroraTrainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr,
                                            weight_decay=0.0)
         self.ttt_length, self.rejection_weight, self.sync_every = ttt_length, rejection_weight, sync_every
-        self.batch_size, self.max_len, self.grad_clip, self.max_staleness = batch_size, max_len, grad_clip, max_staleness
+        self.batch_size, self.max_len = batch_size, max_len
+        self.grad_clip, self.max_staleness = grad_clip, max_staleness
         self._t2d = self.head.t2d.cpu()  # traces live on the CPU; the head may not
         self.buffer = ReplayBuffer(buffer_size)
         self.rng = random.Random(seed)
@@ -928,7 +931,8 @@ class AuroraDrafter(Drafter):
                     continue
                 w = min(window, anchor + 1)
                 taps = row.all_taps()[anchor + 1 - w : anchor + 1].to(head.fc.weight.dtype)
-                drafted, _ = head.propose(taps, ids[anchor + 2 - w : anchor + 2], self.embed, k, start_pos=anchor + 1 - w)
+                next_ids = ids[anchor + 2 - w : anchor + 2]
+                drafted, _ = head.propose(taps, next_ids, self.embed, k, start_pos=anchor + 1 - w)
                 out = drafted.tolist()
                 for j, tok in enumerate(out):
                     if tok in context.eos_token_ids:
