@@ -692,7 +692,7 @@ class XQuantCache(Cache):
             keys = plan.k_norm(keys)
         keys = keys.transpose(1, 2)
         cos, sin = self._rope(plan, keys, layer.evicted)
-        keys = plan.rope(keys, keys, cos, sin)[1]
+        keys = plan.rope(keys[:, :1], keys, cos, sin)[1]  # the helper also rotates a query: give it one head
         return keys.contiguous(), values.contiguous()
 
     def _rope(self, plan: _LayerPlan, like: torch.Tensor, start: int = 0):
