@@ -115,10 +115,12 @@ def train(kind: str, train_rows, args) -> tuple[torch.nn.Module, dict]:
         "answer": [r["answer"] for r in train_rows],
     })
     common = {
-        "output_dir": f"{args.workdir}/{kind}", "use_cpu": True, "bf16": False, "report_to": "none", "save_strategy": "no",
+        "output_dir": f"{args.workdir}/{kind}", "use_cpu": True, "bf16": False, "report_to": "none",
+        "save_strategy": "no",
         "max_steps": args.steps, "learning_rate": args.lr, "logging_steps": 1, "seed": args.seed,
         "per_device_train_batch_size": args.problems_per_step * args.rollouts // (2 if kind == "pairrl" else 1),
-        "max_completion_length": args.judge_max_new_tokens or args.max_new_tokens, "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "none",
+        "max_completion_length": args.judge_max_new_tokens or args.max_new_tokens,
+        "loss_type": "dapo", "epsilon_high": 0.28, "scale_rewards": "none",
         "beta": 0.0, "temperature": args.temperature, "top_p": 0.95, "shuffle_dataset": True,
     }
     if kind == "pairrl":
@@ -148,7 +150,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--problems-per-step", type=int, default=4)
-    ap.add_argument("--rollouts", type=int, default=8, help="per problem: GRPO all solver; PairRL half solver, half judge")
+    ap.add_argument("--rollouts", type=int, default=8,
+                    help="per problem: GRPO all solver; PairRL half solver, half judge")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--temperature", type=float, default=1.0, help="training rollout sampling temperature")

@@ -447,7 +447,7 @@ class _PairJudging:
             raise RuntimeError(f"judge returned {len(replies)} replies for {len(prompts)} prompts.")
         self.calls += len(prompts)
         sums: dict[int, list] = {}
-        for (k, a, b), reply in zip(jobs, replies):
+        for (k, a, _), reply in zip(jobs, replies):
             parsed = parse_pair_ratings(reply)
             if parsed is None:
                 self.parse_failures += 1

@@ -83,9 +83,13 @@ class PairRLConfig(GRPOConfig):
         if not 0.0 <= self.reward_tolerance <= 1.0:
             raise ValueError(f"PairRLConfig: reward_tolerance must be in [0, 1] (got {self.reward_tolerance}).")
         if self.correctness_reward_index < 0:
-            raise ValueError(f"PairRLConfig: correctness_reward_index must be >= 0 (got {self.correctness_reward_index}).")
+            raise ValueError(
+                f"PairRLConfig: correctness_reward_index must be >= 0 (got {self.correctness_reward_index})."
+            )
         if self.max_solution_tokens is not None and self.max_solution_tokens < 1:
-            raise ValueError(f"PairRLConfig: max_solution_tokens must be >= 1 or None (got {self.max_solution_tokens}).")
+            raise ValueError(
+                f"PairRLConfig: max_solution_tokens must be >= 1 or None (got {self.max_solution_tokens})."
+            )
         for key in ("{problem}", "{solution_a}", "{solution_b}"):
             if key not in self.judge_template:
                 raise ValueError(f"PairRLConfig: judge_template must contain {key}.")

@@ -49,10 +49,10 @@ class SolverReward:
         if len(keep) == n:
             return list(self.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs))
         # Mixed batch (a dataset that itself carries judge rows): score only the solver rows.
-        sub = {
-            k: ([v[i] for i in keep] if k not in TRL_REWARD_CONTROL_KWARGS and isinstance(v, list) and len(v) == n else v)
-            for k, v in kwargs.items()
-        }
+        def per_row(k, v):
+            return k not in TRL_REWARD_CONTROL_KWARGS and isinstance(v, list) and len(v) == n
+
+        sub = {k: ([v[i] for i in keep] if per_row(k, v) else v) for k, v in kwargs.items()}
         scores = self.func(
             prompts=[prompts[i] for i in keep],
             completions=[completions[i] for i in keep],
@@ -179,7 +179,9 @@ class PairRLTrainer(GRPOTrainer):
         if len(train_dataset) == 0:
             raise ValueError("PairRLTrainer: train_dataset is empty.")
         if "prompt" not in train_dataset[0]:
-            raise ValueError(f"PairRLTrainer: train_dataset rows need a 'prompt' column (got {sorted(train_dataset[0])}).")
+            raise ValueError(
+                f"PairRLTrainer: train_dataset rows need a 'prompt' column (got {sorted(train_dataset[0])})."
+            )
         if args.reward_weights is not None:
             if len(args.reward_weights) != len(funcs):
                 raise ValueError(f"PairRLConfig.reward_weights has {len(args.reward_weights)} entries for "

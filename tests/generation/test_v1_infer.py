@@ -316,7 +316,9 @@ class _ScriptedChatServer:
                 prompt = body["messages"][-1]["content"]
                 a, b = _SOL_RE.search(prompt).groups()
                 reply = {
-                    "choices": [{"message": {"role": "assistant", "content": f"Rating A: {half_quality(a)}\nRating B: {half_quality(b)}"}}],
+                    "choices": [{"message": {
+                        "role": "assistant", "content": f"Rating A: {half_quality(a)}\nRating B: {half_quality(b)}",
+                    }}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
                 }
                 data = json.dumps(reply).encode()
@@ -372,7 +374,8 @@ def test_hf_judge_batched_generate_and_tournament():
     assert len(replies) == 4 and all(isinstance(r, str) for r in replies)
     assert judge.calls == 4 and judge.tokens > 0
     # Batched replies equal one-at-a-time replies: left padding does not change greedy outputs.
-    single = HFJudge(model, tok, max_new_tokens=4, batch_size=1).complete(["one", "two two", "three three three", "four"])
+    prompts = ["one", "two two", "three three three", "four"]
+    single = HFJudge(model, tok, max_new_tokens=4, batch_size=1).complete(prompts)
     assert single == replies
     pick = PairwiseTournament(judge, budget=5).select("p", ["a", "b", "c", "d", "e"])
     assert 0 <= pick.index < 5 and pick.calls <= 5 and pick.judge_tokens > 0

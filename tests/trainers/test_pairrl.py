@@ -212,7 +212,8 @@ def test_bad_config_errors(tmp_path):
     with pytest.raises(ValueError, match="solution_b"):
         PairRLConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, judge_template="{problem} {solution_a}")
     with pytest.raises(ValueError, match="sum_then_normalize"):
-        PairRLConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, multi_objective_aggregation="normalize_then_sum")
+        PairRLConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False,
+                     multi_objective_aggregation="normalize_then_sum")
 
 
 def test_bad_trainer_inputs(tmp_path):
