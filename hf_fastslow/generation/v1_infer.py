@@ -14,13 +14,10 @@ server, e.g. vLLM or TGI, called concurrently with the standard library only).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from ..endpoints import chat_completions_url, post_chat_completion
 
 __all__ = [
     "MATH_JUDGE_TEMPLATE",
@@ -279,7 +278,7 @@ class EndpointJudge:
             raise ValueError(f"base_url must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}.")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}.")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = chat_completions_url(base_url)
         self.model = model
         self.api_key = api_key
         self.max_tokens = max_tokens
@@ -305,28 +304,13 @@ class EndpointJudge:
             "top_p": self.top_p,
             **self.extra_body,
         }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read().decode())
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:500]
-            raise RuntimeError(f"Judge endpoint {self.url} returned HTTP {err.code}: {detail}") from err
-        except urllib.error.URLError as err:
-            raise RuntimeError(f"Judge endpoint {self.url} unreachable: {err.reason}") from err
-        try:
-            content = payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(f"Judge endpoint {self.url} sent a reply without choices[0].message.content: "
-                               f"{str(payload)[:300]}") from err
+        content, payload = post_chat_completion(self.url, body, api_key=self.api_key, timeout=self.timeout,
+                                                what="Judge endpoint")
         usage = payload.get("usage") or {}
         with self._lock:
             self.calls += 1
             self.tokens += int(usage.get("total_tokens", 0) or 0)
-        return content or ""
+        return content
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         if len(prompts) <= 1 or self.max_workers == 1:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from trl import GRPOConfig
 
 from ..integrations import grpo_loss_types
+from .config_checks import check_generations_and_precision
 
 PROMPT_SAMPLING = ("round_robin", "best")
 
@@ -77,19 +77,7 @@ class FSTConfig(GRPOConfig):
 
     def __post_init__(self):
         # Validate first: GRPOConfig/TrainingArguments errors for these are generic or come only at the first step.
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(
-                f"FSTConfig: num_generations={self.num_generations}; group-relative advantages need at least 2 "
-                "rollouts per problem (FST uses 8 in the paper)."
-            )
-        on_cpu = self.use_cpu or not (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and not on_cpu
-        elif self.bf16 and on_cpu and not self.use_cpu:
-            raise ValueError(
-                "FSTConfig: bf16=True but no bf16-capable GPU is available. Pass bf16=False to train in fp32 on CPU "
-                "(or use_cpu=True to force CPU bf16 autocast)."
-            )
+        check_generations_and_precision(self, "FSTConfig", paper_generations=8)
         known = grpo_loss_types()
         if self.loss_type not in known:
             raise ValueError(f"FSTConfig: loss_type={self.loss_type!r} is not one of this trl's {known}.")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from trl import GRPOConfig
 
 from ..generation.v1_infer import MATH_JUDGE_TEMPLATE
+from .config_checks import check_generations_and_precision
 
 
 @dataclass
@@ -63,19 +63,7 @@ class PairRLConfig(GRPOConfig):
 
     def __post_init__(self):
         # Checked before GRPOConfig's own validation, whose messages for these cases are generic or come late.
-        if self.num_generations is not None and self.num_generations < 2:
-            raise ValueError(
-                f"PairRLConfig: num_generations={self.num_generations}; group-relative advantages need at least 2 "
-                "rollouts per problem and per judged pair (the paper uses 4)."
-            )
-        on_cpu = self.use_cpu or not (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and not on_cpu
-        elif self.bf16 and on_cpu and not self.use_cpu:
-            raise ValueError(
-                "PairRLConfig: bf16=True but no bf16-capable GPU is available. Pass bf16=False to train in fp32 on "
-                "CPU (or use_cpu=True to force CPU bf16 autocast)."
-            )
+        check_generations_and_precision(self, "PairRLConfig", paper_generations=4)
         if self.verifier_weight < 0:
             raise ValueError(f"PairRLConfig: verifier_weight must be >= 0 (got {self.verifier_weight}).")
         if self.pairs_per_problem < 1:

@@ -13,15 +13,14 @@ from the task's evaluator) and proposes a rewritten context. It is never trained
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from ..endpoints import chat_completions_url, post_chat_completion
 
 Record = dict[str, Any]  # {"Inputs": str, "Generated Outputs": str, "Feedback": str, "Score": float | None}
 
@@ -173,7 +172,6 @@ class OpenAIReflector(Reflector):
         self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
 
     def complete(self, prompt: str) -> str:
-        url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
         body: dict[str, Any] = {
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": self.max_tokens,
@@ -181,24 +179,9 @@ class OpenAIReflector(Reflector):
         }
         if self.model:
             body["model"] = self.model
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                payload = json.loads(resp.read().decode())
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:500]
-            raise RuntimeError(f"Reflection endpoint {url} returned HTTP {err.code}: {detail}") from err
-        except urllib.error.URLError as err:
-            raise RuntimeError(f"Reflection endpoint {url} is unreachable: {err.reason}") from err
-        try:
-            return payload["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as err:
-            raise RuntimeError(
-                f"Reflection endpoint {url} returned an unexpected payload: {str(payload)[:300]}"
-            ) from err
+        content, _ = post_chat_completion(chat_completions_url(self.base_url), body, api_key=self.api_key,
+                                          timeout=self.timeout, what="Reflection endpoint")
+        return content
 
 
 def make_reflector(
