@@ -43,7 +43,6 @@ def main(argv=None):
 
     from transformers import DynamicCache, QuantizedCache
 
-    import hf_fastslow
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
     from hf_fastslow.evaluation.kv_ppl import bundled_text, cache_perplexity
     from hf_fastslow.evaluation.memory import held_tensor_bytes

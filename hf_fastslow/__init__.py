@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import integrations  # noqa: E402  (version gate first)
+from . import integrations as integrations  # noqa: E402  (the version gate runs first)
 from .default_model import default_model_path, load_default_model  # noqa: E402
 from .integrations import (  # noqa: E402
     cache_kwarg_name,

@@ -15,10 +15,10 @@ def _demo(args) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import hf_fastslow
+    from transformers import DynamicCache
+
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
     from hf_fastslow.evaluation.kv_ppl import bundled_text, cache_perplexity
-    from transformers import DynamicCache
 
     bar = tqdm(total=6, desc="hf-fastslow demo", unit="step")
     bar.set_postfix_str("loading SmolLM2-135M-Instruct (first run converts the GGUF, ~30 s)")

@@ -13,7 +13,8 @@ import inspect
 import logging
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers
@@ -27,7 +28,8 @@ MAX_TRANSFORMERS = Version("6.0.0")
 
 if not (MIN_TRANSFORMERS <= Version(TRANSFORMERS_VERSION.base_version) < MAX_TRANSFORMERS):
     warnings.warn(
-        f"hf_fastslow is tested with transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS}; found {transformers.__version__}.",
+        f"hf_fastslow is tested with transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS}; "
+        f"found {transformers.__version__}.",
         stacklevel=2,
     )
 
@@ -35,7 +37,7 @@ if not (MIN_TRANSFORMERS <= Version(TRANSFORMERS_VERSION.base_version) < MAX_TRA
 # --------------------------------------------------------------------------------------------------------------------
 # Cache keyword: `cache=` (5.24+) vs `past_key_values=` (5.17 ... 5.2x)
 # --------------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_accepts_cache_kwarg(model_cls: type) -> bool:
     try:
         params = inspect.signature(model_cls.forward).parameters
@@ -151,7 +153,9 @@ def _install_cache_patches() -> None:
     with _patch_lock:
         if _original_prepare_cache is None:
             params = list(inspect.signature(GenerationMixin._prepare_cache_for_generation).parameters)
-            expected = ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"]
+            expected = [
+                "self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"
+            ]
             if params[: len(expected)] != expected:
                 raise RuntimeError(
                     f"transformers {transformers.__version__}: GenerationMixin._prepare_cache_for_generation has "
@@ -291,7 +295,8 @@ def speculative_cache_check(cache: Any, batch_size: int) -> None:
         )
     if batch_size > 1 and (any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ())):
         raise ValueError(
-            f"speculative_generate with batch size > 1 supports full-attention caches only (got a {type(cache).__name__} "
+            "speculative_generate with batch size > 1 supports full-attention caches only (got a "
+            f"{type(cache).__name__} "
             "with sliding-window or linear-attention layers): generate one sequence at a time instead."
         )
 
@@ -309,7 +314,8 @@ def speculative_crop(cache: Any, tokens_to_remove: int) -> None:
     if tokens_to_remove < 0:
         raise ValueError("tokens_to_remove must be >= 0")
     # crop(0) is still called on sliding/linear caches: it trims the states recorded for a possible rollback.
-    if tokens_to_remove > 0 or any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ()):
+    windowed = any(getattr(cache, "is_sliding", ()) or ()) or any(getattr(cache, "is_linear", ()) or ())
+    if tokens_to_remove > 0 or windowed:
         cache.crop(-tokens_to_remove)
 
 
@@ -387,7 +393,9 @@ def trl_generation_context(trainer: Any):
         unwrap_kwargs["generation_kwargs"] = getattr(trainer, "generation_kwargs", None)
     if "gradient_checkpointing_kwargs" in params:
         unwrap_kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
-    model = stack.enter_context(unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **unwrap_kwargs))
+    model = stack.enter_context(
+        unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **unwrap_kwargs)
+    )
     stack.enter_context(torch.no_grad())
     dist = getattr(trainer, "_dist", None)
     if dist is not None and hasattr(dist, "summon_full_params"):
@@ -416,7 +424,6 @@ FST_GRPO_HOOKS = {
 def fst_check_grpo_hooks() -> None:
     """Raise a clear error if this trl's GRPOTrainer lacks the hooks FSTTrainer overrides."""
     import trl
-
     from trl import GRPOTrainer
 
     for name, expected in FST_GRPO_HOOKS.items():
@@ -504,7 +511,6 @@ _PAIRRL_PADDED_KEYS = {
 def pairrl_check_grpo_hooks() -> None:
     """Raise a clear error if this trl's GRPOTrainer lacks the hooks PairRLTrainer overrides."""
     import trl
-
     from trl import GRPOTrainer
 
     for name, expected in PAIRRL_GRPO_HOOKS.items():

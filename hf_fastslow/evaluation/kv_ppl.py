@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from importlib import resources
-from typing import Callable
 
 import torch
 from torch.nn import functional as F

@@ -13,7 +13,7 @@ import functools
 import importlib
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -72,9 +72,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend is KernelBackend.TRITON:
         if not triton_available():
-            raise RuntimeError("HF_FASTSLOW_KERNELS=triton but triton is not installed: `pip install 'hf_fastslow[kernels]'`.")
+            raise RuntimeError(
+                "HF_FASTSLOW_KERNELS=triton but triton is not installed: `pip install 'hf_fastslow[kernels]'`."
+            )
         if not on_cuda and not interpreter_enabled():
-            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels).")
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)."
+            )
         return True
     return on_cuda and triton_available()
 

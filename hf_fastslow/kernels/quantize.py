@@ -37,7 +37,7 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.minimum))
 
-    def index_select(self, dim: int, index: torch.Tensor) -> "QuantizedTensor":
+    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
         if dim < 0:
             dim = len(self.shape) + dim
         if dim >= len(self.shape) - 1:
@@ -51,7 +51,7 @@ class QuantizedTensor:
             self.numel_last,
         )
 
-    def to(self, device) -> "QuantizedTensor":
+    def to(self, device) -> QuantizedTensor:
         return QuantizedTensor(
             self.packed.to(device), self.scale.to(device), self.minimum.to(device), self.nbits, self.group_size,
             self.numel_last,
@@ -68,7 +68,7 @@ def check_quant_args(n: int, nbits: int, group_size: int) -> None:
 
 
 def pack_bits(q: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2**nbits) along the last dim (a multiple of 8) into uint8, `nbits` bytes per 8 codes."""
+    """Pack codes in [0, 2**nbits) along the last dim (a multiple of 8) into uint8: `nbits` bytes per 8 codes."""
     if nbits not in SUPPORTED_BITS:
         raise ValueError(f"nbits must be one of {SUPPORTED_BITS}, got {nbits}.")
     n = q.shape[-1]

@@ -80,7 +80,7 @@ def _check_supported(model: nn.Module) -> list[nn.Module]:
             getattr(attn, "v_proj", None), nn.Linear
         ):
             raise NotImplementedError(f"{type(attn).__name__}: expected `k_proj` and `v_proj` nn.Linear layers.")
-        if hasattr(attn, "v_norm") and not isinstance(getattr(attn, "v_norm"), nn.Identity):
+        if hasattr(attn, "v_norm") and not isinstance(attn.v_norm, nn.Identity):
             raise NotImplementedError(f"{type(attn).__name__}: value normalization (`v_norm`) is not supported.")
         if getattr(attn, "is_kv_shared_layer", False):
             raise NotImplementedError(f"{type(attn).__name__}: KV-sharing layers are not supported.")
@@ -233,7 +233,8 @@ class _Stream:
     """
 
     def __init__(self, bits: int, group_size: int, per_channel: bool = False, outlier_channel: bool = False):
-        self.bits, self.group_size, self.per_channel, self.outlier_channel = bits, group_size, per_channel, outlier_channel
+        self.bits, self.group_size = bits, group_size
+        self.per_channel, self.outlier_channel = per_channel, outlier_channel
         self.q: QuantizedTensor | torch.Tensor | None = None
         self.outlier: torch.Tensor | None = None  # (B, Tq) fp16, channel 0 kept out of the quantizer
         self.res: torch.Tensor | None = None
@@ -368,7 +369,7 @@ class XQuantLayer(DynamicLayer):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, owner: "XQuantCache", plan: _LayerPlan):
+    def __init__(self, owner: XQuantCache, plan: _LayerPlan):
         super().__init__()
         self._owner = weakref.ref(owner)
         self.plan = plan
@@ -539,7 +540,6 @@ class XQuantCache(Cache):
     # -- update -----------------------------------------------------------------------------------------------------
     def _update_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         layer: XQuantLayer = self.layers[layer_idx]
-        plan = layer.plan
         stash = self._stash.pop(layer_idx, None)
         if stash is None:
             raise RuntimeError(
@@ -617,7 +617,8 @@ class XQuantCache(Cache):
         popped = s.pop_blocks(block)
         if popped is None:
             return
-        if self._cl_flush is None or self._cl_flush[0] != plan.layer_idx - 1 or self._cl_flush[1].shape[1] != popped.shape[1]:
+        flush = self._cl_flush
+        if flush is None or flush[0] != plan.layer_idx - 1 or flush[1].shape[1] != popped.shape[1]:
             raise RuntimeError(
                 "XQuantCache (mode='cl'): layers must be updated in order within a forward pass; got layer "
                 f"{plan.layer_idx} out of sequence."

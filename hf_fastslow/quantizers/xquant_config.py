@@ -78,7 +78,7 @@ class XQuantConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "XQuantConfig":
+    def from_dict(cls, data: dict) -> XQuantConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

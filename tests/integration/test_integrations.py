@@ -67,8 +67,8 @@ def test_bad_registration_arguments():
 
 def test_register_attention_adds_function_and_mask(model):
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
 
     calls = []
 
