@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--hqq", action="store_true",
                    help="add HQQ-backed QuantizedCache rows (its optimizer re-runs over the whole history at every "
                         "flush: ~25 min per row on 2 busy CPU cores)")
+    p.add_argument("--only", default=None, help="run only the perplexity rows whose name contains this text")
     p.add_argument("--only-generate", action="store_true", help="skip the perplexity/memory table")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -95,6 +96,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     base_ppl = None
     results = {}
+    if args.only:
+        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]  # keep the fp32 reference row
     for name, bits, factory in ([] if args.only_generate else rows):
         t0 = time.perf_counter()
         try:
