@@ -1,7 +1,4 @@
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from hf_fastslow.generation.v1_infer import (
     round_robin,
     v1_generate,
 )
+from tests.chat_server import ScriptedChatServer
 from tests.conftest import tiny_llama
 
 torch.set_num_threads(1)
@@ -299,53 +297,21 @@ def test_judge_returning_wrong_count_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------------ endpoint backend
-class _ScriptedChatServer:
-    def __init__(self, status=200):
-        self.requests = []
-        outer = self
+def _judge_reply(status=200):
+    def respond(body):
+        if status != 200:
+            return status
+        a, b = _SOL_RE.search(body["messages"][-1]["content"]).groups()
+        return f"Rating A: {half_quality(a)}\nRating B: {half_quality(b)}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if status != 200:
-                    self.send_response(status)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "overloaded"}')
-                    return
-                prompt = body["messages"][-1]["content"]
-                a, b = _SOL_RE.search(prompt).groups()
-                reply = {
-                    "choices": [{"message": {
-                        "role": "assistant", "content": f"Rating A: {half_quality(a)}\nRating B: {half_quality(b)}",
-                    }}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
-                }
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    return respond
 
-            def log_message(self, *args):
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+_USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
 
 
 def test_endpoint_judge_drives_tournament():
-    with _ScriptedChatServer() as srv:
+    with ScriptedChatServer(_judge_reply(), usage=_USAGE) as srv:
         judge = EndpointJudge(srv.url, model="judge-model", api_key="k", max_tokens=16, max_workers=4)
         cands = candidates_with_qualities([2, 8, 5, 1, 7, 3])
         pick = PairwiseTournament(judge, budget_multiplier=2).select("What is 2+2?", cands)
@@ -359,7 +325,7 @@ def test_endpoint_judge_drives_tournament():
 
 
 def test_endpoint_http_error_is_reported():
-    with _ScriptedChatServer(status=503) as srv:
+    with ScriptedChatServer(_judge_reply(status=503), usage=_USAGE) as srv:
         judge = EndpointJudge(srv.url, model="m")
         with pytest.raises(RuntimeError, match="HTTP 503"):
             PairwiseTournament(judge, budget=2).select("p", ["a", "b"])

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import math
 import os
 import re
-import threading
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from hf_fastslow.trainers import (
 )
 from hf_fastslow.trainers.reflection import build_reflection_prompt
 from hf_fastslow.trainers.tasks import feedback_for_reward_funcs
+from tests.chat_server import ScriptedChatServer
 from tests.conftest import tiny_llama
 
 torch.set_num_threads(1)
@@ -219,45 +218,21 @@ def test_reward_contract_none_is_not_applicable(tmp_path):
 
 
 def test_openai_compatible_reflector_against_local_server():
-    received = []
+    def respond(body):
+        return 500 if body.get("model") == "broken" else "Sure:\n```\nAlways add units.\n```"
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, self.headers.get("Authorization"), body))
-            if body.get("model") == "broken":
-                self.send_response(500)
-                self.end_headers()
-                self.wfile.write(b"boom")
-                return
-            reply = {"choices": [{"message": {"role": "assistant", "content": "Sure:\n```\nAlways add units.\n```"}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with ScriptedChatServer(respond) as srv:
+        url = srv.url
         records = [{"Inputs": "2+2", "Generated Outputs": "5", "Feedback": "expected 4 with units", "Score": 0.0}]
         new = OpenAIReflector(url, model="judge", api_key="k").propose("Be correct.", records)
         assert new == "Always add units."
-        path, auth, body = received[0]
+        req = srv.requests[0]
+        path, auth, body = req["path"], req["auth"], req["body"]
         assert path == "/v1/chat/completions" and auth == "Bearer k" and body["model"] == "judge"
         assert "expected 4 with units" in body["messages"][0]["content"]
         assert body["messages"][0]["content"] == build_reflection_prompt("Be correct.", records)
         with pytest.raises(RuntimeError, match="HTTP 500"):
             OpenAIReflector(url, model="broken").propose("Be correct.", records)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_bad_config_errors(tmp_path):
