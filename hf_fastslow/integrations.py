@@ -372,11 +372,11 @@ def decoder_only_generate_output(
     return GenerateDecoderOnlyOutput(**kwargs)
 
 
-def trl_tokenize_prompts(trainer: Any, prompts: list) -> list[list[int]]:
-    """Prompt token ids exactly as GRPOTrainer would build them (chat template, tools); text-only prompts."""
+def trl_tokenize_prompts(trainer: Any, prompts: list, who: str = "This feature") -> list[list[int]]:
+    """Prompt token ids exactly as GRPOTrainer builds its rollout prompts (chat template, tools); text-only prompts."""
     prompt_ids, images, multimodal_fields = trainer._tokenize_prompts(prompts)
     if images is not None or multimodal_fields:
-        raise NotImplementedError("The DAS rollout function supports text-only prompts.")
+        raise NotImplementedError(f"{who} supports text-only prompts (these prompts carry images or other media).")
     return [list(map(int, ids)) for ids in prompt_ids]
 
 
@@ -421,19 +421,26 @@ FST_GRPO_HOOKS = {
 }
 
 
-def fst_check_grpo_hooks() -> None:
-    """Raise a clear error if this trl's GRPOTrainer lacks the hooks FSTTrainer overrides."""
+def check_grpo_hooks(hooks: dict[str, list[str]], trainer_name: str) -> None:
+    """Raise a clear error if this trl's GRPOTrainer lacks a hook (method and leading parameters) a subclass
+    overrides: a trl refactor then fails at construction, not mid-training."""
     import trl
     from trl import GRPOTrainer
 
-    for name, expected in FST_GRPO_HOOKS.items():
+    for name, expected in hooks.items():
         fn = getattr(GRPOTrainer, name, None)
         params = list(inspect.signature(fn).parameters)[: len(expected)] if fn is not None else None
         if params != expected:
             raise RuntimeError(
-                f"trl {trl.__version__}: GRPOTrainer.{name} is {'missing' if fn is None else params}; FSTTrainer "
+                f"trl {trl.__version__}: GRPOTrainer.{name} is {'missing' if fn is None else params}; {trainer_name} "
                 f"needs {name}({', '.join(expected)}, ...). Supported: trl>=1.10,<2."
             )
+
+
+def grpo_metric_buffer(trainer) -> dict:
+    """GRPOTrainer's per-logging-step metric lists for the current mode (name -> list of floats), averaged and
+    logged with `reward`, `kl`, ..."""
+    return trainer._metrics["train" if trainer.model.training else "eval"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -476,16 +483,7 @@ def fst_generation_model(trainer):
 
 def fst_log_metric(trainer, name: str, value: float) -> None:
     """Add a scalar to the GRPOTrainer's per-logging-step metric buffer (averaged and logged with `reward`, `kl`...)."""
-    mode = "train" if trainer.model.training else "eval"
-    trainer._metrics[mode][name].append(float(value))
-
-
-def fst_tokenize_prompts(trainer, prompts: list) -> list[list[int]]:
-    """Token ids of `prompts` exactly as GRPOTrainer tokenizes its rollout prompts (chat template, tools, kwargs)."""
-    prompt_ids, images, _ = trainer._tokenize_prompts(prompts)
-    if images is not None:
-        raise NotImplementedError("FSTTrainer's fast rounds support text prompts only (the prompts carry images).")
-    return [list(ids) for ids in prompt_ids]
+    grpo_metric_buffer(trainer)[name].append(float(value))
 
 
 # --- PairRL (hf_fastslow.trainers.pairrl_trainer): two GRPO generation phases merged into one batch -------------
@@ -506,26 +504,6 @@ _PAIRRL_PADDED_KEYS = {
     "sampling_per_token_logps": ("right", 0.0),
     "importance_sampling_ratio": ("right", 1.0),
 }
-
-
-def pairrl_check_grpo_hooks() -> None:
-    """Raise a clear error if this trl's GRPOTrainer lacks the hooks PairRLTrainer overrides."""
-    import trl
-    from trl import GRPOTrainer
-
-    for name, expected in PAIRRL_GRPO_HOOKS.items():
-        fn = getattr(GRPOTrainer, name, None)
-        params = list(inspect.signature(fn).parameters)[: len(expected)] if fn is not None else None
-        if params != expected:
-            raise RuntimeError(
-                f"trl {trl.__version__}: GRPOTrainer.{name} is {'missing' if fn is None else params}; PairRLTrainer "
-                f"needs {name}({', '.join(expected)}). Supported: trl>=1.10,<2."
-            )
-
-
-def pairrl_metric_buffer(trainer) -> dict:
-    """GRPOTrainer's per-logging-step metric lists for the current mode (name -> list of floats)."""
-    return trainer._metrics["train" if trainer.model.training else "eval"]
 
 
 def pairrl_merge_generation_batches(first: dict, second: dict, pad_token_id: int) -> dict:

@@ -635,7 +635,7 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
         step = int(trainer.state.global_step)
         if step > drafter.history.step:
             drafter.history.begin_step(step)
-        prompt_ids = trl_tokenize_prompts(trainer, prompts)
+        prompt_ids = trl_tokenize_prompts(trainer, prompts, "The DAS rollout function")
         pad_id = trl_pad_token_id(trainer)
         eos_ids = trainer.generation_config.eos_token_id
         eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))

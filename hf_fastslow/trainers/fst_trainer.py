@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from trl import GRPOTrainer
 
-from ..integrations import fst_check_grpo_hooks, fst_generation_model, fst_log_metric, fst_tokenize_prompts
+from ..integrations import FST_GRPO_HOOKS, check_grpo_hooks, fst_generation_model, fst_log_metric, trl_tokenize_prompts
 from ..model_card import save_model_card
 from .fst_config import FSTConfig
 from .reflection import Reflector, make_reflector
@@ -100,7 +100,7 @@ class FSTTrainer(GRPOTrainer):
         pareto_dataset=None,
         **kwargs,
     ):
-        fst_check_grpo_hooks()
+        check_grpo_hooks(FST_GRPO_HOOKS, "FSTTrainer")
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = FSTConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-FST")
@@ -236,7 +236,7 @@ class FSTTrainer(GRPOTrainer):
         completion_ids: list[list[int]] = []
         bs = self.args.fast_eval_batch_size
         for start in range(0, len(prompts), bs):
-            ids = fst_tokenize_prompts(self, prompts[start:start + bs])
+            ids = trl_tokenize_prompts(self, prompts[start:start + bs], "FSTTrainer's fast rounds")
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
             attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)

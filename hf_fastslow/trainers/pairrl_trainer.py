@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from ..generation.v1_infer import parse_pair_ratings
-from ..integrations import pairrl_check_grpo_hooks, pairrl_merge_generation_batches, pairrl_metric_buffer
+from ..integrations import PAIRRL_GRPO_HOOKS, check_grpo_hooks, grpo_metric_buffer, pairrl_merge_generation_batches
 from .pairrl_config import PairRLConfig
 from .tasks import TRL_REWARD_CONTROL_KWARGS, VerifiableTask, completion_text, prompt_text
 
@@ -151,7 +151,7 @@ class PairRLTrainer(GRPOTrainer):
         peft_config=None,
         **kwargs,
     ):
-        pairrl_check_grpo_hooks()
+        check_grpo_hooks(PAIRRL_GRPO_HOOKS, "PairRLTrainer")
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = PairRLConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-PairRL")
@@ -229,7 +229,7 @@ class PairRLTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         self._pairrl_solver_batch = None
         solver_out = super()._generate_and_score_completions(inputs)
-        metrics = pairrl_metric_buffer(self)
+        metrics = grpo_metric_buffer(self)
         _drop_nan_metrics(metrics)
         if not self.model.training or self.args.verifier_weight == 0 or self._pairrl_solver_batch is None:
             return solver_out
@@ -301,7 +301,7 @@ class PairRLTrainer(GRPOTrainer):
             if pairs:
                 rng.shuffle(pairs)
                 pools.append((group, pairs))
-        metrics = pairrl_metric_buffer(self)
+        metrics = grpo_metric_buffer(self)
         metrics["verifier/eligible_problem_frac"].append(len(pools) / max(n_groups, 1))
         if not pools:
             return []
