@@ -20,28 +20,9 @@ from hf_fastslow.generation.v1_infer import (
     v1_generate,
 )
 from tests.chat_server import ScriptedChatServer
-from tests.conftest import tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
-
-
-def byte_tokenizer():
-    """A 259-token byte-level tokenizer with a chat template, built offline (pairs with tiny_llama(vocab=259))."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    return tok
 
 
 _SOL_RE = re.compile(r"Solution A:\n(.*?)\n\nSolution B:\n(.*?)\n\n", re.DOTALL)

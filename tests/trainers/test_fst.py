@@ -24,29 +24,11 @@ from hf_fastslow.trainers import (
 from hf_fastslow.trainers.reflection import build_reflection_prompt
 from hf_fastslow.trainers.tasks import feedback_for_reward_funcs
 from tests.chat_server import ScriptedChatServer
-from tests.conftest import tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
 SEED_CONTEXT = "You are a helper."
 RULE = "RULE: be brief"
-
-
-def char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2}
-    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    tok.chat_template = (
-        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}a:{% endif %}"
-    )
-    return tok
 
 
 def dataset(n=8, with_na=False):
@@ -105,8 +87,8 @@ def config(tmp_path, **kw):
 
 
 def make_trainer(tmp_path, reward_funcs, reflector=None, ds=None, **kw):
-    return FSTTrainer(model=tiny_llama(vocab=128), reward_funcs=reward_funcs, args=config(tmp_path, **kw),
-                      train_dataset=ds if ds is not None else dataset(), processing_class=char_tokenizer(),
+    return FSTTrainer(model=tiny_llama(vocab=len(byte_tokenizer())), reward_funcs=reward_funcs, args=config(tmp_path, **kw),
+                      train_dataset=ds if ds is not None else dataset(), processing_class=byte_tokenizer(),
                       reflector=reflector)
 
 

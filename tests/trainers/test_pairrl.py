@@ -6,8 +6,7 @@ from datasets import Dataset
 
 from hf_fastslow.trainers import PairRLConfig, PairRLTrainer, VerifiableTask
 from hf_fastslow.trainers.pairrl_trainer import VERIFY_ROLE, PairwiseVerificationReward, SolverReward
-from tests.conftest import tiny_llama
-from tests.generation.test_v1_infer import byte_tokenizer
+from tests.conftest import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
 
