@@ -24,6 +24,7 @@ from trl import GRPOTrainer
 
 from ..integrations import FST_GRPO_HOOKS, check_grpo_hooks, fst_generation_model, fst_log_metric, trl_tokenize_prompts
 from ..model_card import save_model_card
+from .config_checks import trainer_owned_copy
 from .fst_config import FSTConfig
 from .reflection import Reflector, make_reflector
 from .tasks import VerifiableTask, completion_text, feedback_for_reward_funcs, prompt_text
@@ -107,6 +108,7 @@ class FSTTrainer(GRPOTrainer):
         elif not isinstance(args, FSTConfig):
             raise TypeError(f"FSTTrainer needs an FSTConfig, got {type(args).__name__} (FSTConfig accepts every "
                             "GRPOConfig option).")
+        args = trainer_owned_copy(args)  # GRPOTrainer adjusts some options in place; the caller's config stays intact
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             raise ValueError("FSTTrainer needs reward_funcs: a VerifiableTask or TRL reward functions.")
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]

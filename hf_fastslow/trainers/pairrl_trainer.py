@@ -27,6 +27,7 @@ from trl import GRPOTrainer
 
 from ..generation.v1_infer import parse_pair_ratings
 from ..integrations import PAIRRL_GRPO_HOOKS, check_grpo_hooks, grpo_metric_buffer, pairrl_merge_generation_batches
+from .config_checks import trainer_owned_copy
 from .pairrl_config import PairRLConfig
 from .tasks import TRL_REWARD_CONTROL_KWARGS, VerifiableTask, completion_text, prompt_text
 
@@ -158,6 +159,7 @@ class PairRLTrainer(GRPOTrainer):
         elif not isinstance(args, PairRLConfig):
             raise TypeError(f"PairRLTrainer needs a PairRLConfig, got {type(args).__name__} (PairRLConfig accepts "
                             "every GRPOConfig option).")
+        args = trainer_owned_copy(args)  # reward_weights gains an entry below; the caller's config stays as passed
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             raise ValueError("PairRLTrainer needs reward_funcs: the verifiable task (a VerifiableTask or reward "
                              "callables) that decides which solutions are correct.")

@@ -87,8 +87,9 @@ def config(tmp_path, **kw):
 
 
 def make_trainer(tmp_path, reward_funcs, reflector=None, ds=None, **kw):
-    return FSTTrainer(model=tiny_llama(vocab=len(byte_tokenizer())), reward_funcs=reward_funcs, args=config(tmp_path, **kw),
-                      train_dataset=ds if ds is not None else dataset(), processing_class=byte_tokenizer(),
+    return FSTTrainer(model=tiny_llama(vocab=len(byte_tokenizer())), reward_funcs=reward_funcs,
+                      args=config(tmp_path, **kw), train_dataset=ds if ds is not None else dataset(),
+                      processing_class=byte_tokenizer(),
                       reflector=reflector)
 
 

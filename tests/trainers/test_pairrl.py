@@ -89,6 +89,22 @@ def test_verifier_weight_zero_equals_grpo(tmp_path):
         assert torch.allclose(p1, p2, atol=1e-6), n1
 
 
+def test_callers_config_is_left_unchanged(tmp_path):
+    # The trainer appends the verification reward's weight to reward_weights: on its own copy, never the caller's.
+    args = make_args(tmp_path, reward_weights=[2.0], max_steps=1)
+    before = args.to_dict()
+    tok = byte_tokenizer()
+    trainer = PairRLTrainer(model=tiny_llama(vocab=len(tok)), reward_funcs=ParityTask(), args=args,
+                            train_dataset=make_dataset(), processing_class=tok)
+    assert trainer.args.reward_weights == [2.0, 1.0] and args.reward_weights == [2.0]
+    trainer.train()
+    assert args.to_dict() == before
+    # The same config builds a second trainer (with the old in-place append it had 2 weights for 1 task function).
+    again = PairRLTrainer(model=tiny_llama(vocab=len(tok)), reward_funcs=ParityTask(), args=args,
+                          train_dataset=make_dataset(), processing_class=tok)
+    assert again.args.reward_weights == [2.0, 1.0] and args.to_dict() == before
+
+
 # ------------------------------------------------------------------------------------------------ reward contract
 def test_solver_reward_is_none_on_judge_rows():
     calls = []
