@@ -173,6 +173,21 @@ def test_judge_rows_never_pair_two_wrong_solutions(tmp_path):
         assert row["pair_labels"] == [float(scores[i] >= 1.0) for i in shown]
 
 
+def test_a_pair_qualifies_whichever_member_is_correct(tmp_path):
+    # Only the last rollout is correct: every qualifying pair has it as its *second* member (pairs are built in
+    # rollout order), so a rule that looked only at the first member would build no judge rows at all.
+    trainer = make_trainer(tmp_path, num_generations=4, per_device_train_batch_size=4, pairs_per_problem=3,
+                           swap_positions=False)
+    rows = trainer._build_judge_rows(_batch([0, 0, 0, 1], 4))
+    assert len(rows) == 3 * 4
+    pairs = set()
+    for row in rows:
+        shown = tuple(int(s) for s in __import__("re").findall(r"sol(\d+)", row["prompt"][-1]["content"]))
+        pairs.add(shown)
+        assert row["pair_labels"] == [0.0, 1.0]
+    assert pairs == {(0, 3), (1, 3), (2, 3)}  # each eligible pair once before any repeats
+
+
 def test_no_correct_solution_anywhere_skips_judge_phase(tmp_path):
     trainer = make_trainer(tmp_path)
     assert trainer._build_judge_rows(_batch([0, 0, 0, 0], 2)) == []
