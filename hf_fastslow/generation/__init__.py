@@ -1,7 +1,9 @@
 """Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models) and
 V1-Infer pairwise tournaments."""
 
-from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, AuroraTrainer, HotSwapHead
+import importlib
+
+from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
 from .das import DASDrafter, DASWindowCallback, LengthAwareBudget, SuffixHistory, SuffixTrie, das_rollout_func
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
 from .speculative import speculative_generate
@@ -42,3 +44,15 @@ __all__ = [
     "speculative_generate",
     "v1_generate",
 ]
+
+# Public names that live a floor up, in hf_fastslow.trainers (name -> module): they resolve on first use, so importing
+# generation/ never imports trainers/. Add a line here for each name that moves there.
+_FROM_TRAINERS = {
+    "AuroraTrainer": "hf_fastslow.trainers.aurora_online_trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _FROM_TRAINERS:
+        return getattr(importlib.import_module(_FROM_TRAINERS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

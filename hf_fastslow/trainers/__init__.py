@@ -17,6 +17,8 @@ _LAZY = {
     "FunctionReflector": "reflection",
     "PairRLConfig": "pairrl_config",
     "PairRLTrainer": "pairrl_trainer",
+    "AuroraTrainer": "aurora_online_trainer",
+    "ReplayBuffer": "replay_buffer",
 }
 
 __all__ = list(_LAZY)
