@@ -9,7 +9,6 @@ from hf_fastslow.generation.v1_infer import (
     HFJudge,
     PairwiseTournament,
     PointwiseSelector,
-    _Standings,
     extract_answer,
     majority_vote,
     pair_outcome,
@@ -19,6 +18,7 @@ from hf_fastslow.generation.v1_infer import (
     round_robin,
     v1_generate,
 )
+from hf_fastslow.generation.v1_tournament import _Standings
 from tests.chat_server import ScriptedChatServer
 from tests.conftest import byte_tokenizer, tiny_llama
 
