@@ -164,7 +164,11 @@ def test_checkpoint_save_resume_round_trip(tmp_path):
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 3 and calls == []  # no new round was due: T = 3
     assert resumed.fast_context == learned and resumed.fast_pool == trainer.fast_pool
-    assert resumed._fst_rng.getstate() is not None and resumed._fast_rounds_done == 1
+    # No round ran after the resume, so everything the fast weights carry is exactly the checkpoint's.
+    assert resumed.fast_scores == state["scores"] and resumed.fast_history == state["history"]
+    assert resumed._pareto_indices == state["pareto_indices"] and resumed.fast_rollouts == state["fast_rollouts"]
+    assert resumed._fast_rounds_done == 1 and json.loads(json.dumps(resumed._fst_state()["rng_state"])) == \
+        state["rng_state"]
     assert all(RULE in s for s in task.seen_systems[-4:])  # step 3 rolled out under the restored context
 
     final = tmp_path / "final"
@@ -175,6 +179,44 @@ def test_checkpoint_save_resume_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="fst_state.json"):
         os.remove(ckpt / "fst_state.json")
         make_trainer(out, HouseRuleTask(), max_steps=3).train(resume_from_checkpoint=str(ckpt))
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    # Rounds run before steps 1 and 3; the checkpoint at step 2 holds round 1 only, so the resumed run's round 2
+    # draws its parent and minibatches from the restored RNG. Everything must then match the uninterrupted run.
+    def run(out, **kw):
+        return make_trainer(out, HouseRuleTask(), reflector=rule_reflector([]), max_steps=3, fast_every_steps=2,
+                            **kw)
+
+    full = run(tmp_path / "full", save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = run(tmp_path / "resumed", save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert full._fast_rounds_done == resumed._fast_rounds_done == 2 and resumed.state.global_step == 3
+    assert [e["step"] for e in resumed.fast_history].count(2) == 2  # round 2 ran after the resume (2 proposals)
+    expected, got = full._fst_state(), resumed._fst_state()
+    for key in ("global_step", "pool", "scores", "pareto_indices", "rounds_done", "fast_rollouts", "history",
+                "rng_state", "fast_context"):
+        assert got[key] == expected[key], key
+    # The restored generator goes on drawing what the uninterrupted one draws.
+    assert [resumed._fst_rng.random() for _ in range(5)] == [full._fst_rng.random() for _ in range(5)]
+
+
+def test_ties_go_to_the_older_candidate(tmp_path):
+    trainer = make_trainer(tmp_path, HouseRuleTask(), reflector=rule_reflector([]), max_pool_size=2)
+    # c1 and c2 tie on the mean (and are each best on two items); c0 is dominated.
+    trainer.fast_pool = ["c0", "c1", "c2"]
+    trainer.fast_scores = [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+    assert trainer.fast_context == "c1"
+    assert trainer.pareto_frontier() == {1: 2, 2: 2}
+    assert trainer.rollout_contexts(4) == [1, 2, 1, 2]  # the older tied context fills each group's first slot
+    trainer.fast_scores[2] = [1.0, 1.0, 1.0, 0.0]  # a strictly better newcomer does take over
+    assert trainer.fast_context == "c2"
+    # Pruning among equals (same frontier wins, same mean) drops the newest: an unproven edit never evicts its elder.
+    trainer.fast_pool = ["c0", "c1", "c2"]
+    trainer.fast_scores = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    trainer._prune_pool()
+    assert trainer.fast_pool == ["c0", "c1"] and trainer.fast_context == "c0"
 
 
 def test_reward_contract_none_is_not_applicable(tmp_path):
