@@ -40,7 +40,10 @@ __all__ = ["speculative_generate"]
 
 _call_counter = itertools.count()
 # model_kwargs that generate() prepares and this loop rebuilds itself every round.
-_HANDLED_KWARGS = {"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}
+# (`cache_position`, 5.17: the model derives it from the cache, which may already hold part of the prompt.)
+_HANDLED_KWARGS = {
+    "attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position"
+}
 
 
 def _as_id_list(value: Any, batch_size: int, name: str) -> list | None:
@@ -136,6 +139,12 @@ def speculative_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"speculative_generate needs `input_ids` to hold the whole sequence its attention mask covers (got ids "
+            f"{tuple(input_ids.shape)}, mask {tuple(attention_mask.shape)}); with a prefilled cache, pass the cached "
+            "tokens too."
+        )
     valid = attention_mask.bool()
     prompts = [input_ids[i][valid[i]] for i in range(batch_size)]
     left_pad = [int((~valid[i]).sum()) for i in range(batch_size)]
@@ -199,13 +208,21 @@ def speculative_generate(
         return kept
 
     # --- prefill ----------------------------------------------------------------------------------------------------
+    # A cache that already holds the first `past` columns of the prompt (multi-turn reuse, a prompt cache) is kept:
+    # only the uncached tail is fed, at its own positions, as `generate` does.
+    past = cache.get_seq_length()
+    if past >= prompt_width:
+        raise ValueError(
+            f"The cache already holds {past} tokens but the prompt has {prompt_width}: pass the whole conversation "
+            "(cached tokens + at least one new token) as `input_ids`."
+        )
     position_ids = model_kwargs.get("position_ids")
     if position_ids is None or position_ids.shape[-1] != prompt_width:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     mask_arg = None if bool(attention_mask.all()) else attention_mask
     outputs = speculative_forward(
-        model, input_ids, mask_arg, position_ids, cache, logits_to_keep=1, output_hidden_states=want_hidden,
-        **extra_kwargs,
+        model, input_ids[:, past:], mask_arg, position_ids[..., past:], cache, logits_to_keep=1,
+        output_hidden_states=want_hidden, **extra_kwargs,
     )
     stats.target_forwards += 1
     cache = output_cache(outputs) or cache
@@ -218,7 +235,9 @@ def speculative_generate(
     offsets = [0] * batch_size
     if want_hidden:
         hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, P, L, H)
-        hidden = [hs[i, left_pad[i]:].detach() for i in range(batch_size)]
+        # Hidden states exist for the fed tail only: row i's first real fed token is at column lp_i - past (if > 0).
+        hidden = [hs[i, max(left_pad[i] - past, 0):].detach() for i in range(batch_size)]
+        offsets = [max(past - left_pad[i], 0) for i in range(batch_size)]
     for i in range(batch_size):
         n_cached[i] = len(prompts[i])
         if keep_scores:
@@ -271,7 +290,9 @@ def speculative_generate(
         )
         proposals = drafter.propose(context)
         if len(proposals) != batch_size:
-            raise ValueError(f"{type(drafter).__name__}.propose returned {len(proposals)} drafts for {batch_size} rows.")
+            raise ValueError(
+                f"{type(drafter).__name__}.propose returned {len(proposals)} drafts for {batch_size} rows."
+            )
         drafts: list[list[int]] = [[] for _ in range(batch_size)]
         for i in active:
             d = proposals[i]

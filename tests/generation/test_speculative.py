@@ -111,7 +111,8 @@ def test_budget_is_enforced_and_drafts_past_max_length_are_cut(model):
     ref_long = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None)
     drafter = OracleDrafter(_unpadded(ref_long, mask[:1]), k=4)
     out = model.generate(
-        ids, max_new_tokens=13, do_sample=False, eos_token_id=None, custom_generate=speculative_generate, drafter=drafter
+        ids, max_new_tokens=13, do_sample=False, eos_token_id=None, custom_generate=speculative_generate,
+        drafter=drafter,
     )
     assert torch.equal(out, ref_long[:, : ids.shape[1] + 13])
     assert max(drafter.seen_budgets) == 4
@@ -261,7 +262,7 @@ def test_sampling_preserves_distribution():
     with torch.no_grad():
         logits = model(torch.cat([prompt.expand(len(seqs), -1), seqs], 1)).logits[:, -4:] / temperature
     logp = torch.log_softmax(logits.double(), -1)  # positions predict x1..x4
-    joint = (logp[:, 0].gather(1, seqs[:, :1]) + logp[:, 1].gather(1, seqs[:, 1:2]) + logp[:, 2].gather(1, seqs[:, 2:3])).squeeze(1)
+    joint = sum(logp[:, j].gather(1, seqs[:, j : j + 1]) for j in range(3)).squeeze(1)
     # P(x2, x3, x4) = sum over x1 of P(x1, x2, x3) P(x4 | ...)
     p4 = (joint[:, None] + logp[:, 3]).exp()  # (x1x2x3, x4)
     expected = p4.reshape(vocab, vocab, vocab, vocab).sum(0).reshape(-1)
@@ -394,3 +395,78 @@ def test_real_model_greedy_smoke(default_model):
                                      custom_generate=speculative_generate, drafter=drafter)
         assert torch.equal(out, ref)
     assert drafter.last_stats.tokens_per_forward > 2.0  # two rows, and the second call drafts from the first
+
+
+# --- a cache that already holds part of the prompt -------------------------------------------------------------------
+def _cache_of(out):
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+@pytest.mark.parametrize("kind", ["empty", "partial"])
+def test_multi_turn_cache_reuse_batch1(model, kind):
+    """Turn 2 of a conversation with the cache left by turn 1: only the new tokens are fed, same text as generate."""
+    import copy
+
+    ids, _ = _batch(rows=1)
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
+    ref1 = model.generate(ids, return_dict_in_generate=True, **kwargs, **cache_kwargs(model, DynamicCache()))
+    ref_cache = _cache_of(ref1)
+    turn2 = torch.cat([ref1.sequences, torch.tensor([[5, 17, 33, 9]])], dim=1)
+    ref2 = model.generate(turn2, **kwargs, **cache_kwargs(model, copy.deepcopy(ref_cache)))
+
+    def drafter(reference):
+        return EmptyDrafter(3) if kind == "empty" else OracleDrafter(_unpadded(reference, torch.ones_like(ids)),
+                                                                     k=3, corrupt=0.3)
+
+    cache = DynamicCache()
+    out1 = model.generate(ids, custom_generate=speculative_generate, drafter=drafter(ref1.sequences), **kwargs,
+                          **cache_kwargs(model, cache))
+    assert torch.equal(out1, ref1.sequences)
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == out1.shape[1] - 1
+    calls, handle = _count_tokens_fed(model)
+    try:
+        out2 = model.generate(turn2, custom_generate=speculative_generate, drafter=drafter(ref2), **kwargs,
+                              **cache_kwargs(model, cache))
+    finally:
+        handle.remove()
+    assert torch.equal(out2, ref2)
+    assert calls[0] == turn2.shape[1] - out1.shape[1] + 1  # the prefill fed the uncached tail only
+
+
+def _count_tokens_fed(model):
+    fed = []
+    handle = model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                              else args[0]).shape[1]),
+        with_kwargs=True,
+    )
+    return fed, handle
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_prefilled_prompt_cache_left_padded(model, rows):
+    """A prompt cache (shared prefix computed once, deep-copied per call) + a suffix: same tokens as generate."""
+    import copy
+
+    prefix, prefix_mask = _batch(rows=rows, width=9)
+    suffix = torch.randint(3, 128, (rows, 5), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([prefix, suffix], dim=1)
+    mask = torch.cat([prefix_mask, torch.ones_like(suffix)], dim=1)
+    prompt_cache = DynamicCache()
+    with torch.no_grad():
+        model(prefix, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+              use_cache=True, **cache_kwargs(model, prompt_cache))
+    kwargs = {"attention_mask": mask, "max_new_tokens": 20, "do_sample": False}
+    ref = model.generate(ids, **kwargs, **cache_kwargs(model, copy.deepcopy(prompt_cache)))
+    for drafter in (EmptyDrafter(3), OracleDrafter(_unpadded(ref, mask), k=3, corrupt=0.3)):
+        fed, handle = _count_tokens_fed(model)
+        try:
+            out = model.generate(ids, custom_generate=speculative_generate, drafter=drafter, **kwargs,
+                                 **cache_kwargs(model, copy.deepcopy(prompt_cache)))
+        finally:
+            handle.remove()
+        assert torch.equal(out, ref)
+        assert fed[0] == suffix.shape[1]
+    with pytest.raises(ValueError, match="already holds"):
+        model.generate(prefix, attention_mask=prefix_mask, custom_generate=speculative_generate,
+                       drafter=EmptyDrafter(3), max_new_tokens=4, **cache_kwargs(model, copy.deepcopy(prompt_cache)))
