@@ -1,0 +1,48 @@
+"""Every script in examples/ runs as `python examples/<name>.py` on the default model and prints what it promises.
+
+One fast script stays in the default suite; the others take a minute or more on a 2-core CPU and are marked slow
+(`python -m pytest -m slow tests/test_examples.py`). Each runs in a fresh interpreter in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.script_runner import REPO, converted_default_model, run_python  # noqa: F401  (fixture)
+
+EXAMPLES = REPO / "examples"
+slow = pytest.mark.slow
+
+# script -> (patterns its output must contain, timeout in seconds, marks)
+CASES = {
+    "das_speculative.py": (
+        [r"DAS call 1: .* same tokens as plain generate: True", r"DAS call 2: .* same tokens as plain generate: True"],
+        300, ()),
+    "xquant_cache.py": (
+        [r"\[xquant, 4-bit\]", r"\[XQuant-CL, 2-bit\]", r"an fp16 K/V cache would hold [\d,]+ \([\d.]+x more\)"],
+        600, (slow,)),
+    "aurora_online.py": (
+        [r"request 3: head version [1-9]\d*, .* same tokens as plain generate: True", r"trained 15 steps"],
+        900, (slow,)),
+    "v1_infer.py": ([r"V1-Infer picks candidate \d after \d+ judge calls", r"majority vote picks candidate \d"],
+                    900, (slow,)),
+    "fst_trainer.py": ([r"step 2: mean reward", r"best fast context", r"saved and reloaded the context"], 1200,
+                       (slow,)),
+    "pairrl_trainer.py": ([r"step 2: solver reward [\d.]+, judge rows \d+"], 1800, (slow,)),
+}
+
+
+def test_every_example_is_tested():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
+
+
+@pytest.mark.usefixtures("converted_default_model")
+@pytest.mark.parametrize("script", [pytest.param(name, marks=CASES[name][2], id=name) for name in CASES])
+def test_example_runs(script, tmp_path):
+    patterns, timeout, _ = CASES[script]
+    proc = run_python([str(EXAMPLES / script)], cwd=tmp_path, timeout=timeout)
+    for pattern in patterns:
+        assert re.search(pattern, proc.stdout), f"{pattern!r} not in the output of {script}:\n{proc.stdout[-3000:]}"
+    assert not list(tmp_path.iterdir()), "examples must not leave files behind"
