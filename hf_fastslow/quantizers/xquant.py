@@ -4,31 +4,51 @@ Rematerialization", arXiv 2508.10395).
 
 A `Cache` never sees X, so `attach_xquant(model)` registers forward pre-hooks on every `self_attn`: a hook hands X
 (the post-norm hidden state) and the position ids to the `XQuantCache` it finds in the call's kwargs, and does nothing
-for any other cache. `XQuantCache.update` then returns K and V rebuilt from what the cache holds, with the same
-contract as `DynamicLayer.update`.
+for any other cache. `XQuantCache.update` stores X and returns K and V with the same contract as
+`DynamicLayer.update`: the tokens of earlier calls rebuilt from what the cache holds, the tokens of this call exactly as
+the model computed them (as every K/V cache returns them).
+
+Memory: a cache holds only its streams (codes, fp16 scales and minima, the full-precision window) and the RoPE
+positions. It holds no copy of the model's weights: K and V are rebuilt with the model's own `k_proj`/`v_proj`
+weights, and the SVD factors of the latent and CL modes are computed once per model, layer, mode and dtype, kept on
+the model and shared by every cache (`xquant_factor_nbytes(model)`), and recomputed when the weights change.
+Everything else (the CL accumulator, RoPE tables) lives only inside one forward pass.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..evaluation.memory import storage_bytes
 from ..integrations import apply_rotary_fn, cache_from_kwargs, decoder_layers, rotary_embeddings
 from ..kernels.quantize import QuantizedTensor, dequant_matmul, dequantize, quantize_pack
 from .xquant_config import XQuantConfig
 
-__all__ = ["XQuantCache", "XQuantConfig", "XQuantLayer", "attach_xquant", "detach_xquant", "compute_xquant_factors"]
+__all__ = [
+    "XQuantCache",
+    "XQuantConfig",
+    "XQuantLayer",
+    "attach_xquant",
+    "compute_xquant_factors",
+    "detach_xquant",
+    "release_xquant_factors",
+    "xquant_factor_nbytes",
+]
 
 _HOOKS_ATTR = "_hf_fastslow_xquant_hooks"
 _FACTORS_ATTR = "_hf_fastslow_xquant_factors"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Per-layer static plan: which projection matrices rebuild K and V from what is stored
+# Per-layer static plan: what a layer stores and how K and V are rebuilt from it (no tensors: weights stay in the
+# model, factors in the model's shared store)
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _LayerPlan:
@@ -36,24 +56,27 @@ class _LayerPlan:
     kind: str  # "x" | "latent" | "cl_base" | "cl_delta"
     bits: int
     attn: nn.Module
+    hidden_size: int
     num_kv_heads: int
     head_dim: int
-    w_kv: torch.Tensor  # (d, 2*d_kv): [W_k | W_v] in x @ W form
-    b_kv: torch.Tensor | None  # (2*d_kv,)
-    u_k: torch.Tensor | None = None  # latent: (d, d_kv) left singular vectors of W_k
-    m_k: torch.Tensor | None = None  # latent: (d_kv, d_kv) = diag(S_k) B_k^T, so X U_k M_k = X W_k
-    u_v: torch.Tensor | None = None
-    m_v: torch.Tensor | None = None
-    u_kv: torch.Tensor | None = None  # cl_delta: (d, 2*d_kv) or None when 2*d_kv >= d (deltas kept at full width)
-    m_kv: torch.Tensor | None = None  # cl_delta: U_kv^T W_kv
-    rope: object = None
+    rope: Callable
     k_norm: nn.Module | None = None
     sliding_window: int | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def d_kv(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def cl_projected(self) -> bool:
+        """CL deltas live in the span of [W_k | W_v] (2*d_kv values) when that is narrower than X."""
+        return self.kind == "cl_delta" and 2 * self.d_kv < self.hidden_size
+
+    @property
+    def factor_names(self) -> tuple[str, ...]:
+        if self.kind == "latent":
+            return ("u_k", "m_k", "u_v", "m_v")
+        return ("u_kv",) if self.cl_projected else ()
 
 
 def _check_supported(model: nn.Module) -> list[nn.Module]:
@@ -89,55 +112,15 @@ def _check_supported(model: nn.Module) -> list[nn.Module]:
     return attns
 
 
-def _svd_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (d, r<=d) = U S B^T  ->  (U, S B^T) with X U (S B^T) = X W; computed in float64."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    return u, s[:, None] * vh
-
-
-def compute_xquant_factors(model: nn.Module, dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
-    """Per layer: U_k, M_k, U_v, M_v (latent mode) and U_kv, M_kv (CL deltas) from the model's own weights.
-
-    No calibration data: thin SVDs of W_k, W_v and [W_k | W_v]. Cached on the model (weights do not change during
-    inference; call again after changing them).
-    """
+def _build_plans(model: nn.Module, config: XQuantConfig) -> list[_LayerPlan]:
     attns = _check_supported(model)
-    dtype = dtype or next(model.parameters()).dtype
-    cache = getattr(model, _FACTORS_ATTR, None)
-    key = (dtype, tuple(a.k_proj.weight.data_ptr() for a in attns))
-    if cache is not None and cache[0] == key:
-        return cache[1]
-    factors = []
-    for attn in attns:
-        w_k = attn.k_proj.weight.detach().t()
-        w_v = attn.v_proj.weight.detach().t()
-        d, d_kv = w_k.shape
-        entry: dict[str, torch.Tensor] = {}
-        if d_kv < d:
-            u_k, m_k = _svd_factors(w_k)
-            u_v, m_v = _svd_factors(w_v)
-            entry.update(u_k=u_k, m_k=m_k, u_v=u_v, m_v=m_v)
-        w_kv = torch.cat([w_k, w_v], dim=1)
-        if 2 * d_kv < d:
-            u_kv, _ = _svd_factors(w_kv)
-            entry.update(u_kv=u_kv, m_kv=u_kv.t() @ w_kv.double())
-        factors.append({k: v.to(dtype) for k, v in entry.items()})
-    setattr(model, _FACTORS_ATTR, (key, factors))
-    return factors
-
-
-def _build_plans(model: nn.Module, config: XQuantConfig, dtype: torch.dtype) -> list[_LayerPlan]:
-    attns = _check_supported(model)
-    factors = compute_xquant_factors(model, dtype) if config.mode in ("auto", "latent", "cl") else None
     n_layers = len(attns)
     if config.mode == "cl" and config.base_layer >= n_layers:
         raise ValueError(f"XQuantConfig.base_layer={config.base_layer} but the model has {n_layers} layers.")
     plans = []
     for i, attn in enumerate(attns):
         head_dim = getattr(attn, "head_dim", None)
-        w_k = attn.k_proj.weight.detach().t().to(dtype)
-        w_v = attn.v_proj.weight.detach().t().to(dtype)
-        d, d_kv = w_k.shape
+        d_kv, d = attn.k_proj.weight.shape
         if head_dim is None or d_kv % head_dim:
             raise NotImplementedError(f"{type(attn).__name__}: cannot infer the KV head layout (head_dim={head_dim}).")
         latent_ok = d_kv < d
@@ -152,32 +135,15 @@ def _build_plans(model: nn.Module, config: XQuantConfig, dtype: torch.dtype) -> 
             kind = "latent"
         elif config.mode == "auto":
             kind = "latent" if latent_ok else "x"
-        else:  # cl
-            if i < config.base_layer:
-                kind = "latent" if latent_ok else "x"
-            elif i == config.base_layer:
-                kind = "cl_base"
-            else:
-                kind = "cl_delta"
-        b_k, b_v = attn.k_proj.bias, attn.v_proj.bias
-        b_kv = None
-        if b_k is not None or b_v is not None:
-            zeros = torch.zeros(d_kv, dtype=dtype, device=w_k.device)
-            b_kv = torch.cat([
-                b_k.detach().to(dtype) if b_k is not None else zeros,
-                b_v.detach().to(dtype) if b_v is not None else zeros,
-            ])
+        elif i < config.base_layer:
+            kind = "latent" if latent_ok else "x"
+        else:
+            kind = "cl_base" if i == config.base_layer else "cl_delta"
         plan = _LayerPlan(
-            layer_idx=i, kind=kind, bits=config.bits_for_layer(i), attn=attn, num_kv_heads=d_kv // head_dim,
-            head_dim=head_dim, w_kv=torch.cat([w_k, w_v], dim=1), b_kv=b_kv, rope=apply_rotary_fn(attn),
+            layer_idx=i, kind=kind, bits=config.bits_for_layer(i), attn=attn, hidden_size=d,
+            num_kv_heads=d_kv // head_dim, head_dim=head_dim, rope=apply_rotary_fn(attn),
             k_norm=getattr(attn, "k_norm", None), sliding_window=getattr(attn, "sliding_window", None) or None,
         )
-        f = factors[i] if factors is not None else {}
-        if kind == "latent":
-            plan.u_k, plan.m_k, plan.u_v, plan.m_v = f["u_k"], f["m_k"], f["u_v"], f["m_v"]
-        elif kind == "cl_delta":
-            plan.u_kv = f.get("u_kv")
-            plan.m_kv = f["m_kv"] if plan.u_kv is not None else plan.w_kv
         _check_group(config, plan)
         plans.append(plan)
     return plans
@@ -186,24 +152,120 @@ def _build_plans(model: nn.Module, config: XQuantConfig, dtype: torch.dtype) -> 
 def _check_group(config: XQuantConfig, plan: _LayerPlan) -> None:
     if plan.bits == 16:
         return
-    d = plan.w_kv.shape[0]
-    widths = {
-        "x": [("X", d)],
-        "cl_base": [("X", d)],
-        "latent": [("the value latent", plan.d_kv)],
-        "cl_delta": [("the CL delta", plan.u_kv.shape[1] if plan.u_kv is not None else d)],
+    what, width = {
+        "x": ("X", plan.hidden_size),
+        "cl_base": ("X", plan.hidden_size),
+        "latent": ("the value latent", plan.d_kv),
+        "cl_delta": ("the CL delta", 2 * plan.d_kv if plan.cl_projected else plan.hidden_size),
     }[plan.kind]
-    for what, width in widths:
-        if width % config.group_size:
-            raise ValueError(
-                f"group_size {config.group_size} does not divide the width of {what} ({width}) at layer "
-                f"{plan.layer_idx}; pick a group size that divides it (e.g. 64 or 32)."
-            )
+    if width % config.group_size:
+        raise ValueError(
+            f"group_size {config.group_size} does not divide the width of {what} ({width}) at layer "
+            f"{plan.layer_idx}; pick a group size that divides it (e.g. 64 or 32)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factors: computed once per model, layer, mode and dtype, kept on the model, shared by every cache
+# ---------------------------------------------------------------------------------------------------------------------
+class _FactorStore:
+    """`{(layer_idx, kind, dtype): (weights key, {name: tensor})}` attached to a model. The weights key (storage
+    pointer, version counter, shape, dtype and device of W_k and W_v) changes when the weights are replaced or updated
+    in place, which makes the entry stale."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = {}
+
+
+def _weights_key(attn: nn.Module) -> tuple:
+    key = []
+    for linear in (attn.k_proj, attn.v_proj):
+        w = linear.weight
+        try:
+            version = w._version
+        except RuntimeError:  # inference-mode tensors have no version counter: only a replacement is noticed
+            version = None
+        key.append((w.data_ptr(), version, tuple(w.shape), w.dtype, str(w.device)))
+    return tuple(key)
+
+
+def _svd_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (d, r<=d) = U S B^T  ->  (U, S B^T) with X U (S B^T) = X W; computed in float64."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u, s[:, None] * vh
+
+
+def _compute_layer_factors(attn: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    w_k = attn.k_proj.weight.detach().t().double()
+    w_v = attn.v_proj.weight.detach().t().double()
+    out: dict[str, torch.Tensor] = {}
+    if "u_k" in names:
+        out["u_k"], out["m_k"] = _svd_factors(w_k)
+        out["u_v"], out["m_v"] = _svd_factors(w_v)
+    if "u_kv" in names:
+        w_kv = torch.cat([w_k, w_v], dim=1)
+        out["u_kv"] = _svd_factors(w_kv)[0]
+        if "m_kv" in names:
+            out["m_kv"] = out["u_kv"].t() @ w_kv
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def _shared_factors(model: nn.Module, plan: _LayerPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The factors `plan` needs, from the model's shared store (computed on first use or after a weight change)."""
+    names = plan.factor_names
+    if not names:
+        return {}
+    store = model.__dict__.get(_FACTORS_ATTR)
+    if store is None:
+        store = _FactorStore()
+        model.__dict__[_FACTORS_ATTR] = store
+    key, weights = (plan.layer_idx, plan.kind, dtype), _weights_key(plan.attn)
+    hit = store.entries.get(key)
+    if hit is None or hit[0] != weights:
+        hit = (weights, _compute_layer_factors(plan.attn, names, dtype))
+        store.entries[key] = hit
+    return hit[1]
+
+
+def compute_xquant_factors(model: nn.Module, dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every factor of every layer, computed afresh from the model's weights (for inspection and tests): U_k, M_k,
+    U_v, M_v when d_kv < d (latent mode), U_kv and M_kv = U_kv^T [W_k | W_v] when 2*d_kv < d (CL deltas).
+
+    No calibration data: thin SVDs of W_k, W_v and [W_k | W_v]. Caches do not call this: each computes only the
+    factors of its own mode, once, into a store on the model shared by every cache (`xquant_factor_nbytes`).
+    """
+    attns = _check_supported(model)
+    dtype = dtype or next(model.parameters()).dtype
+    out = []
+    for attn in attns:
+        d_kv, d = attn.k_proj.weight.shape
+        names = (("u_k",) if d_kv < d else ()) + (("u_kv", "m_kv") if 2 * d_kv < d else ())
+        out.append(_compute_layer_factors(attn, names, dtype))
+    return out
+
+
+def xquant_factor_nbytes(model: nn.Module) -> int:
+    """Bytes of the factors XQuant caches have attached to `model` (shared by all its caches), by the storage walk."""
+    return storage_bytes(model.__dict__.get(_FACTORS_ATTR))
+
+
+def release_xquant_factors(model: nn.Module) -> None:
+    """Drop the shared factors from `model` (the next cache or forward that needs them recomputes them)."""
+    model.__dict__.pop(_FACTORS_ATTR, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Storage: one stream of vectors per stored quantity, quantized in whole blocks, newest tokens in full precision
 # ---------------------------------------------------------------------------------------------------------------------
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` in a storage of its own size: a view would keep the whole buffer it was cut from alive."""
+    if t is None or t.numel() == 0:
+        return None
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, token_dim: int) -> QuantizedTensor:
     if a is None:
         return b
@@ -215,21 +277,23 @@ def _cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, token_dim: int
     )
 
 
-def _slice_quantized(q: QuantizedTensor, n_tokens: int, per_channel: bool) -> QuantizedTensor:
+def _slice_quantized(q: QuantizedTensor, start: int, stop: int, per_channel: bool) -> QuantizedTensor:
+    """Tokens [start, stop) of `q` in storages of their own (start and stop are multiples of the block size)."""
     if not per_channel:
-        return QuantizedTensor(q.packed[:, :n_tokens], q.scale[:, :n_tokens], q.minimum[:, :n_tokens], q.nbits,
-                               q.group_size, q.numel_last)
-    nbytes = n_tokens * q.nbits // 8
-    ngroups = n_tokens // q.group_size
-    return QuantizedTensor(q.packed[..., :nbytes], q.scale[..., :ngroups], q.minimum[..., :ngroups], q.nbits,
-                           q.group_size, n_tokens)
+        return QuantizedTensor(_own(q.packed[:, start:stop]), _own(q.scale[:, start:stop]),
+                               _own(q.minimum[:, start:stop]), q.nbits, q.group_size, q.numel_last)
+    b0, b1 = start * q.nbits // 8, stop * q.nbits // 8
+    g0, g1 = start // q.group_size, stop // q.group_size
+    return QuantizedTensor(_own(q.packed[..., b0:b1]), _own(q.scale[..., g0:g1]), _own(q.minimum[..., g0:g1]),
+                           q.nbits, q.group_size, stop - start)
 
 
 class _Stream:
     """Vectors of one width for every cached token: a quantized prefix (whole blocks) and a full-precision tail.
 
     `per_channel=True` quantizes each channel along tokens (groups of `group_size` tokens, the paper's choice for the
-    key latent); otherwise each token along its features. bits == 16 keeps the prefix unquantized.
+    key latent); otherwise each token along its features. bits == 16 keeps the prefix unquantized. Every tensor a
+    stream holds owns its storage (no views of larger buffers), so what it holds is what it needs.
     """
 
     def __init__(self, bits: int, group_size: int, per_channel: bool = False, outlier_channel: bool = False):
@@ -240,32 +304,20 @@ class _Stream:
         self.res: torch.Tensor | None = None
         self.n_quantized = 0
 
-    # -- sizes ------------------------------------------------------------------------------------------------------
     @property
     def n_residual(self) -> int:
         return 0 if self.res is None else self.res.shape[1]
 
-    def nbytes(self) -> int:
-        total = 0
-        if isinstance(self.q, QuantizedTensor):
-            total += self.q.nbytes()
-        elif self.q is not None:
-            total += self.q.numel() * self.q.element_size()
-        for t in (self.outlier, self.res):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
-
     # -- writes -----------------------------------------------------------------------------------------------------
     def append(self, x: torch.Tensor) -> None:
-        self.res = x if self.res is None else torch.cat([self.res, x], dim=1)
+        self.res = _own(x) if self.res is None else torch.cat([self.res, x], dim=1)
 
     def pop_blocks(self, block: int) -> torch.Tensor | None:
         """Remove and return the oldest whole blocks of the residual, or None if it holds less than one block."""
         n = (self.n_residual // block) * block
         if n == 0:
             return None
-        out, self.res = self.res[:, :n], self.res[:, n:]
+        out, self.res = self.res[:, :n], _own(self.res[:, n:])
         return out
 
     def store(self, x: torch.Tensor) -> None:
@@ -273,10 +325,10 @@ class _Stream:
         n = x.shape[1]
         if self.outlier_channel:
             out = x[..., 0].to(torch.float16)
-            self.outlier = out if self.outlier is None else torch.cat([self.outlier, out], dim=1)
+            self.outlier = _own(out) if self.outlier is None else torch.cat([self.outlier, out], dim=1)
             x = x[..., 1:]
         if self.bits == 16:
-            self.q = x if self.q is None else torch.cat([self.q, x], dim=1)
+            self.q = _own(x) if self.q is None else torch.cat([self.q, x], dim=1)
         elif self.per_channel:
             new = quantize_pack(x.transpose(1, 2).contiguous(), self.bits, self.group_size)
             self.q = _cat_quantized(self.q, new, token_dim=-1)
@@ -315,36 +367,31 @@ class _Stream:
 
     # -- edits ------------------------------------------------------------------------------------------------------
     def truncate(self, n_quantized: int, residual: torch.Tensor | None) -> None:
+        """Keep the first `n_quantized` quantized tokens and make `residual` the full-precision tail."""
         if n_quantized == 0:
             self.q, self.outlier = None, None
         elif n_quantized < self.n_quantized:
             if self.bits == 16:
-                self.q = self.q[:, :n_quantized]
+                self.q = _own(self.q[:, :n_quantized])
             else:
-                self.q = _slice_quantized(self.q, n_quantized, self.per_channel)
+                self.q = _slice_quantized(self.q, 0, n_quantized, self.per_channel)
             if self.outlier is not None:
-                self.outlier = self.outlier[:, :n_quantized]
+                self.outlier = _own(self.outlier[:, :n_quantized])
         self.n_quantized = n_quantized
-        self.res = residual
+        self.res = _own(residual)
 
     def drop_front(self, n: int) -> None:
-        """Forget the oldest `n` quantized tokens (a multiple of the block size); copies so the memory is freed."""
+        """Forget the oldest `n` quantized tokens (a multiple of the block size)."""
         if n == 0:
             return
-        if isinstance(self.q, QuantizedTensor):
-            q = self.q
-            if self.per_channel:
-                self.q = QuantizedTensor(q.packed[..., n * q.nbits // 8 :].clone(),
-                                         q.scale[..., n // q.group_size :].clone(),
-                                         q.minimum[..., n // q.group_size :].clone(), q.nbits, q.group_size,
-                                         q.numel_last - n)
-            else:
-                self.q = QuantizedTensor(q.packed[:, n:].clone(), q.scale[:, n:].clone(), q.minimum[:, n:].clone(),
-                                         q.nbits, q.group_size, q.numel_last)
+        if n >= self.n_quantized:
+            self.q, self.outlier = None, None
+        elif isinstance(self.q, QuantizedTensor):
+            self.q = _slice_quantized(self.q, n, self.n_quantized, self.per_channel)
         else:
-            self.q = self.q[:, n:].clone()
+            self.q = _own(self.q[:, n:])
         if self.outlier is not None:
-            self.outlier = self.outlier[:, n:].clone()
+            self.outlier = _own(self.outlier[:, n:])
         self.n_quantized -= n
 
     def map_batch(self, fn) -> None:
@@ -391,6 +438,9 @@ class XQuantLayer(DynamicLayer):
         self.is_sliding = plan.sliding_window is not None
         self.can_evict = self.is_sliding and cfg.mode != "cl"
         self.evicted = 0
+        # Set by `activate_past_recording` (assisted decoding): forget nothing until the next `crop`, which may undo
+        # the last forward.
+        self.record_past = getattr(self, "record_past", False)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -415,12 +465,15 @@ class XQuantLayer(DynamicLayer):
         visible_from = max(0, past - self.plan.sliding_window + 1)
         return max(self.evicted, min(self.n_quantized_total, visible_from // block * block))
 
-    def evict(self, past: int) -> None:
-        point = self.eviction_point(past)
+    def evict(self, point: int) -> None:
+        """Forget the quantized tokens before `point` (from `eviction_point`)."""
         if point > self.evicted:
             for s in self.streams.values():
                 s.drop_front(point - self.evicted)
             self.evicted = point
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         past = self.get_seq_length()
@@ -429,9 +482,6 @@ class XQuantLayer(DynamicLayer):
 
     def get_max_length(self) -> int:
         return -1
-
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.streams.values())
 
     def reset(self) -> None:
         self.__init__(self._owner(), self.plan)
@@ -459,12 +509,14 @@ class XQuantCache(Cache):
     ```python
     cache = XQuantCache(model, XQuantConfig(nbits=4))
     out = model.generate(**inputs, cache=cache)          # past_key_values=cache on transformers < 5.24
-    cache.nbytes()                                        # bytes held: codes, scales, minima, fp window, positions
+    cache.nbytes()                                        # bytes this cache holds (every storage it references)
+    cache.factor_nbytes()                                 # bytes of the SVD factors it shares with other caches
     ```
     Or, after `import hf_fastslow`: `model.generate(**inputs, cache_implementation="xquant", cache_config={...})`.
 
     Modes ("x", "latent", "cl", "auto") are described in `XQuantConfig`. The cache is bound to the model it was built
-    for (its weights rebuild K and V); `attach_xquant(model)` is called for you.
+    for (its weights rebuild K and V); `attach_xquant(model)` is called for you. `copy.deepcopy(cache)` copies what
+    the cache stores and stays bound to the same model.
     """
 
     is_compileable = False
@@ -479,17 +531,16 @@ class XQuantCache(Cache):
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"XQuantCache needs the transformers model it will serve, got {type(model).__name__}.")
         self.config = config
-        dtype = config.compute_dtype or next(model.parameters()).dtype
-        self.compute_dtype = dtype
-        plans = _build_plans(model, config, dtype)
+        self.compute_dtype = config.compute_dtype or next(model.parameters()).dtype
+        plans = _build_plans(model, config)
         self._model_ref = weakref.ref(model)
         self._attn_to_layer = {id(p.attn): p.layer_idx for p in plans}
         super().__init__(layers=[XQuantLayer(self, p) for p in plans])
         self.positions: torch.Tensor | None = None  # (B, T) int32, one row of RoPE positions per sequence
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._rope_memo: dict = {}
-        self._cl_flush: tuple[int, torch.Tensor] | None = None
-        self._cl_read: tuple[int, int, torch.Tensor] | None = None
+        self._clear_transients()
+        for plan in plans:  # compute the shared factors now rather than in the first forward
+            self._factors(plan)
         attach_xquant(model)
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -501,12 +552,14 @@ class XQuantCache(Cache):
         return model
 
     def nbytes(self) -> int:
-        """Bytes actually held: packed codes, fp16 scales and minima, the full-precision window, outlier channels
-        and the per-token RoPE positions."""
-        total = sum(layer.nbytes() for layer in self.layers)
-        if self.positions is not None:
-            total += self.positions.numel() * self.positions.element_size()
-        return total
+        """Bytes this cache holds: every storage reachable from it, each counted once at its full size (packed codes,
+        fp16 scales and minima, the full-precision window, outlier channel, positions). Factors shared through the
+        model are not included (`factor_nbytes`)."""
+        return storage_bytes(self)
+
+    def factor_nbytes(self) -> int:
+        """Bytes of the shared factors this cache uses (kept on the model, shared with every other XQuantCache)."""
+        return storage_bytes([self._factors(layer.plan) for layer in self.layers])
 
     def fp16_kv_nbytes(self) -> int:
         """What an fp16 K/V cache would hold for the same tokens (the paper's reference size)."""
@@ -524,8 +577,19 @@ class XQuantCache(Cache):
             layer.reset()
         self.positions = None
         self._stash.clear()
-        self._rope_memo.clear()
-        self._cl_flush = self._cl_read = None
+        self._clear_transients()
+
+    def __deepcopy__(self, memo: dict) -> XQuantCache:
+        """Copy the stored tensors; share the model binding (plans hold the model's attention modules)."""
+        for layer in self.layers:
+            memo[id(layer.plan)] = layer.plan
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = copy.deepcopy(value, memo)
+        for layer in new.layers:
+            layer._owner = weakref.ref(new)
+        return new
 
     # -- hook side --------------------------------------------------------------------------------------------------
     def _receive_input(self, attn: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor | None) -> None:
@@ -536,6 +600,26 @@ class XQuantCache(Cache):
                 "passed to XQuantCache(model, ...). Build one cache per model."
             )
         self._stash[layer_idx] = (hidden_states.detach(), None if position_ids is None else position_ids.detach())
+
+    # -- per-forward state ------------------------------------------------------------------------------------------
+    def _clear_transients(self) -> None:
+        """Forget what lives only inside one forward pass: RoPE tables, the CL accumulators."""
+        self._rope_memo: dict = {}
+        self._cl_flush: tuple[int, torch.Tensor] | None = None
+        self._cl_read: tuple[int, int, torch.Tensor] | None = None
+
+    def _factors(self, plan: _LayerPlan) -> dict[str, torch.Tensor]:
+        return _shared_factors(self.model, plan, self.compute_dtype)
+
+    def _kv_weights(self, plan: _LayerPlan):
+        """The model's own W_k, W_v as (d, d_kv) views (cast only if the compute dtype differs) and biases."""
+        out = []
+        for linear in (plan.attn.k_proj, plan.attn.v_proj):
+            w = linear.weight.detach().t()
+            b = None if linear.bias is None else linear.bias.detach()
+            out.append(w if w.dtype == self.compute_dtype else w.to(self.compute_dtype))
+            out.append(b if b is None or b.dtype == self.compute_dtype else b.to(self.compute_dtype))
+        return out  # w_k, b_k, w_v, b_v
 
     # -- update -----------------------------------------------------------------------------------------------------
     def _update_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -561,13 +645,24 @@ class XQuantCache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         if layer_idx == 0:
+            self._clear_transients()
             self._append_positions(position_ids, bsz, n_new, x.device)
-        layer.evict(layer.get_seq_length())  # the same point get_mask_sizes announced for this forward
-        x = x.to(self.compute_dtype)
-        self._append_sources(layer, x)
-        self._flush(layer)
-        keys, values = self._rematerialize(layer)
-        return keys.to(key_states.dtype), values.to(value_states.dtype)
+        past = layer.get_seq_length()
+        start = layer.eviction_point(past)  # the point get_mask_sizes announced for this forward
+        if not layer.record_past:
+            layer.evict(start)
+        factors = self._factors(layer.plan)
+        self._append_sources(layer, x.to(self.compute_dtype), factors)
+        self._flush(layer, factors)
+        if past > start:
+            old_k, old_v = self._rematerialize(layer, factors, start, past)
+            keys = torch.cat([old_k.to(key_states.dtype), key_states], dim=-2)
+            values = torch.cat([old_v.to(value_states.dtype), value_states], dim=-2)
+        else:
+            keys, values = key_states, value_states
+        if layer_idx == len(self.layers) - 1:
+            self._clear_transients()
+        return keys, values
 
     def _append_positions(self, position_ids, bsz, n_new, device) -> None:
         past = 0 if self.positions is None else self.positions.shape[1]
@@ -577,30 +672,24 @@ class XQuantCache(Cache):
             pos = position_ids
         pos = pos.to(torch.int32).expand(bsz, n_new)
         self.positions = pos.clone() if self.positions is None else torch.cat([self.positions, pos], dim=1)
-        self._rope_memo.clear()
 
-    def _append_sources(self, layer: XQuantLayer, x: torch.Tensor) -> None:
+    def _append_sources(self, layer: XQuantLayer, x: torch.Tensor, factors: dict) -> None:
         plan = layer.plan
         if plan.kind == "latent":
-            layer.streams["k"].append(x @ plan.u_k)
-            layer.streams["v"].append(x @ plan.u_v)
+            layer.streams["k"].append(x @ factors["u_k"])
+            layer.streams["v"].append(x @ factors["u_v"])
         elif plan.kind in ("x", "cl_base"):
             layer.streams["x"].append(x)
         else:
-            layer.streams["d"].append(x @ plan.u_kv if plan.u_kv is not None else x)
+            layer.streams["d"].append(x @ factors["u_kv"] if plan.cl_projected else x)
 
-    def _flush(self, layer: XQuantLayer) -> None:
+    def _flush(self, layer: XQuantLayer, factors: dict) -> None:
         plan, block = layer.plan, self.config.residual_length
-        if plan.kind == "latent":
+        if plan.kind in ("latent", "x"):
             for s in layer.streams.values():
                 popped = s.pop_blocks(block)
                 if popped is not None:
                     s.store(popped)
-            return
-        if plan.kind == "x":
-            popped = layer.streams["x"].pop_blocks(block)
-            if popped is not None:
-                layer.streams["x"].store(popped)
             return
         if plan.kind == "cl_base":
             s = layer.streams["x"]
@@ -610,8 +699,7 @@ class XQuantCache(Cache):
                 s.store(popped)
                 # The flush accumulator carries the reconstructed X of the new block down the layer chain, so that
                 # every delta is taken against what will be rebuilt (errors do not accumulate).
-                acc = s.dequant(self.compute_dtype)[:, before:]
-                self._cl_flush = (plan.layer_idx, acc)
+                self._cl_flush = (plan.layer_idx, s.dequant(self.compute_dtype)[:, before:])
             return
         s = layer.streams["d"]
         popped = s.pop_blocks(block)
@@ -623,98 +711,117 @@ class XQuantCache(Cache):
                 "XQuantCache (mode='cl'): layers must be updated in order within a forward pass; got layer "
                 f"{plan.layer_idx} out of sequence."
             )
-        acc = self._cl_flush[1]
-        base = acc @ plan.u_kv if plan.u_kv is not None else acc
+        acc = flush[1]
+        u_kv = factors.get("u_kv")
         before = s.n_quantized
-        s.store(popped - base)
+        s.store(popped - (acc @ u_kv if u_kv is not None else acc))
         delta = s.dequant(self.compute_dtype)[:, before:]
-        acc = acc + (delta @ plan.u_kv.t() if plan.u_kv is not None else delta)
-        self._cl_flush = (plan.layer_idx, acc)
+        self._cl_flush = (plan.layer_idx, acc + (delta @ u_kv.t() if u_kv is not None else delta))
 
     # -- rematerialization ------------------------------------------------------------------------------------------
-    def _cl_accumulator(self, layer_idx: int) -> torch.Tensor | None:
-        """Reconstructed X of the quantized tokens at CL layer `layer_idx` (base + deltas), reused along the layer
-        loop of a forward pass."""
+    def _cl_accumulator(self, layer_idx: int, factors: dict) -> torch.Tensor | None:
+        """Reconstructed X of the quantized tokens at CL layer `layer_idx` (base + deltas), carried along the layer
+        loop of one forward pass (and dropped at its end)."""
         base_idx = self.config.base_layer
-        base_layer: XQuantLayer = self.layers[base_idx]
-        n_q = base_layer.streams["x"].n_quantized
+        base_stream = self.layers[base_idx].streams["x"]
+        n_q = base_stream.n_quantized
         if n_q == 0:
             return None
         if layer_idx == base_idx:
-            acc = base_layer.streams["x"].dequant(self.compute_dtype)
+            acc = base_stream.dequant(self.compute_dtype)
         elif self._cl_read is not None and self._cl_read[0] == layer_idx - 1 and self._cl_read[1] == n_q:
-            acc = self._cl_read[2] + self._delta_full_width(self.layers[layer_idx])
+            acc = self._cl_read[2] + self._delta_full_width(self.layers[layer_idx], factors)
         else:
-            acc = base_layer.streams["x"].dequant(self.compute_dtype)
+            acc = base_stream.dequant(self.compute_dtype)
             for i in range(base_idx + 1, layer_idx + 1):
-                acc = acc + self._delta_full_width(self.layers[i])
+                acc = acc + self._delta_full_width(self.layers[i], self._factors(self.layers[i].plan))
         self._cl_read = (layer_idx, n_q, acc)
         return acc
 
-    @staticmethod
-    def _delta_full_width(layer: XQuantLayer) -> torch.Tensor:
-        plan, s = layer.plan, layer.streams["d"]
-        if plan.u_kv is not None:
-            return s.project(plan.u_kv.t())
-        return s.dequant(plan.w_kv.dtype)
+    def _delta_full_width(self, layer: XQuantLayer, factors: dict) -> torch.Tensor:
+        s = layer.streams["d"]
+        if layer.plan.cl_projected:
+            return s.project(factors["u_kv"].t())
+        return s.dequant(self.compute_dtype)
 
-    def _rematerialize(self, layer: XQuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = layer.plan
-        d_kv = plan.d_kv
-        parts = []
+    def _rematerialize(self, layer: XQuantLayer, factors: dict, start: int, stop: int):
+        """K (post-RoPE) and V of tokens [start, stop), as (B, n_kv_heads, stop - start, head_dim)."""
+        plan, ev, n_qt = layer.plan, layer.evicted, layer.n_quantized_total
+        q_rows = slice(start - ev, min(stop, n_qt) - ev) if start < n_qt else None
+        r_rows = slice(max(start, n_qt) - n_qt, stop - n_qt) if stop > n_qt else None
+        w_k, b_k, w_v, b_v = self._kv_weights(plan)
+        k_parts, v_parts = [], []
         if plan.kind == "latent":
-            sk, sv = layer.streams["k"], layer.streams["v"]
-            kq, vq = sk.project(plan.m_k), sv.project(plan.m_v)
-            if kq is not None:
-                parts.append(torch.cat([kq, vq], dim=-1))
-            if sk.res is not None and sk.n_residual:
-                parts.append(torch.cat([sk.res @ plan.m_k, sv.res @ plan.m_v], dim=-1))
+            sk, sv, m_k, m_v = layer.streams["k"], layer.streams["v"], factors["m_k"], factors["m_v"]
+            if q_rows is not None:
+                k_parts.append(sk.project(m_k)[:, q_rows])
+                v_parts.append(sv.project(m_v)[:, q_rows])
+            if r_rows is not None:
+                k_parts.append(sk.res[:, r_rows] @ m_k)
+                v_parts.append(sv.res[:, r_rows] @ m_v)
         elif plan.kind == "x":
             s = layer.streams["x"]
-            q = s.project(plan.w_kv)
-            if q is not None:
-                parts.append(q)
-            if s.n_residual:
-                parts.append(s.res @ plan.w_kv)
+            if q_rows is not None:
+                k_parts.append(s.project(w_k)[:, q_rows])
+                v_parts.append(s.project(w_v)[:, q_rows])
+            if r_rows is not None:
+                k_parts.append(s.res[:, r_rows] @ w_k)
+                v_parts.append(s.res[:, r_rows] @ w_v)
         else:
-            s = layer.streams["x" if plan.kind == "cl_base" else "d"]
-            acc = self._cl_accumulator(plan.layer_idx)
-            if acc is not None:
-                parts.append(acc @ plan.w_kv)
-            if s.n_residual:
-                parts.append(s.res @ (plan.w_kv if plan.kind == "cl_base" else plan.m_kv))
-        kv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        if plan.b_kv is not None:
-            kv = kv + plan.b_kv
-        bsz, n = kv.shape[:2]
-        keys = kv[..., :d_kv].reshape(bsz, n, plan.num_kv_heads, plan.head_dim)
-        values = kv[..., d_kv:].reshape(bsz, n, plan.num_kv_heads, plan.head_dim).transpose(1, 2)
+            if q_rows is not None:
+                acc = self._cl_accumulator(plan.layer_idx, factors)[:, q_rows]
+                k_parts.append(acc @ w_k)
+                v_parts.append(acc @ w_v)
+            if r_rows is not None:
+                s = layer.streams["x" if plan.kind == "cl_base" else "d"]
+                x = s.res[:, r_rows]
+                if plan.cl_projected:
+                    x = x @ factors["u_kv"].t()
+                k_parts.append(x @ w_k)
+                v_parts.append(x @ w_v)
+        k = torch.cat(k_parts, dim=1) if len(k_parts) > 1 else k_parts[0]
+        v = torch.cat(v_parts, dim=1) if len(v_parts) > 1 else v_parts[0]
+        if b_k is not None:
+            k = k + b_k
+        if b_v is not None:
+            v = v + b_v
+        bsz, n = k.shape[:2]
+        keys = k.reshape(bsz, n, plan.num_kv_heads, plan.head_dim)
+        values = v.reshape(bsz, n, plan.num_kv_heads, plan.head_dim).transpose(1, 2)
         if plan.k_norm is not None:
             keys = plan.k_norm(keys)
         keys = keys.transpose(1, 2)
-        cos, sin = self._rope(plan, keys, layer.evicted)
+        cos, sin = self._rope(plan, keys, start, stop)
         keys = plan.rope(keys[:, :1], keys, cos, sin)[1]  # the helper also rotates a query: give it one head
         return keys.contiguous(), values.contiguous()
 
-    def _rope(self, plan: _LayerPlan, like: torch.Tensor, start: int = 0):
-        key = (getattr(plan.attn, "layer_type", None), like.dtype, self.positions.shape[1], start)
+    def _rope(self, plan: _LayerPlan, like: torch.Tensor, start: int, stop: int):
+        key = (getattr(plan.attn, "layer_type", None), like.dtype, start, stop)
         hit = self._rope_memo.get(key)
         if hit is None:
-            hit = rotary_embeddings(self.model, plan.attn, like, self.positions[:, start:].long())
+            hit = rotary_embeddings(self.model, plan.attn, like, self.positions[:, start:stop].long())
             self._rope_memo[key] = hit
         return hit
 
     # -- edits: crop / beams / batch --------------------------------------------------------------------------------
     def crop(self, max_length: int) -> None:
-        """Drop the newest tokens: `crop(-n)` removes n tokens (transformers 5.18+ convention); a non-negative value is
-        the length to keep (the older convention). Inside the full-precision window this is exact; deeper crops
-        dequantize the affected block back into the window."""
+        """Drop the newest tokens with `DynamicCache.crop` semantics: `crop(-n)` removes n tokens and `crop(0)`
+        removes none. A positive value is the number of tokens to keep (the convention before transformers 5.18;
+        `DynamicCache` 5.24 rejects it). Sliding-window layers that record their past (assisted decoding) then forget
+        the blocks no later query can see, as `DynamicSlidingWindowLayer.crop` trims its states.
+
+        Inside the full-precision window a crop is exact; deeper crops dequantize the affected block back into the
+        window."""
         total = self.get_seq_length()
-        new_len = max(total + max_length, 0) if max_length < 0 else min(max_length, total)
-        if new_len == total:
-            return
-        block = self.config.residual_length
-        keep = (new_len // block) * block
+        new_len = max(total + max_length, 0) if max_length <= 0 else min(max_length, total)
+        if new_len < total:
+            self._truncate(new_len)
+        for layer in self.layers:
+            if layer.record_past:
+                layer.evict(layer.eviction_point(new_len))
+
+    def _truncate(self, new_len: int) -> None:
+        keep = (new_len // self.config.residual_length) * self.config.residual_length
         for layer in self.layers:
             if layer.n_quantized_total > new_len and keep < layer.evicted:
                 raise RuntimeError(
@@ -727,9 +834,8 @@ class XQuantCache(Cache):
                     s.truncate(s.n_quantized, s.res[:, : new_len - layer.n_quantized_total])
         else:
             self._crop_into_quantized(keep, new_len)
-        self.positions = self.positions[:, :new_len] if new_len else None
-        self._rope_memo.clear()
-        self._cl_read = self._cl_flush = None
+        self.positions = _own(self.positions[:, :new_len])
+        self._clear_transients()
 
     def _crop_into_quantized(self, keep: int, new_len: int) -> None:
         dtype = self.compute_dtype
@@ -746,28 +852,29 @@ class XQuantCache(Cache):
                 s.truncate(keep, acc)
             else:
                 s = layer.streams["d"]
+                u_kv = self._factors(plan).get("u_kv")
                 delta = s.dequant(dtype)[:, keep:new_len]
-                latent = (acc @ plan.u_kv if plan.u_kv is not None else acc) + delta
-                acc = acc + (delta @ plan.u_kv.t() if plan.u_kv is not None else delta)
+                latent = (acc @ u_kv if u_kv is not None else acc) + delta
+                acc = acc + (delta @ u_kv.t() if u_kv is not None else delta)
                 s.truncate(keep, latent)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
-        self._cl_read = None
+        self._clear_transients()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.positions is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
-        self._cl_read = None
+        self._clear_transients()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.positions is not None:
             self.positions = self.positions[indices]
-        self._cl_read = None
+        self._clear_transients()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

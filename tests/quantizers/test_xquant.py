@@ -2,7 +2,6 @@
 crop/beam/multi-turn, architectures, and clear errors for bad input."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -97,7 +96,9 @@ def test_chunked_prefill_equals_token_by_token_at_16_bit(gqa_model, mode):
 def test_two_bit_stays_close_in_mean_nll(gqa_model, mode):
     ids = torch.randint(3, 128, (1, 64))
     ref = torch.log_softmax(logits_with(gqa_model, ids, DynamicCache(config=gqa_model.config)), -1)
-    out = torch.log_softmax(logits_with(gqa_model, ids, XQuantCache(gqa_model, small_cfg(nbits=2, mode=mode))), -1)
+    cache = XQuantCache(gqa_model, small_cfg(nbits=2, mode=mode))  # chunks: later ones read quantized history
+    out = torch.log_softmax(torch.cat([logits_with(gqa_model, ids[:, s : s + 16], cache) for s in range(0, 64, 16)],
+                                      dim=1), -1)
     nll_ref = -ref[0, :-1].gather(-1, ids[0, 1:, None]).mean()
     nll = -out[0, :-1].gather(-1, ids[0, 1:, None]).mean()
     assert abs(nll - nll_ref) < 0.5
@@ -110,54 +111,6 @@ def test_cl_with_8_bit_drift_is_bounded(gqa_model):
     ref = logits_with(gqa_model, ids, DynamicCache(config=gqa_model.config))
     out = logits_with(gqa_model, ids, XQuantCache(gqa_model, small_cfg(nbits=8, mode="cl")))
     assert (out - ref).abs().max() < 0.05
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Memory accounting
-# ---------------------------------------------------------------------------------------------------------------------
-def _analytic_bytes(cfg, n_tokens, batch, d, d_kv, n_layers, w_cl):
-    r = n_tokens % cfg.residual_length
-    q = n_tokens - r
-    g = cfg.group_size
-    total = batch * n_tokens * 4  # int32 positions
-
-    def per_token(width, bits):  # codes + fp16 scale and min per group
-        return width * bits / 8 + 2 * 2 * width / g
-
-    for i in range(n_layers):
-        bits = cfg.bits_for_layer(i)
-        if cfg.mode == "latent":
-            total += batch * (q * 2 * per_token(d_kv, bits) + r * 2 * d_kv * 4)
-        elif cfg.mode == "x" or (cfg.mode == "cl" and i == cfg.base_layer):
-            total += batch * (q * per_token(d, bits) + r * d * 4)
-        elif cfg.mode == "cl" and i > cfg.base_layer:
-            total += batch * (q * per_token(w_cl, bits) + r * w_cl * 4)
-        else:
-            total += batch * (q * 2 * per_token(d_kv, bits) + r * 2 * d_kv * 4)
-    return total
-
-
-@pytest.mark.parametrize("mode,nbits", [("x", 4), ("latent", 2), ("latent", 3), ("cl", 2), ("cl", 3), ("x", 8)])
-def test_nbytes_equals_analytic_size(gqa_model, mode, nbits):
-    cfg = small_cfg(nbits=nbits, mode=mode)
-    cache = XQuantCache(gqa_model, cfg)
-    logits_with(gqa_model, torch.randint(3, 128, (2, 45)), cache)
-    assert cache.nbytes() == _analytic_bytes(cfg, 45, 2, 64, 16, 4, 32)
-    assert cache.fp16_kv_nbytes() == 2 * 2 * 45 * 16 * 2 * 4
-
-
-def test_outlier_channel_costs_fp16_per_token(gqa_model):
-    ids = torch.randint(3, 128, (1, 32))
-    a = XQuantCache(gqa_model, small_cfg(nbits=2, mode="latent"))
-    b = XQuantCache(gqa_model, small_cfg(nbits=2, mode="latent", fp16_outlier_channel=True, group_size=8))
-    logits_with(gqa_model, ids, a)
-    out_b = logits_with(gqa_model, ids, b)
-    assert torch.isfinite(out_b).all()
-    # channel 0 of the key latent leaves the quantizer: +32 tokens x 2 B of fp16, -32 codes, -4 groups x (scale, min)
-    def delta(bits):
-        return 32 * 2 - 32 * bits // 8 - (32 // 8) * 2 * 2
-
-    assert b.nbytes() - a.nbytes() == delta(4) + 3 * delta(2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -428,15 +381,6 @@ def test_unregister_restores_transformers_validation(gqa_model):
     hf_fastslow.unregister_cache_implementation("xquant_tmp")
     with pytest.raises(ValueError, match="Invalid `cache_implementation`"):
         GenerationConfig(cache_implementation="xquant_tmp").validate()
-
-
-def test_float_sanity_of_compression_ratio(gqa_model):
-    cache = XQuantCache(gqa_model, XQuantConfig(nbits=2, mode="latent", group_size=16, residual_length=16,
-                                                high_precision_layers=0))
-    logits_with(gqa_model, torch.randint(3, 128, (1, 256)), cache)
-    ratio = cache.fp16_kv_nbytes() / cache.nbytes()
-    # 2-bit codes + fp16 scale/min per 16 values = 4 bits per value; positions and a 0-token window on top
-    assert 3.5 < ratio < 4.0 and math.isfinite(ratio)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
