@@ -33,6 +33,7 @@ from ..integrations import (
     split_stopping_criteria,
 )
 from .drafter import DraftContext, Drafter, DraftFeedback, SpeculativeStats, problem_id_for
+from .speculative_processors import RoundProcessors
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def speculative_generate(
     max_length, other_criteria = split_stopping_criteria(stopping_criteria)
     if max_length is None:
         max_length = generation_config.max_length
-    has_processors = logits_processor is not None and len(logits_processor) > 0
 
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
@@ -168,41 +168,47 @@ def speculative_generate(
     drafter.reset()
 
     # --- per-row state ----------------------------------------------------------------------------------------------
-    generated: list[list[int]] = [[] for _ in range(batch_size)]
+    # `tokens[i, :lengths[i]]` is row i as plain `generate` shows it (left pads + prompt + generated); a round writes
+    # the row's draft right after it, so accepted drafts are already in place. Committed tokens never pass
+    # `max_length` (drafts stop one short of it); the spare columns absorb the padding of shorter drafts.
+    spare = drafter.max_draft_tokens + 1
+    buffer_width = max(max_length, prompt_width + 1) + spare
+    tokens = torch.full((batch_size, buffer_width), pad_id, dtype=torch.long, device=device)
+    tokens[:, :prompt_width] = input_ids
+    lengths = [prompt_width] * batch_size
     finished = [False] * batch_size
     row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
     # Number of real (non-pad) tokens of each row that are in the cache.
     n_cached = [0] * batch_size
+    processors = RoundProcessors(logits_processor)
 
-    def row_ids(i: int, extra: Sequence[int] = ()) -> torch.Tensor:
-        """Row i as plain `generate` would show it to processors/criteria: left pads + prompt + generated."""
-        toks = generated[i] + list(extra)
-        tail = torch.tensor(toks, dtype=torch.long, device=device)
-        return torch.cat([input_ids[i], tail]).unsqueeze(0)
+    def committed(i: int) -> torch.Tensor:
+        """Row i without padding (prompt + generated): a view, never written again."""
+        return tokens[i, left_pad[i] : lengths[i]]
 
-    def full_row(i: int) -> torch.Tensor:
-        return torch.cat([prompts[i], torch.tensor(generated[i], dtype=torch.long, device=device)])
+    def select(scores: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's token (argmax or a sample) for every row of `scores` (..., V), or only for `rows` (others 0:
+        their scores may be garbage, e.g. all -inf)."""
+        if not do_sample:
+            return scores.argmax(dim=-1)
+        if rows is None:
+            probs = torch.softmax(scores.reshape(-1, scores.shape[-1]), dim=-1)
+            return torch.multinomial(probs, num_samples=1).reshape(scores.shape[:-1])
+        out = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        out[rows] = torch.multinomial(torch.softmax(scores[rows], dim=-1), num_samples=1).squeeze(-1)
+        return out
 
-    def process(i: int, prefix_extra: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        if not has_processors:
-            return logits
-        return logits_processor(row_ids(i, prefix_extra), logits.unsqueeze(0))[0]
-
-    def select(scores: torch.Tensor) -> torch.Tensor:
-        if do_sample:
-            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(-1)
-        return scores.argmax(dim=-1)
-
-    def append(i: int, tokens: list[int]) -> list[int]:
-        """Append tokens to row i until it stops; returns the tokens actually kept."""
+    def append(i: int, new: list[int]) -> list[int]:
+        """Commit `new` to row i (already written at `tokens[i, lengths[i]:]`) until the row stops; returns the
+        tokens actually kept."""
         kept = []
-        for tok in tokens:
-            generated[i].append(tok)
+        for tok in new:
             kept.append(tok)
-            stop = tok in eos_ids or prompt_width + len(generated[i]) >= max_length
+            lengths[i] += 1
+            stop = tok in eos_ids or lengths[i] >= max_length
             # Other criteria (stop strings, max time) see the row exactly as plain generate would show it.
-            if stop or any(bool(c(row_ids(i), None).reshape(-1)[0]) for c in other_criteria):
+            if stop or any(bool(c(tokens[i : i + 1, : lengths[i]], None).reshape(-1)[0]) for c in other_criteria):
                 finished[i] = True
                 break
         return kept
@@ -229,8 +235,10 @@ def speculative_generate(
     speculative_cache_check(cache, batch_size)
     speculative_prepare_cache(cache)
     first_logits = outputs.logits[:, -1].to(dtype=torch.float32)
-    first_scores = logits_processor(input_ids, first_logits) if has_processors else first_logits
-    first_tokens = select(first_scores).tolist()
+    first_scores = logits_processor(input_ids, first_logits) if processors else first_logits
+    first_tokens = select(first_scores)
+    tokens[:, prompt_width] = first_tokens
+    first_tokens = first_tokens.tolist()
     hidden = [None] * batch_size
     offsets = [0] * batch_size
     if want_hidden:
@@ -246,7 +254,7 @@ def speculative_generate(
             row_logits[i].append(first_logits[i])
         stats.new_tokens += len(append(i, [first_tokens[i]]))
     if streamer is not None:
-        streamer.put(torch.tensor(generated[0], device="cpu"))
+        streamer.put(tokens[0, prompt_width : lengths[0]].cpu())
     del outputs
     # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
     pending_feedback = [i for i in range(batch_size) if finished[i]]
@@ -258,11 +266,11 @@ def speculative_generate(
                 problem_ids=[problem_ids[i] for i in pending_feedback],
                 proposed=[empty for _ in pending_feedback],
                 num_accepted=[0 for _ in pending_feedback],
-                appended=[torch.tensor(generated[i], dtype=torch.long, device=device) for i in pending_feedback],
+                appended=[tokens[i, prompt_width : lengths[i]] for i in pending_feedback],
                 finished=[True for _ in pending_feedback],
                 round=0,
                 prompt_lengths=[len(prompts[i]) for i in pending_feedback],
-                sequences=[full_row(i) for i in pending_feedback],
+                sequences=[committed(i) for i in pending_feedback],
             )
         )
 
@@ -273,11 +281,9 @@ def speculative_generate(
         active = [i for i in range(batch_size) if not finished[i]]
         budgets = [0] * batch_size
         for i in active:
-            remaining = max_length - prompt_width - len(generated[i])
-            budgets[i] = max(0, min(drafter.max_draft_tokens, remaining - 1))
+            budgets[i] = max(0, min(drafter.max_draft_tokens, max_length - lengths[i] - 1, spare - 1))
         context = DraftContext(
-            input_ids=[torch.cat([prompts[i], torch.tensor(generated[i], dtype=torch.long, device=device)])
-                       for i in range(batch_size)],
+            input_ids=[committed(i) for i in range(batch_size)],
             budgets=budgets,
             request_ids=request_ids,
             problem_ids=problem_ids,
@@ -303,18 +309,19 @@ def speculative_generate(
                     f"{type(drafter).__name__}.propose returned token ids outside the model's vocabulary "
                     f"[0, {vocab_size}) for row {i}: {drafts[i]}"
                 )
-        width = 1 + max(len(drafts[i]) for i in active)
-
+        draft_len = [len(d) for d in drafts]
+        width = 1 + max(draft_len[i] for i in active)
+        length_t = torch.tensor(lengths, device=device)
+        cols = torch.arange(width, device=device)
+        active_t = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        active_t[active] = True
+        if width > 1:
+            draft_t = torch.tensor([d + [pad_id] * (width - 1 - len(d)) for d in drafts], device=device)
+            tokens.scatter_(1, length_t[:, None] + cols[None, : width - 1], draft_t)
         # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
-        step_ids = torch.full((batch_size, width), pad_id, dtype=torch.long, device=device)
-        step_mask = torch.zeros((batch_size, width), dtype=torch.long, device=device)
-        step_pos = torch.empty((batch_size, width), dtype=torch.long, device=device)
-        for i in range(batch_size):
-            step_pos[i] = torch.arange(n_cached[i], n_cached[i] + width, device=device)
-            if not finished[i]:
-                seg = [generated[i][-1]] + drafts[i]
-                step_ids[i, : len(seg)] = torch.tensor(seg, dtype=torch.long, device=device)
-                step_mask[i, : len(seg)] = 1
+        step_ids = tokens.gather(1, length_t[:, None] - 1 + cols[None, :])
+        step_mask = ((cols[None, :] <= torch.tensor(draft_len, device=device)[:, None]) & active_t[:, None]).long()
+        step_pos = torch.tensor(n_cached, device=device)[:, None] + cols[None, :]
         full_mask = torch.cat([attention_mask, step_mask], dim=1)
         mask_arg = None if bool(full_mask.all()) else full_mask
         outputs = speculative_forward(
@@ -323,46 +330,59 @@ def speculative_generate(
         stats.target_forwards += 1
         cache = output_cache(outputs) or cache
         logits = outputs.logits.to(dtype=torch.float32)  # (B, width, V)
-        if not has_processors and not do_sample:
-            # Greedy without processors: one batched argmax covers every row and position.
-            choice_all = logits.argmax(dim=-1).tolist()
+
+        # --- verify: the target's own choice at every position, processors batched over rows per position ---------
+        if not processors:
+            scores = logits
+            choice = select(scores)
+        else:
+            scores = torch.empty_like(logits)
+            choice = torch.zeros((batch_size, width), dtype=torch.long, device=device)
+            processors.begin_round(tokens, length_t, active_t, width)
+            live = active_t  # rows whose drafts so far all match: position j's prefix is what the row would be
+            for j in range(width):
+                scores[:, j] = processors.position(j, logits[:, j].clone(), live)
+                choice[:, j] = select(scores[:, j], live)
+                if j + 1 < width:
+                    live = live & (choice[:, j] == step_ids[:, j + 1]) & (step_mask[:, j + 1] == 1)
+                    if not bool(live.any()):
+                        break
+        if width > 1:
+            matches = (choice[:, :-1] == step_ids[:, 1:]) & (step_mask[:, 1:] == 1)
+            accepted_t = matches.long().cumprod(dim=1).sum(dim=1)
+        else:
+            accepted_t = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # The target's token after the accepted drafts goes right behind them.
+        bonus_col = length_t + accepted_t
+        tokens.scatter_(1, bonus_col[:, None], choice.gather(1, accepted_t[:, None]))
+        choice_rows, accepted_rows = choice.tolist(), accepted_t.tolist()
 
         num_accepted = [0] * batch_size
-        appended: list[list[int]] = [[] for _ in range(batch_size)]
+        appended: list[torch.Tensor] = [None] * batch_size
         verified_logits: list[torch.Tensor | None] = [None] * batch_size
         for i in active:
-            d = drafts[i]
-            if not has_processors and not do_sample:
-                choice = choice_all[i][: len(d) + 1]
-                scores_i = logits[i, : len(d) + 1]
-            else:
-                # Position j's processors see the prefix extended by the first j draft tokens.
-                scores_i = torch.stack([process(i, d[:j], logits[i, j]) for j in range(len(d) + 1)])
-                choice = select(scores_i).tolist()
-            n = 0
-            while n < len(d) and d[n] == choice[n]:
-                n += 1
+            n = accepted_rows[i]
+            start = lengths[i]
+            kept = append(i, choice_rows[i][: n + 1])
             num_accepted[i] = n
-            kept = append(i, choice[: n + 1])
-            appended[i] = kept
+            appended[i] = tokens[i, start : lengths[i]]
             if keep_scores or keep_logits:
                 for j in range(len(kept)):
                     if keep_scores:
-                        row_scores[i].append(scores_i[j])
+                        row_scores[i].append(scores[i, j])
                     if keep_logits:
                         row_logits[i].append(logits[i, j])
             if want_target_logits:
-                verified_logits[i] = scores_i[: n + 1].detach()
+                verified_logits[i] = scores[i, : n + 1].detach()
             stats.rounds += 1
-            stats.proposed += len(d)
+            stats.proposed += draft_len[i]
             stats.accepted += n
             stats.emitted += len(kept)
             stats.new_tokens += len(kept)
 
         # Cache bookkeeping: row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole.
         keep_cols = 1 + max(num_accepted[i] for i in active)
-        for i in active:
-            step_mask[i, 1 + num_accepted[i]:] = 0
+        step_mask = step_mask * (cols[None, :] <= accepted_t[:, None])
         attention_mask = torch.cat([attention_mask, step_mask[:, :keep_cols]], dim=1)
         speculative_crop(cache, width - keep_cols)
         if want_hidden:
@@ -376,20 +396,20 @@ def speculative_generate(
         hidden = new_hidden
         del outputs, logits
 
-        if streamer is not None and appended[0]:
-            streamer.put(torch.tensor(appended[0], device="cpu"))
+        if streamer is not None:  # batch size 1
+            streamer.put(appended[0].cpu())
         drafter.observe(
             DraftFeedback(
                 request_ids=[request_ids[i] for i in active],
                 problem_ids=[problem_ids[i] for i in active],
-                proposed=[torch.tensor(drafts[i], dtype=torch.long, device=device) for i in active],
+                proposed=[step_ids[i, 1 : 1 + draft_len[i]] for i in active],
                 num_accepted=[num_accepted[i] for i in active],
-                appended=[torch.tensor(appended[i], dtype=torch.long, device=device) for i in active],
+                appended=[appended[i] for i in active],
                 finished=[finished[i] for i in active],
                 round=round_index,
                 target_logits=[verified_logits[i] for i in active] if want_target_logits else None,
                 prompt_lengths=[len(prompts[i]) for i in active],
-                sequences=[full_row(i) if finished[i] else None for i in active],
+                sequences=[committed(i) if finished[i] else None for i in active],
             )
         )
 
@@ -397,12 +417,10 @@ def speculative_generate(
         streamer.end()
 
     # --- output -----------------------------------------------------------------------------------------------------
-    longest = max(len(g) for g in generated)
-    sequences = torch.full((batch_size, prompt_width + longest), pad_id, dtype=torch.long, device=device)
-    sequences[:, :prompt_width] = input_ids
-    for i in range(batch_size):
-        if generated[i]:
-            sequences[i, prompt_width : prompt_width + len(generated[i])] = torch.tensor(generated[i], device=device)
+    longest = max(lengths) - prompt_width
+    sequences = tokens[:, : prompt_width + longest].clone()
+    ends = torch.tensor(lengths, device=device)[:, None]
+    sequences.masked_fill_(torch.arange(prompt_width + longest, device=device)[None, :] >= ends, pad_id)
 
     drafter.last_stats = stats
     drafter.stats += stats

@@ -17,9 +17,10 @@ torch.set_num_threads(1)
 class OracleDrafter(Drafter):
     """Drafts the known reference continuation of each row; `corrupt` replaces drafts by wrong tokens."""
 
-    def __init__(self, references, k=4, corrupt=0.0, vocab=128, seed=0):
+    def __init__(self, references, k=4, corrupt=0.0, vocab=128, seed=0, rows=None):
         super().__init__(k)
         self.references = [r.tolist() for r in references]
+        self.rows = rows  # rows to draft for (None: all); the others get no drafts and fall behind
         self.corrupt = corrupt
         self.vocab = vocab
         self.gen = torch.Generator().manual_seed(seed)
@@ -34,6 +35,7 @@ class OracleDrafter(Drafter):
             # Deliberately ignore the budget (the loop must enforce it) and draft past the reference end.
             d = ref[ids.shape[0] : ids.shape[0] + self.max_draft_tokens + 3]
             d = [t if torch.rand((), generator=self.gen) >= self.corrupt else (t + 1) % self.vocab for t in d]
+            d = d if self.rows is None or i in self.rows else []
             drafts.append(torch.tensor(d, dtype=torch.long))
         return drafts
 
@@ -470,3 +472,143 @@ def test_prefilled_prompt_cache_left_padded(model, rows):
     with pytest.raises(ValueError, match="already holds"):
         model.generate(prefix, attention_mask=prefix_mask, custom_generate=speculative_generate,
                        drafter=EmptyDrafter(3), max_new_tokens=4, **cache_kwargs(model, copy.deepcopy(prompt_cache)))
+
+
+# --- logits processors: batched over rows and draft positions, as generate applies them ------------------------------
+_PROCESSOR_CASES = {
+    "repetition_penalty": {"repetition_penalty": 1.3},
+    "no_repeat_ngram": {"no_repeat_ngram_size": 2},
+    # EOS 27 is an early greedy token of every row; row 0 then stops right at the boundary (an off-by-one shows).
+    "min_new_tokens": {"min_new_tokens": 8, "eos_token_id": 27},
+    "suppress_tokens": {"suppress_tokens": [27, 74]},
+    "all": {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "min_new_tokens": 8, "eos_token_id": 27,
+            "suppress_tokens": [53]},
+}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("case", sorted(_PROCESSOR_CASES))
+def test_logits_processors_greedy_equal_generate(model, rows, case):
+    """Processors with per-batch state (repetition penalty's padding lengths), length-dependent ones (min_new_tokens)
+    and content ones, on left-padded rows that advance by different amounts: same tokens as generate."""
+    ids, mask = _batch(rows=rows)
+    ids = ids.masked_fill(mask == 0, 27)  # pad with a token the model likes: counting pads (or filler) would show
+    kwargs = {"attention_mask": mask, "max_new_tokens": 30, "do_sample": False, "eos_token_id": None,
+              "pad_token_id": 27, **_PROCESSOR_CASES[case]}
+    ref = model.generate(ids, **kwargs)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                           eos_token_id=kwargs["eos_token_id"], pad_token_id=27)
+    assert ref.shape != plain.shape or not torch.equal(ref, plain)  # the processors matter here
+    references = _unpadded(ref, mask)
+    # Rows that race ahead on exact drafts while the others step one token a round: row 0 (the one min_new_tokens
+    # holds back) lags; with k=2 row 2 reaches its EOS (step 11) at the first position of a round, beside rows that
+    # are still below min_new_tokens.
+    for drafter in (OracleDrafter(references, k=4, corrupt=0.3), OracleDrafter(references, k=6, rows={1, 2}),
+                    OracleDrafter(references, k=2, rows={2}), RandomDrafter(k=3), EmptyDrafter(2)):
+        out = model.generate(ids, custom_generate=speculative_generate, drafter=drafter, **kwargs)
+        assert torch.equal(out, ref), type(drafter).__name__
+    assert drafter.last_stats.new_tokens > 0
+
+
+def test_logits_processor_scores_equal_generate(model):
+    """output_scores with processors: the processed scores of every kept token equal generate's (rows that finished
+    excepted: generate keeps scoring their padding)."""
+    ids, mask = _batch(rows=3)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": False, "eos_token_id": None,
+              "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "return_dict_in_generate": True,
+              "output_scores": True}
+    ref = model.generate(ids, **kwargs)
+    out = model.generate(ids, custom_generate=speculative_generate,
+                         drafter=OracleDrafter(_unpadded(ref.sequences, mask), k=4, corrupt=0.3), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _chi2_p_value(samples: torch.Tensor, expected: torch.Tensor) -> float:
+    """Chi-square goodness of fit of sample cell codes to a probability vector (cells with expectation < 5 pooled)."""
+    n = samples.numel()
+    observed = torch.bincount(samples, minlength=expected.numel()).double()
+    exp_counts = expected.double() * n
+    small = exp_counts < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([exp_counts[~small], exp_counts[small].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp.clamp_min(1e-12)).sum())
+    dof = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi2 / 2)))
+
+
+def test_sampling_with_processors_matches_generate_distribution():
+    """Sampling with repetition penalty + temperature + top-p, three left-padded prompts (rows advancing by different
+    amounts): tokens 2-4 follow the exact law of plain sampling with the same processors (enumerated), as plain
+    generate's own samples do; the law without the repetition penalty is rejected (the check has the power to see a
+    processor applied wrongly)."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    vocab, penalty, temperature, top_p = 6, 2.0, 0.7, 0.9
+    model = tiny_llama(num_layers=2, hidden=32, vocab=vocab, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)  # peaked distributions: drafts get accepted often enough
+    model.generation_config.eos_token_id = None
+    prompts = [[3, 4, 5, 3, 2], [5, 5, 4], [4, 3]]
+    width = max(map(len, prompts))
+
+    greedy = {}  # (prompt, generated so far) -> the most likely next token under the processed law
+
+    def law(prompt, with_penalty=True):
+        """Exact joint law of (x2, x3, x4) under plain sampling with these processors."""
+        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 4)  # all (x1..x4)
+        ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+        with torch.no_grad():
+            logits = model(ids[:, :-1]).logits[:, -4:].double()
+        logp = torch.zeros(len(seqs), dtype=torch.float64)
+        for t in range(4):
+            scores = logits[:, t]
+            if with_penalty:
+                scores = RepetitionPenaltyLogitsProcessor(penalty)(ids[:, : len(prompt) + t], scores)
+            scores = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores))
+            logp += torch.log_softmax(scores, -1).gather(1, seqs[:, t : t + 1]).squeeze(1)
+            if with_penalty:
+                for prefix, best in zip(seqs[:, :t].tolist(), scores.argmax(-1).tolist()):
+                    greedy[(tuple(prompt), tuple(prefix))] = best
+        return logp.exp().reshape(vocab, vocab**3).sum(0)
+
+    class GreedyChainDrafter(Drafter):
+        """Drafts the most likely continuation under the processed law: most drafted positions get verified."""
+
+        def propose(self, context):
+            drafts = []
+            for ids, n_prompt, budget in zip(context.input_ids, context.prompt_lengths, context.budgets):
+                prompt, gen, draft = tuple(ids[:n_prompt].tolist()), tuple(ids[n_prompt:].tolist()), []
+                for _ in range(budget):
+                    draft.append(greedy[(prompt, gen)])
+                    gen += (draft[-1],)
+                drafts.append(torch.tensor(draft, dtype=torch.long))
+            return drafts
+
+    laws = [law(p) for p in prompts]
+
+    n = 2000
+    ids = torch.full((3 * n, width), 3)  # pads are token 3, which the penalty must not count
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r::3, width - len(p) :] = torch.tensor(p)
+        mask[r::3, width - len(p) :] = 1
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": True, "repetition_penalty": penalty,
+              "temperature": temperature, "top_p": top_p, "top_k": None}
+    torch.manual_seed(0)
+    plain = model.generate(ids, **kwargs)[:, -3:]
+    drafter = GreedyChainDrafter(3)
+    spec = model.generate(ids, custom_generate=speculative_generate, drafter=drafter, **kwargs)[:, -3:]
+    assert drafter.last_stats.accepted > 3000  # many drafted positions were verified and kept
+    for r, (p, expected) in enumerate(zip(prompts, laws)):
+        for out in (plain, spec):
+            tail = out[r::3]
+            codes = tail[:, 0] * vocab * vocab + tail[:, 1] * vocab + tail[:, 2]
+            assert _chi2_p_value(codes, expected) > 1e-3, (r, out is spec)
+        spec_codes = spec[r::3, 0] * vocab * vocab + spec[r::3, 1] * vocab + spec[r::3, 2]
+        assert _chi2_p_value(spec_codes, law(p, with_penalty=False)) < 1e-6
