@@ -319,6 +319,43 @@ def speculative_crop(cache: Any, tokens_to_remove: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
+# Logits processors that give every row what they give it in `generate` when the rows of a batch are shifted right
+# by different amounts behind filler ids: the warpers never read `input_ids`; n-gram blocking and the repetition penalty
+# read token content, and the filler id (= the logits' vocabulary size) is one both of them skip. Anything else (length
+# dependent like min_new_tokens, or unknown) is called on `generate`'s exact view of each row instead.
+_SHIFT_SAFE_PROCESSORS = (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "SuppressTokensLogitsProcessor", "InfNanRemoveLogitsProcessor",
+    "LogitNormalization", "NoRepeatNGramLogitsProcessor", "RepetitionPenaltyLogitsProcessor",
+)
+
+
+def speculative_processor_shift_safe(processor: Any) -> bool:
+    """Whether `speculative_call_shifted` gives each row of a right-shifted batch the same result as `generate`."""
+    from transformers.generation import logits_process
+
+    safe = tuple(getattr(logits_process, name) for name in _SHIFT_SAFE_PROCESSORS if hasattr(logits_process, name))
+    return type(processor) in safe  # exact type: a subclass may read more than its parent does
+
+
+def speculative_call_shifted(processor: Any, ids: torch.Tensor, scores: torch.Tensor, shift: torch.Tensor):
+    """Call a shift-safe processor on `ids` whose row i is `generate`'s row shifted right by `shift[i]` filler ids.
+
+    The repetition penalty's per-row prompt boundary (`prompt_ignore_length`: the left-padding lengths `generate` gives
+    it, or a user's int/tensor) moves with the shift for this call, so the filler and the same tokens stay ignored.
+    """
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    if type(processor) is not RepetitionPenaltyLogitsProcessor or processor.prompt_ignore_length is None:
+        return processor(ids, scores)
+    original = processor.prompt_ignore_length
+    processor.prompt_ignore_length = torch.as_tensor(original, device=ids.device) + shift.to(ids.device)
+    try:
+        return processor(ids, scores)
+    finally:
+        processor.prompt_ignore_length = original
+
+
 def speculative_forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
