@@ -319,6 +319,28 @@ def speculative_crop(cache: Any, tokens_to_remove: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
+def speculative_cache_compactable(cache: Any) -> bool:
+    """Whether `speculative_compact_cache` can move this cache's columns: plain `DynamicLayer`s only (keys/values
+    tensors of shape (batch, heads, length, head_dim)); quantized, sliding, offloaded or custom layers (e.g. XQuant)
+    keep their holes."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def speculative_compact_cache(cache: Any, index: torch.Tensor) -> None:
+    """Keep, for every row b, the cache columns `index[b]` (in that order): the speculative loop gathers each row's
+    valid columns to the right end. Keys already carry their RoPE rotation, so moving them is exact as long as the
+    caller keeps each row's position ids (and moves its attention mask the same way)."""
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        gather = index.to(layer.keys.device)[:, None, :, None]
+        layer.keys = layer.keys.gather(2, gather.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values.gather(2, gather.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+
+
 # Logits processors that give every row what they give it in `generate` when the rows of a batch are shifted right
 # by different amounts behind filler ids: the warpers never read `input_ids`; n-gram blocking and the repetition penalty
 # read token content, and the filler id (= the logits' vocabulary size) is one both of them skip. Anything else (length

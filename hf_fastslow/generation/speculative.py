@@ -27,6 +27,8 @@ from ..integrations import (
     decoder_only_generate_output,
     output_cache,
     speculative_cache_check,
+    speculative_cache_compactable,
+    speculative_compact_cache,
     speculative_crop,
     speculative_forward,
     speculative_prepare_cache,
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["speculative_generate"]
 
 _call_counter = itertools.count()
+# The batched cache is compacted (each row's valid columns gathered to the right end) once its width exceeds the
+# longest row by this many columns, or by 1/8 of its width if more: a copy of the cache every so often, amortised.
+_COMPACT_MIN_HOLES = 16
 # model_kwargs that generate() prepares and this loop rebuilds itself every round.
 # (`cache_position`, 5.17: the model derives it from the cache, which may already hold part of the prompt.)
 _HANDLED_KWARGS = {
@@ -234,6 +239,7 @@ def speculative_generate(
     cache = output_cache(outputs) or cache
     speculative_cache_check(cache, batch_size)
     speculative_prepare_cache(cache)
+    compactable, compacted = batch_size > 1 and speculative_cache_compactable(cache), False
     first_logits = outputs.logits[:, -1].to(dtype=torch.float32)
     first_scores = logits_processor(input_ids, first_logits) if processors else first_logits
     first_tokens = select(first_scores)
@@ -395,6 +401,14 @@ def speculative_generate(
             n_cached[i] += 1 + num_accepted[i]
         hidden = new_hidden
         del outputs, logits
+        holes = attention_mask.shape[1] - max(n_cached)
+        if compactable and holes >= max(_COMPACT_MIN_HOLES, attention_mask.shape[1] // 8):
+            # Each row's valid columns (in order) go to the right end, re-left-padded to the longest row.
+            cols_all = torch.arange(attention_mask.shape[1], device=device)
+            order = torch.where(attention_mask.bool(), cols_all, -1).argsort(dim=1, stable=True)[:, holes:]
+            speculative_compact_cache(cache, order)
+            attention_mask = attention_mask.gather(1, order)
+            compacted = True
 
         if streamer is not None:  # batch size 1
             streamer.put(appended[0].cpu())
@@ -426,7 +440,8 @@ def speculative_generate(
     drafter.stats += stats
     if not return_dict:
         return sequences
-    has_holes = not bool(attention_mask[:, prompt_width:].all())
+    # The cache is `generate`'s (prompt + output minus the last token) unless rows left holes or were compacted.
+    has_holes = compacted or not bool(attention_mask[:, prompt_width:].all())
     return decoder_only_generate_output(
         sequences,
         scores=_stack_steps(row_scores, longest) if keep_scores else None,

@@ -612,3 +612,31 @@ def test_sampling_with_processors_matches_generate_distribution():
             assert _chi2_p_value(codes, expected) > 1e-3, (r, out is spec)
         spec_codes = spec[r::3, 0] * vocab * vocab + spec[r::3, 1] * vocab + spec[r::3, 2]
         assert _chi2_p_value(spec_codes, law(p, with_penalty=False)) < 1e-6
+
+
+# --- the batched cache: holes are compacted ---------------------------------------------------------------------------
+class AlternatingDrafter(OracleDrafter):
+    """Exact drafts for even rows on even rounds and odd rows on odd rounds, wrong ones otherwise: the leader changes
+    every round, so without compaction the cache grows by k + 1 columns a round while rows grow by (k + 2) / 2."""
+
+    def propose(self, context):
+        drafts = super().propose(context)
+        return [d if (context.round + i) % 2 == 0 else (d + 1) % self.vocab for i, d in enumerate(drafts)]
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 3, 5)])
+def test_batched_cache_is_compacted(model, pads):
+    ids, mask = _batch(rows=3, pads=pads)
+    n, k = 60, 6
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)
+    cache = DynamicCache()
+    drafter = AlternatingDrafter(_unpadded(ref, mask), k=k)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         custom_generate=speculative_generate, drafter=drafter, **cache_kwargs(model, cache))
+    assert torch.equal(out, ref)
+    stats = drafter.last_stats
+    # Without compaction every round adds the leader's k + 1 columns: far more than any row holds.
+    uncompacted = ids.shape[1] + (stats.target_forwards - 1) * (k + 1)
+    longest_row = ids.shape[1] - min(pads) + n - 1  # tokens in the cache: the last one is never fed
+    assert uncompacted > longest_row + 40
+    assert cache.get_seq_length() <= longest_row + 16 + (k + 1)
