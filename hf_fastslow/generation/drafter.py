@@ -15,9 +15,11 @@ The verify loop owns the target model, its cache and all correctness; a drafter 
    way of choosing them (deterministic or random), so a drafter never returns probabilities.
 3. After the target pass the loop calls ``drafter.observe(feedback)`` with a `DraftFeedback`: per row the proposed
    tokens, how many were accepted, the tokens appended to the row (accepted drafts + the target's own next token),
-   and whether the row finished (EOS, length or a stopping criterion). ``feedback.finished[i]`` is True exactly once
-   per row (the round it finishes; a row that finished at prefill gets one feedback with nothing proposed); then
-   ``feedback.sequences[i]`` is the row's whole sequence (prompt + response, no padding) and
+   and whether the row finished (EOS, length or a stopping criterion). A row that stops on one of its drafts (an
+   accepted EOS, a stopping criterion) keeps the drafts up to it and no target token; ``proposed`` is then cut after
+   that draft (later drafts were never used) and ``num_accepted`` counts the drafts kept. ``feedback.finished[i]`` is
+   True exactly once per row (the round it finishes; a row that finished at prefill gets one feedback with nothing
+   proposed); then ``feedback.sequences[i]`` is the row's whole sequence (prompt + response, no padding) and
    ``feedback.prompt_lengths[i]`` its prompt length (both None/absent for rows still running).
 4. Rows are identified across rounds by ``context.request_ids[i]`` (unique per row and generate call) and grouped by
    ``context.problem_ids[i]`` (caller-supplied via ``generate(..., problem_ids=[...])``, otherwise a hash of the prompt
@@ -106,13 +108,16 @@ class DraftFeedback:
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one or more speculative generate calls.
+    """Counters of one or more speculative generate calls; the derived figures are per row.
 
-    `target_forwards` counts every forward of the target, prefill included; `new_tokens` every generated token.
-    `rounds` counts per-row verification rounds (a batch round over 3 active rows counts 3) and `emitted` the tokens
-    they produced, so `mean_acceptance_length` = tokens per row-round (accepted drafts + the target's own token), the
-    usual "acceptance length" (1.0 = no speedup). `tokens_per_forward` = new_tokens / target_forwards over the whole
-    batch (plain decoding of one row: 1.0).
+    `target_forwards` counts the target's (batched) forwards, prefill included; `new_tokens` every generated token of
+    every row. `rounds` counts per-row verification rounds (a batch round over 3 active rows counts 3) and `emitted`
+    the tokens they produced, so `mean_acceptance_length` = tokens per row-round (accepted drafts + the target's own
+    token), the usual "acceptance length" (1.0 = no speedup). `proposed` counts draft tokens sent to verification,
+    `accepted` the drafts a row kept (drafts the target agreed with after the row stopped, e.g. past its EOS, are not
+    kept). `tokens_per_forward` = new_tokens / row_forwards, where `row_forwards` = `sequences` + `rounds` counts every
+    forward each row took part in (its prefill and its rounds): the tokens a row gains per target forward, 1.0 for
+    plain decoding at any batch size. (`new_tokens / target_forwards` is the batch's throughput per forward instead.)
     """
 
     target_forwards: int = 0
@@ -132,8 +137,12 @@ class SpeculativeStats:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     @property
+    def row_forwards(self) -> int:
+        return self.sequences + self.rounds
+
+    @property
     def tokens_per_forward(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        return self.new_tokens / self.row_forwards if self.row_forwards else 0.0
 
     def __iadd__(self, other: SpeculativeStats) -> SpeculativeStats:  # noqa: PYI034
         for name in ("target_forwards", "new_tokens", "rounds", "proposed", "accepted", "emitted", "sequences"):
@@ -151,6 +160,7 @@ class SpeculativeStats:
             "sequences": self.sequences,
             "mean_acceptance_length": self.mean_acceptance_length,
             "acceptance_rate": self.acceptance_rate,
+            "row_forwards": self.row_forwards,
             "tokens_per_forward": self.tokens_per_forward,
         }
 
@@ -217,7 +227,8 @@ class DraftModelDrafter(Drafter):
     def __init__(self, draft_model: torch.nn.Module, max_draft_tokens: int = 5, tokenizer=None, draft_tokenizer=None):
         super().__init__(max_draft_tokens)
         self.draft_model = draft_model.eval()
-        if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        both = tokenizer is not None and draft_tokenizer is not None
+        if both and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
             raise ValueError(
                 "The draft model's tokenizer differs from the target's: DraftModelDrafter needs a draft model that "
                 "shares the target tokenizer (use `assistant_model=` with `assistant_tokenizer=` for HF's "
@@ -277,7 +288,9 @@ class DraftModelDrafter(Drafter):
             for _ in range(k):
                 inp = torch.tensor([feed], device=device)
                 pos = torch.arange(position, position + len(feed), device=device).unsqueeze(0)
-                out = model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+                out = model(
+                    input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)
+                )
                 cache = output_cache(out) or cache
                 position += len(feed)
                 nxt = int(out.logits[0, -1].argmax())

@@ -364,12 +364,15 @@ def speculative_generate(
         choice_rows, accepted_rows = choice.tolist(), accepted_t.tolist()
 
         num_accepted = [0] * batch_size
+        judged = list(draft_len)  # drafts the row used: all of them, unless it stopped on one
         appended: list[torch.Tensor] = [None] * batch_size
         verified_logits: list[torch.Tensor | None] = [None] * batch_size
         for i in active:
             n = accepted_rows[i]
             start = lengths[i]
             kept = append(i, choice_rows[i][: n + 1])
+            if len(kept) <= n:  # stopped on an accepted draft (EOS, a criterion): later drafts are not kept
+                n = judged[i] = len(kept)
             num_accepted[i] = n
             appended[i] = tokens[i, start : lengths[i]]
             if keep_scores or keep_logits:
@@ -388,7 +391,7 @@ def speculative_generate(
 
         # Cache bookkeeping: row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole.
         keep_cols = 1 + max(num_accepted[i] for i in active)
-        step_mask = step_mask * (cols[None, :] <= accepted_t[:, None])
+        step_mask = step_mask * (cols[None, :] <= torch.tensor(num_accepted, device=device)[:, None])
         attention_mask = torch.cat([attention_mask, step_mask[:, :keep_cols]], dim=1)
         speculative_crop(cache, width - keep_cols)
         if want_hidden:
@@ -416,7 +419,7 @@ def speculative_generate(
             DraftFeedback(
                 request_ids=[request_ids[i] for i in active],
                 problem_ids=[problem_ids[i] for i in active],
-                proposed=[step_ids[i, 1 : 1 + draft_len[i]] for i in active],
+                proposed=[step_ids[i, 1 : 1 + judged[i]] for i in active],
                 num_accepted=[num_accepted[i] for i in active],
                 appended=[appended[i] for i in active],
                 finished=[finished[i] for i in active],

@@ -26,6 +26,7 @@ class OracleDrafter(Drafter):
         self.gen = torch.Generator().manual_seed(seed)
         self.seen_budgets = []
         self.proposed_lengths = []
+        self.feedback = []
 
     def propose(self, context):
         drafts = []
@@ -38,6 +39,9 @@ class OracleDrafter(Drafter):
             d = d if self.rows is None or i in self.rows else []
             drafts.append(torch.tensor(d, dtype=torch.long))
         return drafts
+
+    def observe(self, feedback):
+        self.feedback.append(feedback)
 
 
 class EmptyDrafter(Drafter):
@@ -127,7 +131,8 @@ def test_stops_at_eos_even_if_draft_continues(model):
     ids, mask = _batch(rows=1)
     no_eos = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None)
     gen = no_eos[0, ids.shape[1]:]
-    eos = int(gen[5])  # pretend the 6th generated token is EOS
+    # Pretend a token first generated at step 4..8 is EOS.
+    eos = next(int(gen[j]) for j in range(3, 8) if int(gen[j]) not in gen[:j].tolist())
     ref = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos)
     drafter = OracleDrafter(_unpadded(no_eos, mask[:1]), k=8)
     out = model.generate(
@@ -135,7 +140,33 @@ def test_stops_at_eos_even_if_draft_continues(model):
         drafter=drafter,
     )
     assert torch.equal(out, ref)
-    assert out.shape[1] == ids.shape[1] + int((gen == eos).nonzero()[0]) + 1
+    first = int((gen == eos).nonzero()[0])
+    assert out.shape[1] == ids.shape[1] + first + 1
+    # The target agreed with all 8 drafts of round 1 (2nd to 9th token), but the row stopped at its EOS: only the
+    # drafts up to it count as accepted, and the feedback shows the drafts up to it.
+    stats = drafter.last_stats
+    assert 1 <= first <= 8 and stats.target_forwards == 2
+    assert stats.accepted == first and stats.proposed == 8 and stats.new_tokens == first + 1
+    assert drafter.feedback[-1].num_accepted == [first] and len(drafter.feedback[-1].proposed[0]) == first
+    assert drafter.feedback[-1].rejected[0].numel() == 0
+
+
+def test_tokens_per_forward_is_per_row(model):
+    """Plain decoding is 1 token per forward at any batch size; exact drafts of k give n / (1 + ceil((n-1)/(k+1)))."""
+    ids, mask = _batch(rows=3)
+    n, k = 24, 3
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)
+    kwargs = {"attention_mask": mask, "max_new_tokens": n, "do_sample": False, "eos_token_id": None,
+              "custom_generate": speculative_generate}
+    empty = EmptyDrafter(k)
+    model.generate(ids, drafter=empty, **kwargs)
+    assert empty.last_stats.target_forwards == n and empty.last_stats.tokens_per_forward == 1.0
+    oracle = OracleDrafter(_unpadded(ref, mask), k=k)
+    model.generate(ids, drafter=oracle, **kwargs)
+    forwards = 1 + math.ceil((n - 1) / (k + 1))
+    assert oracle.last_stats.target_forwards == forwards
+    assert oracle.last_stats.tokens_per_forward == pytest.approx(n / forwards)
+    assert oracle.last_stats.new_tokens == 3 * n and oracle.last_stats.row_forwards == 3 * forwards
 
 
 def test_custom_stopping_criteria_per_row(model):
