@@ -123,6 +123,16 @@ def test_markers_and_blocks_parse():
     assert all(b.code.strip() for c in found for b in c)
 
 
+MACHINE_PATH = re.compile(r"(?<![\w.~])/(?:work|root|tmp|home|Users)/")
+
+
+def test_docs_name_no_machine_paths():
+    """Docs show relative paths or `~`, never a folder of the machine they were written on."""
+    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in DOCS
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if MACHINE_PATH.search(line)]
+    assert not hits, "\n".join(hits)
+
+
 @pytest.mark.usefixtures("converted_default_model")
 @pytest.mark.parametrize("chain", [_param(c) for c in chains()])
 def test_doc_block_runs(chain, tmp_path):
