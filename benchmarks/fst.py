@@ -116,7 +116,7 @@ def accuracy(model, tok, task, rows, context, max_new_tokens):
 
 @torch.no_grad()
 def kl_to_base(model, base, tok, rows, context, max_new_tokens, seed=0):
-    """Monte-Carlo token KL(pi_theta || pi_base) on completions sampled from pi_theta, same context for both."""
+    """Monte-Carlo token KL(pi_theta || pi_base) on completions sampled from pi_theta; both models see `context`."""
     model.eval()
     torch.manual_seed(seed)
     outs = generate(model, tok, rows, context, max_new_tokens, sample=True)
@@ -169,7 +169,8 @@ def main():
     train_b = Dataset.from_list(task_b.items(a.plasticity_steps * a.problems, seed=a.seed + 4))
     held_b = task_b.items(a.heldout, seed=a.seed + 5)
     rollouts_per_step = a.problems * a.G
-    res: dict = {"config": vars(a), "rollouts_per_step": rollouts_per_step, "torch_threads": 1}
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "plot", "workdir")}  # no local paths
+    res: dict = {"config": settings, "rollouts_per_step": rollouts_per_step, "torch_threads": 1}
 
     def log(msg):
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
@@ -190,10 +191,8 @@ def main():
     g = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(grpo)}
     g["heldout_A_acc"], g["heldout_A_mean_reward"] = accuracy(grpo.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
                                                               a.max_new_tokens)
-    g["kl_to_base"] = kl_to_base(grpo.model, base, tok, held_a, SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
     res["grpo"] = g
-    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f} "
-        f"KL {g['kl_to_base']:.5f}")
+    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f}")
 
     # --- arm 2: FST ---------------------------------------------------------------------------------------------
     model, _ = load_default_model()
@@ -214,10 +213,21 @@ def main():
     f["heldout_A_acc_seed_context"], _ = accuracy(fst.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
                                                   a.max_new_tokens)
     f["base_with_fast_context_acc"], _ = accuracy(base, tok, task_a, held_a, fst.fast_context, a.max_new_tokens)
-    f["kl_to_base"] = kl_to_base(fst.model, base, tok, held_a, fst.fast_context, a.max_new_tokens)
     res["fst"] = f
-    log(f"FST: rewards {[f'{r:.3f}' for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f} KL {f['kl_to_base']:.5f}"
+    log(f"FST: rewards {[f'{r:.3f}' for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f}"
         f" context {f['fast_context']!r}")
+
+    # --- drift from the base model: both arms measured under the same context, for each of the two contexts -------
+    # (the seed context, which GRPO trained under, and FST's learned context); same held-out prompts, same sampling
+    # seed. Comparing each arm under its own context would mix a context effect into the weight drift.
+    res["kl_to_base"] = {}
+    for ctx_name, ctx in (("seed_context", SMOL_DEFAULT_SYSTEM), ("fst_context", fst.fast_context)):
+        res["kl_to_base"][ctx_name] = {
+            arm: kl_to_base(trainer.model, base, tok, held_a, ctx, a.max_new_tokens)
+            for arm, trainer in (("grpo", grpo), ("fst", fst))
+        }
+        log(f"KL to base under the {ctx_name.replace('_', ' ')}: " + ", ".join(
+            f"{arm} {v:.5f}" for arm, v in res["kl_to_base"][ctx_name].items()))
 
     # --- plasticity: plain GRPO on task B from each arm's weights -----------------------------------------------
     res["plasticity"] = {}
