@@ -1,9 +1,11 @@
 """V1-Infer vs self-consistency vs pointwise self-verification on a GSM8K test subset (V1, arXiv 2603.04304).
 
 For each question the default model (SmolLM2-135M-Instruct) samples N candidates once; every selector then picks
-from the *same* candidates, with the same model as judge. Reports accuracy of the picked answer, judge calls and
-judge tokens per question, reply parse failures, and wall time. The run stops taking new questions when
-`--time-budget` seconds have passed, so it can be sized to a shared CPU box.
+from the *same* candidates, with the same model as judge. Each selector has its own judge instance (nothing is
+shared or replayed between selectors), so its judge calls, judge tokens (prompt + generated, padding excluded) and
+seconds are its own, exactly as if it ran alone. Reports accuracy of the picked answer, judge calls and judge tokens
+per question, reply parse failures and selector wall time, as a table per selector and as JSON. The run stops taking
+new questions when `--time-budget` seconds have passed, so it can be sized to a shared CPU box.
 
     python benchmarks/v1_infer.py --num-questions 12 --n 6 --time-budget 840 --out v1_infer.json
 
@@ -36,33 +38,6 @@ from hf_fastslow.generation.v1_infer import (
 SOLVE_SUFFIX = "\nSolve the problem step by step, then finish with the line: The answer is <number>."
 
 
-class MemoJudge:
-    """Replays verdicts already computed for an identical prompt (the judge is greedy, so this is exact).
-
-    Selectors still count every call they make; only wall time is saved when, e.g., the budget-1N tournament's
-    schedule is a prefix of the budget-2N one.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.cache: dict[str, tuple[str, int]] = {}
-        self.calls = 0
-        self.tokens = 0
-
-    def complete(self, prompts):
-        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if todo:
-            before = self.inner.tokens
-            replies = self.inner.complete(todo)
-            # split the batch's token count evenly: only used for per-call cost accounting
-            per = (self.inner.tokens - before) / len(todo)
-            for p, r in zip(todo, replies):
-                self.cache[p] = (r, per)
-        self.calls += len(prompts)
-        self.tokens += sum(self.cache[p][1] for p in prompts)
-        return [self.cache[p][0] for p in prompts]
-
-
 def addition_items(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     items = []
@@ -93,6 +68,19 @@ def sample_candidates(model, tok, questions, n, max_new_tokens, seed, suffix=SOL
     return [decoded[i * n:(i + 1) * n] for i in range(len(questions))]
 
 
+def selector_table(summary: dict) -> str:
+    """The per-selector figures as the markdown table docs/benchmarks/v1.md shows."""
+    done = summary["questions"]
+    lines = ["| selector | accuracy | judge calls / question | judge tokens / question | judge reply parse failures "
+             "| selector s / question |", "|---|---|---|---|---|---|"]
+    for name, s in summary["selectors"].items():
+        judged = s["judge_calls_per_question"] > 0
+        failures = f"{100 * s['parse_failure_rate']:.1f} %" if judged else "–"
+        lines.append(f"| {name} | {s['correct']}/{done} | {s['judge_calls_per_question']:.4g} | "
+                     f"{s['judge_tokens_per_question']:,.0f} | {failures} | {s['selector_seconds_per_question']:.1f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", choices=["gsm8k", "addition"], default="gsm8k")
@@ -120,14 +108,19 @@ def main():
         items = addition_items(args.num_questions, seed=args.seed + 20_000)
         suffix = " Reply with just the number."
 
-    judge = MemoJudge(HFJudge(model, tok, max_new_tokens=args.judge_max_new_tokens, batch_size=16))
+    def judge():  # one per selector: its token and call counters see only that selector's calls
+        return HFJudge(model, tok, max_new_tokens=args.judge_max_new_tokens, batch_size=16)
+
+    judges = {name: judge() for name in ("pointwise", "v1_budget_1N", "v1_budget_2N", "round_robin")}
     selectors = {
         "random": lambda q, c: random_pick(c, seed=args.seed),
         "majority_vote": lambda q, c: majority_vote(c),
-        "pointwise": lambda q, c: PointwiseSelector(judge).select(q, c),
-        "v1_budget_1N": lambda q, c: PairwiseTournament(judge, budget_multiplier=1, seed=args.seed).select(q, c),
-        "v1_budget_2N": lambda q, c: PairwiseTournament(judge, budget_multiplier=2, seed=args.seed).select(q, c),
-        "round_robin": lambda q, c: round_robin(judge, q, c, seed=args.seed),
+        "pointwise": lambda q, c: PointwiseSelector(judges["pointwise"]).select(q, c),
+        "v1_budget_1N": lambda q, c: PairwiseTournament(judges["v1_budget_1N"], budget_multiplier=1,
+                                                        seed=args.seed).select(q, c),
+        "v1_budget_2N": lambda q, c: PairwiseTournament(judges["v1_budget_2N"], budget_multiplier=2,
+                                                        seed=args.seed).select(q, c),
+        "round_robin": lambda q, c: round_robin(judges["round_robin"], q, c, seed=args.seed),
     }
     stats = {name: {"correct": 0, "calls": [], "tokens": [], "parse_failures": 0, "seconds": 0.0} for name in selectors}
     per_question = []
@@ -188,6 +181,7 @@ def main():
         "command_args": vars(args),
     }
     print(json.dumps(summary, indent=2))
+    print(selector_table(summary))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"summary": summary, "per_question": per_question}, f, indent=2)
