@@ -139,6 +139,7 @@ class SuffixTrie:
         self.max_depth = max_depth
         self.root = _Node(-1, 0)
         self.num_nodes = 0
+        self.version = 0  # changes with every insertion or removal (cached match nodes are then stale)
 
     # -- updates ------------------------------------------------------------------------------------------------------
     def _bump(self, node: _Node, token: int, delta: int) -> _Node | None:
@@ -180,6 +181,7 @@ class SuffixTrie:
         """Undo a previous `add(tokens)` exactly (counts decremented, empty nodes freed)."""
         seq = _check_tokens(tokens)
         d = self.max_depth
+        self.version += 1
         for start in range(len(seq)):
             node = self.root
             for tok in seq[start : start + d]:
@@ -231,16 +233,52 @@ class SuffixTrie:
             raise ValueError(f"`budget` must be >= 0, got {budget}.")
         if len(context) == 0:
             raise ValueError("`context` must contain at least one token.")
-        best = TrieDraft([], 0.0, [], [])
         if budget == 0:
-            return best
+            return TrieDraft([], 0.0, [], [])
         stop = stop_tokens if isinstance(stop_tokens, (set, frozenset, tuple)) else set(stop_tokens)
+        return self.draft_from(self.match_nodes(context), budget, max_spec_factor, max_spec_offset, min_token_prob,
+                               stop)
+
+    def match_nodes(self, context: Sequence[int]) -> list[_Node]:
+        """Nodes of the suffixes of `context` (up to D-1 tokens) found in the trie, longest first. A suffix found
+        implies every shorter one is, so these are lengths M, M-1, ..., 1."""
+        out = []
         t = len(context)
         for m in range(1, min(t, self.max_depth - 1) + 1):
             node = self.find(context[t - m :])
             if node is None:
                 break  # a longer suffix contains this one, so it cannot match either
-            cap = min(budget, math.floor(max_spec_factor * m + max_spec_offset))
+            out.append(node)
+        out.reverse()
+        return out
+
+    def advance_matches(self, matches: Sequence[_Node], token: int) -> list[_Node]:
+        """`match_nodes(context + [token])` from `match_nodes(context)` in O(D); valid while the trie is unchanged
+        (`version`)."""
+        nxt = []
+        limit = self.max_depth - 1
+        for node in matches:
+            if node.depth < limit:
+                child = node.child(token)
+                if child is not None:
+                    nxt.append(child)
+        first = self.root.child(token)
+        if first is not None:
+            nxt.append(first)
+        return nxt
+
+    def draft_from(
+        self, matches: Sequence[_Node], budget: int, max_spec_factor: float, max_spec_offset: float,
+        min_token_prob: float, stop: Any,
+    ) -> TrieDraft:
+        """The proposal rule over precomputed `matches` (longest first). Longer matches win ties; once a match length's
+        cap cannot beat the best score (scores are sums of probabilities, at most one per token, and caps shrink with
+        the match length), the shorter ones are skipped."""
+        best = TrieDraft([], 0.0, [], [])
+        for node in matches:
+            cap = min(budget, math.floor(max_spec_factor * node.depth + max_spec_offset))
+            if cap <= best.score + 1:
+                break
             prob, score, draft, counts, freqs = 1.0, 0.0, [], [], []
             while len(draft) < cap and node.best is not None:
                 child = node.best
@@ -255,7 +293,7 @@ class SuffixTrie:
                 node = child
                 if child.token in stop:
                     break
-            if draft and score >= best.score:
+            if draft and score > best.score:
                 best = TrieDraft(draft, score, counts, freqs)
         return best
 
@@ -272,6 +310,7 @@ class _TrieAppender:
 
     def append(self, token: int) -> None:
         trie = self.trie
+        trie.version += 1
         nxt = []
         for node in itertools.chain(self.active, (trie.root,)):
             child = trie._bump(node, token, +1)
@@ -777,12 +816,18 @@ _DEFAULT_BUDGET: Any = object()
 
 
 class _LiveRequest:
-    __slots__ = ("appender", "seen", "trie")
+    """A running request: its own trie (prompt + generated so far) and its match nodes in the problem's trie."""
 
-    def __init__(self, max_depth: int):
-        self.trie = SuffixTrie(max_depth)
-        self.appender = self.trie.appender()
+    __slots__ = ("appender", "hist_matches", "hist_seen", "hist_trie", "hist_version", "seen", "trie")
+
+    def __init__(self, max_depth: int, local: bool):
+        self.trie = SuffixTrie(max_depth) if local else None
+        self.appender = self.trie.appender() if local else None
         self.seen = 0
+        self.hist_trie: SuffixTrie | None = None
+        self.hist_version = -1
+        self.hist_seen = 0
+        self.hist_matches: list = []
 
 
 class DASDrafter(Drafter):
@@ -824,7 +869,7 @@ class DASDrafter(Drafter):
         cost_aware: bool = True,
         cost_model: Any = None,
         acceptance: DraftAcceptanceModel | None = None,
-        explore_every: int = 64,
+        explore_every: int = 128,
     ):
         super().__init__(max_draft_tokens)
         if not 0.0 <= min_token_prob <= 1.0:
@@ -901,25 +946,40 @@ class DASDrafter(Drafter):
         rid = context.request_ids[i]
         state = self._live.get(rid)
         if state is None:
-            state = self._live[rid] = _LiveRequest(self.history.max_depth)
-        ids = context.input_ids[i]
-        if ids.shape[0] > state.seen:
-            state.appender.extend(ids[state.seen :].tolist())
-            state.seen = ids.shape[0]
+            state = self._live[rid] = _LiveRequest(self.history.max_depth, self.use_local)
+        if state.appender is not None:
+            ids = context.input_ids[i]
+            if ids.shape[0] > state.seen:
+                state.appender.extend(ids[state.seen :].tolist())
+                state.seen = ids.shape[0]
         return state
+
+    def _history_matches(self, state: _LiveRequest, tree: SuffixTrie, ids: torch.Tensor) -> list:
+        """Match nodes of row `ids` in the problem trie: advanced token by token while the trie is unchanged,
+        recomputed (O(D^2)) when it changed (a rollout was added or evicted) or many tokens arrived."""
+        n = ids.shape[0]
+        depth = self.history.max_depth
+        if state.hist_trie is tree and True and n - state.hist_seen < depth:
+            matches = state.hist_matches
+            for tok in ids[state.hist_seen :].tolist():
+                matches = tree.advance_matches(matches, tok)
+        else:
+            matches = tree.match_nodes(ids[-(depth - 1) :].tolist())
+        state.hist_trie, state.hist_version, state.hist_seen, state.hist_matches = tree, tree.version, n, matches
+        return matches
 
     def _draft(self, context: DraftContext, i: int, budget: int) -> tuple[list[int], list[tuple]]:
         """Best trie draft for row i (history vs live request, higher score wins) and its acceptance cells."""
-        ctx = context.input_ids[i][-(self.history.max_depth - 1) :].tolist()
         args = (budget, self.max_spec_factor, self.max_spec_offset, self.min_token_prob, context.eos_token_ids)
+        state = self._live_state(context, i)
         best, source = None, "history"
         with self.history.lock:
             tree = self.history.tree(context.problem_ids[i])
             if tree is not None:
-                best = tree.speculate_draft(ctx, *args)
-        if self.use_local:
-            # Own tokens (prompt + generated so far); catching up here also indexes a request the drafter joins late.
-            local = self._live_state(context, i).trie.speculate_draft(ctx, *args)
+                best = tree.draft_from(self._history_matches(state, tree, context.input_ids[i]), *args)
+        if state.trie is not None:
+            # Own tokens (prompt + generated so far): the appender's open suffixes are exactly the context's matches.
+            local = state.trie.draft_from(state.appender.active, *args)
             if best is None or local.score > best.score:
                 best, source = local, "local"
         if best is None or not best.tokens:
@@ -975,7 +1035,7 @@ class DASDrafter(Drafter):
             if cells:
                 self.acceptance.update(cells[: len(feedback.proposed[i])], feedback.num_accepted[i])
             state = self._live.get(rid)
-            if state is not None and len(appended) and not done:
+            if state is not None and state.appender is not None and len(appended) and not done:
                 # Keep the live trie current between rounds; `seen` moves with it so no token is indexed twice.
                 state.appender.extend(appended.tolist())
                 state.seen += len(appended)

@@ -132,6 +132,51 @@ def test_speculate_scores_every_match_length():
     assert draft[:1] == [5]
 
 
+def _reference_speculate(trie, context, budget, factor, offset, tau, stop=()):
+    """The proposal rule written plainly: every match length, ascending, ties to the longer match."""
+    best, best_score = [], 0.0
+    t = len(context)
+    for m in range(1, min(t, trie.max_depth - 1) + 1):
+        node = trie.find(context[t - m :])
+        if node is None:
+            break
+        cap = min(budget, math.floor(factor * m + offset))
+        prob, score, draft = 1.0, 0.0, []
+        while len(draft) < cap and node.best is not None:
+            child = node.best
+            prob *= child.count / node.count
+            if prob < tau:
+                break
+            draft.append(child.token)
+            score += prob
+            node = child
+            if child.token in stop:
+                break
+        if draft and score >= best_score:
+            best, best_score = draft, score
+    return best, best_score
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_matches_and_pruned_proposals_equal_the_plain_rule(seed):
+    rng = random.Random(seed)
+    trie = SuffixTrie(rng.randint(3, 8))
+    for _ in range(6):
+        trie.add([rng.randint(0, 3) for _ in range(rng.randint(5, 30))])
+    context = [rng.randint(0, 3)]
+    matches = trie.match_nodes(context)
+    for _ in range(40):
+        tok = rng.randint(0, 3)
+        matches = trie.advance_matches(matches, tok)
+        context.append(tok)
+        assert [id(n) for n in matches] == [id(n) for n in trie.match_nodes(context)]
+        for budget, factor, offset, tau in ((4, 1.0, 0.0, 0.1), (8, 2.0, 1.0, 0.0), (2, 0.5, 0.0, 0.3)):
+            got = trie.draft_from(matches, budget, factor, offset, tau, {3})
+            want = _reference_speculate(trie, context, budget, factor, offset, tau, {3})
+            assert (got.tokens, got.score) == want
+            assert len(got.counts) == len(got.freqs) == len(got.tokens)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -405,6 +450,43 @@ class _LiveTrieSpy(DASDrafter):
         return drafts
 
 
+class _MatchSpy(DASDrafter):
+    """Checks at every round that each row's cached match nodes in the problem trie are the recomputed ones."""
+
+    def propose(self, context):
+        drafts = super().propose(context)
+        for i, rid in enumerate(context.request_ids):
+            state = self._live.get(rid)
+            tree = self.history.tree(context.problem_ids[i])
+            fresh = state is not None and state.hist_seen == context.input_ids[i].shape[0]  # matched this round
+            if fresh and tree is not None and state.hist_trie is tree:
+                ctx = context.input_ids[i][-(self.history.max_depth - 1) :].tolist()
+                assert [id(n) for n in state.hist_matches] == [id(n) for n in tree.match_nodes(ctx)]
+                self.checked = getattr(self, "checked", 0) + 1
+        return drafts
+
+
+def test_cached_history_matches_follow_the_trie():
+    """A sibling's rollout lands between two rounds and holds the running row's context: the row's cached match nodes
+    are recomputed, so the next round drafts the sibling's continuation."""
+    from hf_fastslow.generation import DraftContext
+
+    drafter = _MatchSpy(history=SuffixHistory(max_depth=8), budget=None, cost_model=FREE, max_draft_tokens=4,
+                        use_local=False)
+    drafter.history.add_rollout("p", [9, 9, 1, 2])  # an unrelated rollout: the trie exists, "3 4 5" is unknown
+    drafter.reset()
+
+    def round_(tokens, r):
+        ctx = DraftContext(input_ids=[torch.tensor(tokens)], budgets=[4], request_ids=["row"], problem_ids=["p"],
+                           prompt_lengths=[2], round=r)
+        return drafter.propose(ctx)[0].tolist()
+
+    assert round_([1, 2, 3], 1) == []
+    drafter.history.add_rollout("p", [1, 2, 3, 4, 5, 6, 7, 8])  # a sibling finished
+    assert round_([1, 2, 3, 4], 2) == [5, 6, 7, 8]
+    assert drafter.checked == 2
+
+
 def test_live_tries_index_each_token_once_and_finished_rows_are_left_alone(model):
     ids, mask = _batch()
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
@@ -414,9 +496,9 @@ def test_live_tries_index_each_token_once_and_finished_rows_are_left_alone(model
     created = []
     original = das_module._LiveRequest.__init__
 
-    def counting_init(self, max_depth):
+    def counting_init(self, *args):
         created.append(1)
-        original(self, max_depth)
+        original(self, *args)
 
     das_module._LiveRequest.__init__ = counting_init
     try:
