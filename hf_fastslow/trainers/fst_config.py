@@ -45,8 +45,11 @@ class FSTConfig(GRPOConfig):
             the current slow weights at each round (scores go stale as the weights move).
         fast_eval_batch_size (`int`, defaults to `16`): prompts per `generate` call during fast rounds.
         fast_eval_do_sample (`bool`, defaults to `False`): greedy scoring is less noisy for accept/reject decisions.
-        reflection_model (`str`, defaults to `"policy"`): `"policy"`, a local model path/id, or an OpenAI-compatible
-            base URL (`http(s)://host/v1`). `FSTTrainer(reflector=...)` overrides it with any `Reflector`/callable.
+        reflection_model (`str`, defaults to `"frozen"`): the reflection LM. `"frozen"`: a frozen copy of the policy
+            as it is when the trainer is built (the paper's frozen reflector; costs one model's weights of memory);
+            `"policy"`: the policy being trained, with its current weights (no extra memory); a local model path/id
+            (loaded frozen); or an OpenAI-compatible base URL (`http(s)://host/v1`). `FSTTrainer(reflector=...)`
+            overrides it with a model object, a `Reflector` or a callable.
         reflection_endpoint_model (`str` or `None`): the `model` field sent to an endpoint.
         reflection_api_key_env (`str`, defaults to `"OPENAI_API_KEY"`): environment variable holding the endpoint key.
         reflection_max_new_tokens (`int`, defaults to `256`), reflection_temperature (`float`, defaults to `0.7`).
@@ -69,7 +72,9 @@ class FSTConfig(GRPOConfig):
     rescore_frontier_each_round: bool = field(default=True, metadata={"help": "Re-score the pool every round."})
     fast_eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call in fast rounds."})
     fast_eval_do_sample: bool = field(default=False, metadata={"help": "Sample (True) or greedy (False) scoring."})
-    reflection_model: str = field(default="policy", metadata={"help": "'policy', a model path, or an endpoint URL."})
+    reflection_model: str = field(
+        default="frozen", metadata={"help": "'frozen' (copy of the initial policy), 'policy', a model path, or a URL."}
+    )
     reflection_endpoint_model: str | None = field(default=None, metadata={"help": "Endpoint `model` field."})
     reflection_api_key_env: str | None = field(default="OPENAI_API_KEY", metadata={"help": "Env var of the key."})
     reflection_max_new_tokens: int = field(default=256, metadata={"help": "Reflection reply length cap."})
@@ -99,6 +104,11 @@ class FSTConfig(GRPOConfig):
             raise ValueError(f"FSTConfig: max_proposals_per_round must be >= 1 (got {self.max_proposals_per_round}).")
         if self.prompts_per_problem is not None and self.prompts_per_problem < 1:
             raise ValueError(f"FSTConfig: prompts_per_problem must be >= 1 or None (got {self.prompts_per_problem}).")
+        if not isinstance(self.reflection_model, str) or not self.reflection_model.strip():
+            raise ValueError(
+                f"FSTConfig: reflection_model must be 'frozen', 'policy', a model path/id or an http(s) URL (got "
+                f"{self.reflection_model!r}); pass model objects or callables as FSTTrainer(reflector=...)."
+            )
         if self.prompt_sampling not in PROMPT_SAMPLING:
             raise ValueError(
                 f"FSTConfig: prompt_sampling must be one of {PROMPT_SAMPLING} (got {self.prompt_sampling!r})."

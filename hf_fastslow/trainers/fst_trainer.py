@@ -70,8 +70,10 @@ class FSTTrainer(GRPOTrainer):
     Args (beyond `GRPOTrainer`'s):
         reward_funcs: `VerifiableTask`s (score + feedback text) and/or plain TRL reward functions (their feedback is
             the score). Reward *models* are not supported: the fast rounds need callable evaluators.
-        reflector (`Reflector`, callable or `str`, *optional*): overrides `args.reflection_model`. A callable is
-            `fn(current_context, records) -> new_context`.
+        reflector (`Reflector`, `nn.Module`, callable or `str`, *optional*): overrides `args.reflection_model`
+            (default `"frozen"`: a frozen copy of `model` as passed in, made here, so reflection does not drift with
+            RL; `"policy"` reflects with the trained weights). A model object is used frozen with this trainer's
+            tokenizer; a callable is `fn(current_context, records) -> new_context`.
         pareto_dataset (`Dataset`, *optional*): problems that score the candidates; default `args.pareto_set_size`
             rows drawn from `train_dataset`.
 
@@ -97,7 +99,7 @@ class FSTTrainer(GRPOTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
-        reflector: Reflector | Callable | str | None = None,
+        reflector: Reflector | torch.nn.Module | Callable | str | None = None,
         pareto_dataset=None,
         **kwargs,
     ):
@@ -132,8 +134,10 @@ class FSTTrainer(GRPOTrainer):
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )
+        # Built after GRPOTrainer has loaded / PEFT-wrapped the model, so "frozen" copies the policy RL starts from.
         self.reflector = make_reflector(
             reflector if reflector is not None else args.reflection_model,
+            policy=self.model, tokenizer=getattr(self.processing_class, "tokenizer", self.processing_class),
             endpoint_model=args.reflection_endpoint_model, api_key_env=args.reflection_api_key_env,
             max_new_tokens=args.reflection_max_new_tokens, temperature=args.reflection_temperature,
         )

@@ -1,18 +1,23 @@
 """Reflection models for FST's fast weights (Tiwari et al., "Learning, Fast and Slow", arXiv 2605.12484).
 
 A reflector reads the current system context and a "reflective dataset" (inputs, generated outputs, feedback text
-from the task's evaluator) and proposes a rewritten context. It is never trained. Three back-ends:
+from the task's evaluator) and proposes a rewritten context. The paper's reflection LM is frozen (never trained).
+Back-ends:
 
-* `PolicyReflector` - the policy being trained (its current weights, no extra memory);
-* `HFReflector` - any other local causal LM (`transformers` `generate`);
+* `FrozenReflector` - a local causal LM in eval mode with gradients off: by default a frozen copy of the initial policy
+  (one model's weights of extra memory), or a named model / model object;
+* `PolicyReflector` - the policy being trained, with its current weights (no extra memory; opt-in, not the paper's);
+* `HFReflector` - a local causal LM used as given (`transformers` `generate`);
 * `OpenAIReflector` - any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, hosted APIs), stdlib only;
 * `FunctionReflector` - a Python callable, e.g. a rule-based rewriter or a scripted reflector in tests.
 
-`make_reflector("policy" | "<local path or model id>" | "http(s)://host/v1", ...)` builds one from `FSTConfig`.
+`make_reflector("frozen" | "policy" | "<local path or model id>" | "http(s)://host/v1" | model | callable, ...)`
+builds one from `FSTConfig.reflection_model` or `FSTTrainer(reflector=...)`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -148,6 +153,32 @@ class HFReflector(Reflector):
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def freeze_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with every parameter's `requires_grad` off (and gradient checkpointing, which trl may have
+    switched on for training, off: it only slows `generate`)."""
+    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    return model.eval().requires_grad_(False)
+
+
+class FrozenReflector(HFReflector):
+    """A local causal LM that is never trained: eval mode, `requires_grad=False`, outside every optimizer.
+
+    `FrozenReflector.copy_of(policy, tokenizer)` is FST's default reflector: a deep copy of the policy as it is when
+    the trainer is built, so reflection quality does not drift with RL. It holds one model's weights of extra memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, **kwargs):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"FrozenReflector needs a torch.nn.Module, got {type(model).__name__}.")
+        super().__init__(freeze_model(model), tokenizer, **kwargs)
+
+    @classmethod
+    def copy_of(cls, policy: torch.nn.Module, tokenizer: Any, **kwargs) -> FrozenReflector:
+        """A frozen deep copy of `policy`: its weights now, unaffected by later updates to `policy`."""
+        return cls(copy.deepcopy(policy), tokenizer, **kwargs)
+
+
 class PolicyReflector(HFReflector):
     """The policy reflects on its own rollouts (the trainer binds its current weights before each fast round)."""
 
@@ -184,27 +215,52 @@ class OpenAIReflector(Reflector):
         return content
 
 
+REFLECTOR_CHOICES = ("'frozen' (a frozen copy of the initial policy, the default)", "'policy' (the trained policy)",
+                     "an http(s)://.../v1 endpoint URL", "a local model path or Hub id (loaded frozen)",
+                     "a torch.nn.Module (used frozen)", "a Reflector", "a callable(current_context, records) -> str")
+
+
 def make_reflector(
-    spec: str | Reflector | Callable | None,
+    spec: str | Reflector | Callable | torch.nn.Module | None,
     *,
+    policy: torch.nn.Module | None = None,
+    tokenizer: Any = None,
     endpoint_model: str | None = None,
     api_key_env: str | None = "OPENAI_API_KEY",
     max_new_tokens: int = 256,
     temperature: float = 0.7,
 ) -> Reflector:
-    """`"policy"` (or None) -> `PolicyReflector`; `"http(s)://..."` -> `OpenAIReflector`; another string -> a local
-    model (`HFReflector.from_pretrained`); a `Reflector` is returned as is; a callable becomes a `FunctionReflector`."""
+    """Build a reflector.
+
+    `"frozen"` (or None) -> `FrozenReflector.copy_of(policy, tokenizer)`; `"policy"` -> `PolicyReflector` (bound to
+    the live policy by the trainer); `"http(s)://..."` -> `OpenAIReflector`; another string -> a local model loaded
+    frozen (`FrozenReflector.from_pretrained`); an `nn.Module` -> `FrozenReflector(module, tokenizer)`; a `Reflector`
+    is returned as is; a callable becomes a `FunctionReflector`.
+    """
+    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     if isinstance(spec, Reflector):
         return spec
-    if spec is None or spec == "policy":
-        return PolicyReflector(max_new_tokens=max_new_tokens, temperature=temperature)
+    if isinstance(spec, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("A model object as reflector needs a tokenizer (the trainer passes its processing_class).")
+        return FrozenReflector(spec, tokenizer, **gen)
+    if spec is None or spec == "frozen":
+        if policy is None or tokenizer is None:
+            raise ValueError("The 'frozen' reflector copies the initial policy: pass policy= and tokenizer=.")
+        return FrozenReflector.copy_of(policy, tokenizer, **gen)
+    if spec == "policy":
+        return PolicyReflector(**gen)
     if callable(spec):
         return FunctionReflector(spec)
     if isinstance(spec, str) and spec.startswith(("http://", "https://")):
         key = os.environ.get(api_key_env) if api_key_env else None
         return OpenAIReflector(spec, model=endpoint_model, api_key=key, max_tokens=max_new_tokens,
                                temperature=temperature)
-    if isinstance(spec, str):
-        return HFReflector.from_pretrained(spec, max_new_tokens=max_new_tokens, temperature=temperature)
-    raise TypeError(f"Cannot build a reflector from {type(spec).__name__}: pass 'policy', a URL, a model path, a "
-                    "Reflector or a callable(current_context, records) -> str.")
+    if isinstance(spec, str) and spec.strip():
+        try:
+            return FrozenReflector.from_pretrained(spec, **gen)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"Reflector {spec!r} is not a loadable model ({type(err).__name__}: {err}). A reflector "
+                             "is one of: " + "; ".join(REFLECTOR_CHOICES) + ".") from err
+    raise TypeError(f"Cannot build a reflector from {spec!r} ({type(spec).__name__}); pass one of: "
+                    + "; ".join(REFLECTOR_CHOICES) + ".")

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("trl")
 from datasets import Dataset
 
+from hf_fastslow.evaluation.memory import storage_bytes
 from hf_fastslow.trainers import (
     FSTConfig,
     FSTTrainer,
@@ -21,7 +22,7 @@ from hf_fastslow.trainers import (
     VerifiableTask,
     load_fast_context,
 )
-from hf_fastslow.trainers.reflection import build_reflection_prompt
+from hf_fastslow.trainers.reflection import FrozenReflector, PolicyReflector, build_reflection_prompt
 from hf_fastslow.trainers.tasks import feedback_for_reward_funcs
 from tests.chat_server import ScriptedChatServer
 from tests.conftest import byte_tokenizer, tiny_llama
@@ -74,6 +75,11 @@ def rule_reflector(calls):
     return FunctionReflector(propose)
 
 
+def module_tensors(module):
+    """Parameters and buffers (the memory walk does not enter modules)."""
+    return list(module.parameters()) + list(module.buffers())
+
+
 def config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", seed=0,
@@ -100,9 +106,12 @@ def test_train_end_to_end_with_policy_reflector(tmp_path):
         seen.append(kwargs)
         return [float(sum(ids) % 5) for ids in completion_ids]  # varies across a group
 
-    trainer = make_trainer(tmp_path, [HouseRuleTask(), length_reward], max_steps=3)  # reflector: the policy itself
+    # The trained policy reflects on its own rollouts only when asked to (the default is a frozen copy).
+    trainer = make_trainer(tmp_path, [HouseRuleTask(), length_reward], max_steps=3, reflection_model="policy")
+    assert isinstance(trainer.reflector, PolicyReflector) and trainer.reflector.model is None  # no copy of weights
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
+    assert trainer.reflector.model is trainer.model  # bound to the live (unwrapped) policy by the fast rounds
     assert trainer.state.global_step == 3
     assert trainer._fast_rounds_done == 2  # before step 1 and before step 3 (T = 2)
     assert trainer.fast_history and all("outcome" in e for e in trainer.fast_history)
@@ -111,6 +120,58 @@ def test_train_end_to_end_with_policy_reflector(tmp_path):
     assert {"fast/pool_size", "fast/best_pareto_score", "reward", "fast/contexts_per_batch"} <= logged
     # Dataset columns and the context id reach plain reward functions (TRL's reward contract).
     assert all("answer" in kw and "fast_context_id" in kw for kw in seen)
+
+
+def test_default_reflector_is_a_frozen_copy_of_the_initial_policy(tmp_path):
+    def varied(prompts, completions, completion_ids, **kwargs):  # varies inside a group, so RL moves the weights
+        return [float(sum(ids) % 5) for ids in completion_ids]
+
+    trainer = make_trainer(tmp_path, [HouseRuleTask(), varied], max_steps=3, fast_every_steps=2)  # no reflector named
+    reflector, policy = trainer.reflector, trainer.model
+    assert isinstance(reflector, FrozenReflector) and reflector.model is not policy
+    initial = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    frozen = dict(reflector.model.named_parameters())
+    assert frozen.keys() == initial.keys() and all(torch.equal(frozen[n], initial[n]) for n in initial)
+    assert not reflector.model.training and not any(p.requires_grad for p in frozen.values())
+    # Memory: the copy shares no storage with the policy; it holds exactly one more set of the policy's weights.
+    held = storage_bytes(module_tensors(reflector.model), exclude=module_tensors(policy))
+    assert held == storage_bytes(module_tensors(policy)) > 0
+    calls = []
+    generate = reflector.model.generate
+    reflector.model.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    trainer.train()
+    # Rounds ran before steps 1 and 3 and asked the frozen model; RL moved the policy but never the reflector, even
+    # in the round after two updates (a copy refreshed per round, or the live policy, would have moved).
+    asked = [e for e in trainer.fast_history if not e["outcome"].startswith("skipped")]
+    assert trainer._fast_rounds_done == 2 and len(calls) == len(asked) > 0 and {e["step"] for e in asked} == {0, 2}
+    assert any(not torch.equal(p.detach(), initial[n]) for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(p, initial[n]) for n, p in reflector.model.named_parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in reflector.model.parameters()}  # no optimizer state for the reflector
+
+
+def test_named_and_object_reflectors_are_frozen_and_bad_values_fail_clearly(tmp_path):
+    named_dir = tmp_path / "reflector"
+    other = tiny_llama(vocab=len(byte_tokenizer()), seed=7)
+    other.save_pretrained(named_dir)
+    byte_tokenizer().save_pretrained(named_dir)
+    trainer = make_trainer(tmp_path / "named", HouseRuleTask(), reflection_model=str(named_dir))
+    assert isinstance(trainer.reflector, FrozenReflector)
+    assert not any(p.requires_grad for p in trainer.reflector.model.parameters())
+    want = dict(other.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in trainer.reflector.model.named_parameters())
+
+    obj = tiny_llama(vocab=len(byte_tokenizer()), seed=3).train()
+    trainer = make_trainer(tmp_path / "object", HouseRuleTask(), reflector=obj)
+    assert trainer.reflector.model is obj and not obj.training and not any(p.requires_grad for p in obj.parameters())
+    assert trainer.reflector.tokenizer is trainer.processing_class
+
+    with pytest.raises(ValueError, match="reflection_model must be 'frozen', 'policy'"):
+        config(tmp_path, reflection_model=" ")
+    with pytest.raises(ValueError, match="not a loadable model.*'frozen'.*'policy'"):
+        make_trainer(tmp_path / "typo", HouseRuleTask(), reflection_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(TypeError, match="Cannot build a reflector from 42"):
+        make_trainer(tmp_path / "int", HouseRuleTask(), reflector=42)
 
 
 def test_context_changes_when_feedback_says_so(tmp_path):
