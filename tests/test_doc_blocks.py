@@ -127,8 +127,11 @@ MACHINE_PATH = re.compile(r"(?<![\w.~])/(?:work|root|tmp|home|Users)/")
 
 
 def test_docs_name_no_machine_paths():
-    """Docs show relative paths or `~`, never a folder of the machine they were written on."""
-    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in DOCS
+    """Docs (pages, result files) and examples show relative paths or `~`, never a folder of the machine they were
+    written on."""
+    files = [REPO / "README.md", *sorted((REPO / "examples").glob("*.py")),
+             *sorted(p for p in (REPO / "docs").rglob("*") if p.suffix in {".md", ".json", ".txt", ".csv"})]
+    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if MACHINE_PATH.search(line)]
     assert not hits, "\n".join(hits)
 
