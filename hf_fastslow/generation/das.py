@@ -277,7 +277,7 @@ class SuffixTrie:
         best = TrieDraft([], 0.0, [], [])
         for node in matches:
             cap = min(budget, math.floor(max_spec_factor * node.depth + max_spec_offset))
-            if cap <= best.score + 1:
+            if cap <= best.score:
                 break
             prob, score, draft, counts, freqs = 1.0, 0.0, [], [], []
             while len(draft) < cap and node.best is not None:
@@ -959,7 +959,7 @@ class DASDrafter(Drafter):
         recomputed (O(D^2)) when it changed (a rollout was added or evicted) or many tokens arrived."""
         n = ids.shape[0]
         depth = self.history.max_depth
-        if state.hist_trie is tree and True and n - state.hist_seen < depth:
+        if state.hist_trie is tree and state.hist_version == tree.version and n - state.hist_seen < depth:
             matches = state.hist_matches
             for tok in ids[state.hist_seen :].tolist():
                 matches = tree.advance_matches(matches, tok)
