@@ -4,12 +4,14 @@ Task A: fresh two-digit additions, 16-token completions; reward 1 iff the reply'
 `ArithmeticTask`). Task B (plasticity): fresh two-digit subtractions, same reward.
 
 Arms, same seed, same training items in the same order, same number of RL rollouts and the same slow optimizer
-(trl CISPO, epsilon_high=5): (1) `trl.GRPOTrainer`; (2) `FSTTrainer` with a rule-based reflector that turns the
-expected reply stated in the feedback into a worked example (it measures the fast/slow machinery - Pareto pool,
-minibatch acceptance, context-conditioned RL - not the quality of an LLM reflector). Both start from SmolLM2's default
-system prompt. Then plain GRPO on task B from each arm's final weights (plasticity).
+(trl CISPO, epsilon_high=5): `grpo` - `trl.GRPOTrainer`; `fst` - `FSTTrainer` with a rule-based reflector that turns
+the expected reply stated in the feedback into a worked example (it measures the fast/slow machinery - Pareto pool,
+minibatch acceptance, context-conditioned RL - not the quality of an LLM reflector); `fst_frozen` - `FSTTrainer` with
+its default reflector, a frozen copy of the initial policy (the paper's frozen reflection LM, here a weak one). All
+start from SmolLM2's default system prompt. Then plain GRPO on task B from each arm's final weights (plasticity).
 
 Run:  python benchmarks/fst.py --out docs/benchmarks/fst_results.json --plot docs/fst_reward_vs_rollouts.png
+      (--arms grpo,fst,fst_frozen by default; --seed N for each seed)
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from hf_fastslow import load_default_model  # noqa: E402
+from hf_fastslow.evaluation.memory import storage_bytes  # noqa: E402
 from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
 from hf_fastslow.trainers.fst_trainer import apply_context  # noqa: E402
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+ARMS = ("grpo", "fst", "fst_frozen")
+ARM_LABELS = {"grpo": "GRPO", "fst": "FST, rule-based reflector", "fst_frozen": "FST, frozen-copy reflector"}
 
 
 class ArithmeticTask(VerifiableTask):
@@ -141,6 +146,10 @@ def common_args(a, out_dir, steps):
     )
 
 
+def module_tensors(module):
+    return list(module.parameters()) + list(module.buffers())
+
+
 def rewards_from(trainer):
     return [e["reward"] for e in trainer.state.log_history if "reward" in e]
 
@@ -157,10 +166,15 @@ def main():
     p.add_argument("--heldout", type=int, default=12)
     p.add_argument("--plasticity-steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    p.add_argument("--reflection-max-new-tokens", type=int, default=64, help="fst_frozen arm's reflection length")
     p.add_argument("--out", default="docs/benchmarks/fst_results.json")
     p.add_argument("--plot", default="docs/fst_reward_vs_rollouts.png")
     p.add_argument("--workdir", default="/tmp/fst_bench")
     a = p.parse_args()
+    arms = [x for x in a.arms.split(",") if x]
+    if not arms or set(arms) - set(ARMS):
+        p.error(f"--arms must be a comma-separated subset of {ARMS} (got {a.arms!r})")
     t_start = time.time()
     task_a, task_b = ArithmeticTask("+"), ArithmeticTask("-")
     train_a = Dataset.from_list(task_a.items(a.steps * a.problems, seed=a.seed + 1))
@@ -181,57 +195,70 @@ def main():
     res["base"] = {"heldout_A_acc": acc[0], "heldout_A_mean_reward": acc[1]}
     log(f"base model, seed context: held-out A acc {acc[0]:.3f} (mean reward {acc[1]:.3f})")
 
-    # --- arm 1: GRPO alone ---------------------------------------------------------------------------------------
-    model, _ = load_default_model()
-    t0 = time.time()
-    grpo_args = GRPOConfig(**common_args(a, f"{a.workdir}/grpo", a.steps))
-    grpo = GRPOTrainer(model=model, reward_funcs=task_a, args=grpo_args,
-                       train_dataset=train_a, processing_class=tok)
-    grpo.train()
-    g = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(grpo)}
-    g["heldout_A_acc"], g["heldout_A_mean_reward"] = accuracy(grpo.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
-                                                              a.max_new_tokens)
-    res["grpo"] = g
-    log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f}")
+    trainers = {}
+    if "grpo" in arms:
+        model, _ = load_default_model()
+        t0 = time.time()
+        grpo_args = GRPOConfig(**common_args(a, f"{a.workdir}/grpo", a.steps))
+        grpo = GRPOTrainer(model=model, reward_funcs=task_a, args=grpo_args,
+                           train_dataset=train_a, processing_class=tok)
+        grpo.train()
+        g = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(grpo)}
+        g["heldout_A_acc"], g["heldout_A_mean_reward"] = accuracy(grpo.model, tok, task_a, held_a,
+                                                                  SMOL_DEFAULT_SYSTEM, a.max_new_tokens)
+        res["grpo"], trainers["grpo"] = g, grpo
+        log(f"GRPO: rewards {[f'{r:.3f}' for r in g['reward_curve']]} acc {g['heldout_A_acc']:.3f}")
 
-    # --- arm 2: FST ---------------------------------------------------------------------------------------------
-    model, _ = load_default_model()
-    t0 = time.time()
-    fst_args = FSTConfig(**common_args(a, f"{a.workdir}/fst", a.steps), fast_every_steps=a.fast_every,
-                         candidates_per_round=1, max_proposals_per_round=2, reflection_minibatch_size=3,
-                         seed_context=SMOL_DEFAULT_SYSTEM, fast_eval_batch_size=16)
-    fst = FSTTrainer(model=model, reward_funcs=task_a, args=fst_args, train_dataset=train_a, processing_class=tok,
-                     reflector=FunctionReflector(demonstration_reflector), pareto_dataset=pareto_a)
-    fst.train()
-    f = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(fst), "fast_context": fst.fast_context,
-         "pool_size": len(fst.fast_pool), "history": fst.fast_history,
-         "fast_round_seconds": [e["fast/round_seconds"] for e in fst.state.log_history if "fast/round_seconds" in e]}
-    # Fast-round generations (Pareto scoring + minibatch evaluations) are extra rollouts, reported separately.
-    f["fast_round_generations"] = fst.fast_rollouts
-    f["heldout_A_acc"], f["heldout_A_mean_reward"] = accuracy(fst.model, tok, task_a, held_a, fst.fast_context,
-                                                              a.max_new_tokens)
-    f["heldout_A_acc_seed_context"], _ = accuracy(fst.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
-                                                  a.max_new_tokens)
-    f["base_with_fast_context_acc"], _ = accuracy(base, tok, task_a, held_a, fst.fast_context, a.max_new_tokens)
-    res["fst"] = f
-    log(f"FST: rewards {[f'{r:.3f}' for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f}"
-        f" context {f['fast_context']!r}")
+    # --- FST arms: same schedule, different reflector ------------------------------------------------------------
+    for name in [x for x in arms if x != "grpo"]:
+        model, _ = load_default_model()
+        t0 = time.time()
+        fst_args = FSTConfig(**common_args(a, f"{a.workdir}/{name}", a.steps), fast_every_steps=a.fast_every,
+                             candidates_per_round=1, max_proposals_per_round=2, reflection_minibatch_size=3,
+                             seed_context=SMOL_DEFAULT_SYSTEM, fast_eval_batch_size=16,
+                             reflection_max_new_tokens=a.reflection_max_new_tokens)
+        # fst_frozen names no reflector: FSTTrainer's default, a frozen copy of the initial policy.
+        reflector = FunctionReflector(demonstration_reflector) if name == "fst" else None
+        fst = FSTTrainer(model=model, reward_funcs=task_a, args=fst_args, train_dataset=train_a, processing_class=tok,
+                         reflector=reflector, pareto_dataset=pareto_a)
+        fst.train()
+        f = {"train_seconds": time.time() - t0, "reward_curve": rewards_from(fst), "fast_context": fst.fast_context,
+             "reflector": type(fst.reflector).__name__, "pool_size": len(fst.fast_pool), "history": fst.fast_history,
+             "fast_round_seconds": [e["fast/round_seconds"] for e in fst.state.log_history
+                                    if "fast/round_seconds" in e]}
+        reflector_model = getattr(fst.reflector, "model", None)
+        # Memory the reflector adds beyond the policy: every storage of its model not shared with the policy.
+        f["reflector_extra_bytes"] = storage_bytes(module_tensors(reflector_model), exclude=module_tensors(
+            fst.model)) if reflector_model is not None else 0
+        # Fast-round generations (Pareto scoring + minibatch evaluations) are extra rollouts, reported separately.
+        f["fast_round_generations"] = fst.fast_rollouts
+        f["heldout_A_acc"], f["heldout_A_mean_reward"] = accuracy(fst.model, tok, task_a, held_a, fst.fast_context,
+                                                                  a.max_new_tokens)
+        f["heldout_A_acc_seed_context"], _ = accuracy(fst.model, tok, task_a, held_a, SMOL_DEFAULT_SYSTEM,
+                                                      a.max_new_tokens)
+        f["base_with_fast_context_acc"], _ = accuracy(base, tok, task_a, held_a, fst.fast_context, a.max_new_tokens)
+        res[name], trainers[name] = f, fst
+        fst.reflector = None  # free the frozen copy before the next arm (its figures are recorded)
+        log(f"{ARM_LABELS[name]}: rewards {[f'{r:.3f}' for r in f['reward_curve']]} acc {f['heldout_A_acc']:.3f}"
+            f" context {f['fast_context']!r} reflector extra bytes {f['reflector_extra_bytes']:,}")
 
     # --- drift from the base model: both arms measured under the same context, for each of the two contexts -------
     # (the seed context, which GRPO trained under, and FST's learned context); same held-out prompts, same sampling
     # seed. Comparing each arm under its own context would mix a context effect into the weight drift.
     res["kl_to_base"] = {}
-    for ctx_name, ctx in (("seed_context", SMOL_DEFAULT_SYSTEM), ("fst_context", fst.fast_context)):
+    contexts = [("seed_context", SMOL_DEFAULT_SYSTEM)] + [
+        (f"{name}_context", res[name]["fast_context"]) for name in trainers if name != "grpo"]
+    for ctx_name, ctx in contexts:
         res["kl_to_base"][ctx_name] = {
             arm: kl_to_base(trainer.model, base, tok, held_a, ctx, a.max_new_tokens)
-            for arm, trainer in (("grpo", grpo), ("fst", fst))
+            for arm, trainer in trainers.items()
         }
         log(f"KL to base under the {ctx_name.replace('_', ' ')}: " + ", ".join(
             f"{arm} {v:.5f}" for arm, v in res["kl_to_base"][ctx_name].items()))
 
     # --- plasticity: plain GRPO on task B from each arm's weights -----------------------------------------------
     res["plasticity"] = {}
-    for name, trainer in (("grpo", grpo), ("fst", fst)):
+    for name, trainer in trainers.items() if a.plasticity_steps > 0 else ():  # --plasticity-steps 0 skips it
         t0 = time.time()
         model = trainer.model
         tb = GRPOTrainer(model=model, reward_funcs=task_b,
@@ -262,10 +289,12 @@ def plot(res, path):
 
     rps = res["rollouts_per_step"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, label in (("grpo", "GRPO"), ("fst", "FST (fast context + GRPO)")):
+    for name, label in ARM_LABELS.items():
+        if name not in res:
+            continue
         curve = res[name]["reward_curve"]
         axes[0].plot([rps * (i + 1) for i in range(len(curve))], curve, marker="o", label=label)
-        curve_b = res["plasticity"][name]["reward_curve_B"]
+        curve_b = res["plasticity"].get(name, {}).get("reward_curve_B", [])
         axes[1].plot([rps * (i + 1) for i in range(len(curve_b))], curve_b, marker="o", label=f"GRPO on B from {label}")
     axes[0].set(title="Task A (addition): training reward", xlabel="RL rollouts", ylabel="mean reward")
     axes[1].set(title="Plasticity: plain GRPO on task B", xlabel="RL rollouts on B", ylabel="mean reward")
