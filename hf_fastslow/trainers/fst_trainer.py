@@ -134,6 +134,10 @@ class FSTTrainer(GRPOTrainer):
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )
+        if isinstance(reflector, torch.nn.Module) and (reflector is model or reflector is self.model):
+            # Freezing the trained model itself would stop RL; the live policy as reflector is spelled "policy".
+            raise ValueError("FSTTrainer: reflector= is the model being trained; pass reflector='policy' to reflect "
+                             "with the trained weights, or a separate model to reflect with a frozen one.")
         # Built after GRPOTrainer has loaded / PEFT-wrapped the model, so "frozen" copies the policy RL starts from.
         self.reflector = make_reflector(
             reflector if reflector is not None else args.reflection_model,

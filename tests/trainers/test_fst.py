@@ -170,6 +170,11 @@ def test_named_and_object_reflectors_are_frozen_and_bad_values_fail_clearly(tmp_
         config(tmp_path, reflection_model=" ")
     with pytest.raises(ValueError, match="not a loadable model.*'frozen'.*'policy'"):
         make_trainer(tmp_path / "typo", HouseRuleTask(), reflection_model=str(tmp_path / "no-such-model"))
+    policy = tiny_llama(vocab=len(byte_tokenizer()))
+    with pytest.raises(ValueError, match="reflector='policy'"):
+        FSTTrainer(model=policy, reward_funcs=HouseRuleTask(), args=config(tmp_path / "self"), train_dataset=dataset(),
+                   processing_class=byte_tokenizer(), reflector=policy)
+    assert all(p.requires_grad for p in policy.parameters())  # refused before anything was frozen
     with pytest.raises(TypeError, match="Cannot build a reflector from 42"):
         make_trainer(tmp_path / "int", HouseRuleTask(), reflector=42)
 
