@@ -264,8 +264,9 @@ def speculative_generate(
     del outputs
     # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
     pending_feedback = [i for i in range(batch_size) if finished[i]]
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    prompt_lengths = [len(p) for p in prompts]
     if pending_feedback:
-        empty = torch.empty(0, dtype=torch.long, device=device)
         drafter.observe(
             DraftFeedback(
                 request_ids=[request_ids[i] for i in pending_feedback],
@@ -275,16 +276,20 @@ def speculative_generate(
                 appended=[tokens[i, prompt_width : lengths[i]] for i in pending_feedback],
                 finished=[True for _ in pending_feedback],
                 round=0,
-                prompt_lengths=[len(prompts[i]) for i in pending_feedback],
+                prompt_lengths=[prompt_lengths[i] for i in pending_feedback],
                 sequences=[committed(i) for i in pending_feedback],
             )
         )
 
     # --- verify rounds ----------------------------------------------------------------------------------------------
+    # A round in which no row drafts costs what a plain `generate` step costs: one batched forward, batched choice,
+    # no per-row tensors beyond the views the drafter contract hands out.
     round_index = 0
+    mask_full = bool(attention_mask.all())  # kept in Python: no device sync to decide whether to pass the mask
     while not all(finished):
         round_index += 1
         active = [i for i in range(batch_size) if not finished[i]]
+        everyone = len(active) == batch_size
         budgets = [0] * batch_size
         for i in active:
             budgets[i] = max(0, min(drafter.max_draft_tokens, max_length - lengths[i] - 1, spare - 1))
@@ -293,7 +298,7 @@ def speculative_generate(
             budgets=budgets,
             request_ids=request_ids,
             problem_ids=problem_ids,
-            prompt_lengths=[len(p) for p in prompts],
+            prompt_lengths=prompt_lengths,
             round=round_index,
             do_sample=do_sample,
             eos_token_ids=eos_ids,
@@ -305,33 +310,48 @@ def speculative_generate(
             raise ValueError(
                 f"{type(drafter).__name__}.propose returned {len(proposals)} drafts for {batch_size} rows."
             )
-        drafts: list[list[int]] = [[] for _ in range(batch_size)]
+        draft_len = [0] * batch_size
+        drafts: dict[int, list[int]] = {}
         for i in active:
             d = proposals[i]
+            if budgets[i] == 0 or len(d) == 0:
+                continue
             d = d.reshape(-1).tolist() if isinstance(d, torch.Tensor) else [int(t) for t in d]
-            drafts[i] = d[: budgets[i]]
-            if drafts[i] and not (0 <= min(drafts[i]) and max(drafts[i]) < vocab_size):
+            d = d[: budgets[i]]
+            if not (0 <= min(d) and max(d) < vocab_size):
                 raise ValueError(
                     f"{type(drafter).__name__}.propose returned token ids outside the model's vocabulary "
-                    f"[0, {vocab_size}) for row {i}: {drafts[i]}"
+                    f"[0, {vocab_size}) for row {i}: {d}"
                 )
-        draft_len = [len(d) for d in drafts]
-        width = 1 + max(draft_len[i] for i in active)
+            drafts[i], draft_len[i] = d, len(d)
+        width = 1 + max(draft_len)
         length_t = torch.tensor(lengths, device=device)
-        cols = torch.arange(width, device=device)
-        active_t = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        active_t[active] = True
         if width > 1:
-            draft_t = torch.tensor([d + [pad_id] * (width - 1 - len(d)) for d in drafts], device=device)
-            tokens.scatter_(1, length_t[:, None] + cols[None, : width - 1], draft_t)
-        # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
-        step_ids = tokens.gather(1, length_t[:, None] - 1 + cols[None, :])
-        step_mask = ((cols[None, :] <= torch.tensor(draft_len, device=device)[:, None]) & active_t[:, None]).long()
-        step_pos = torch.tensor(n_cached, device=device)[:, None] + cols[None, :]
+            cols = torch.arange(width, device=device)
+            draft_t = torch.tensor(
+                [drafts.get(i, []) + [pad_id] * (width - 1 - draft_len[i]) for i in range(batch_size)], device=device
+            )
+            tokens.scatter_(1, length_t[:, None] + cols[None, :-1], draft_t)
+            # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
+            step_ids = tokens.gather(1, length_t[:, None] - 1 + cols[None, :])
+            step_mask = cols[None, :] <= torch.tensor(draft_len, device=device)[:, None]
+            step_pos = torch.tensor(n_cached, device=device)[:, None] + cols[None, :]
+        else:
+            step_ids = tokens.gather(1, length_t[:, None] - 1)
+            step_mask = torch.ones((batch_size, 1), dtype=torch.bool, device=device)
+            step_pos = torch.tensor(n_cached, device=device)[:, None]
+        if not everyone:
+            active_t = torch.zeros(batch_size, dtype=torch.bool, device=device)
+            active_t[active] = True
+            step_mask &= active_t[:, None]
+        else:
+            active_t = step_mask[:, 0]
+        step_mask = step_mask.long()
         full_mask = torch.cat([attention_mask, step_mask], dim=1)
-        mask_arg = None if bool(full_mask.all()) else full_mask
+        uniform = everyone and all(n == width - 1 for n in draft_len)
         outputs = speculative_forward(
-            model, step_ids, mask_arg, step_pos, cache, logits_to_keep=width, output_hidden_states=want_hidden,
+            model, step_ids, None if mask_full and uniform else full_mask, step_pos, cache, logits_to_keep=width,
+            output_hidden_states=want_hidden,
         )
         stats.target_forwards += 1
         cache = output_cache(outputs) or cache
@@ -356,16 +376,17 @@ def speculative_generate(
         if width > 1:
             matches = (choice[:, :-1] == step_ids[:, 1:]) & (step_mask[:, 1:] == 1)
             accepted_t = matches.long().cumprod(dim=1).sum(dim=1)
+            # The target's token after the accepted drafts goes right behind them.
+            tokens.scatter_(1, (length_t + accepted_t)[:, None], choice.gather(1, accepted_t[:, None]))
+            accepted_rows = accepted_t.tolist()
         else:
-            accepted_t = torch.zeros(batch_size, dtype=torch.long, device=device)
-        # The target's token after the accepted drafts goes right behind them.
-        bonus_col = length_t + accepted_t
-        tokens.scatter_(1, bonus_col[:, None], choice.gather(1, accepted_t[:, None]))
-        choice_rows, accepted_rows = choice.tolist(), accepted_t.tolist()
+            tokens.scatter_(1, length_t[:, None], choice)
+            accepted_rows = [0] * batch_size
+        choice_rows = choice.tolist()
 
         num_accepted = [0] * batch_size
-        judged = list(draft_len)  # drafts the row used: all of them, unless it stopped on one
-        appended: list[torch.Tensor] = [None] * batch_size
+        judged = list(draft_len)  # drafts each row used: all of them, unless it stopped on one
+        appended: list[torch.Tensor] = [empty] * batch_size
         verified_logits: list[torch.Tensor | None] = [None] * batch_size
         for i in active:
             n = accepted_rows[i]
@@ -383,26 +404,27 @@ def speculative_generate(
                         row_logits[i].append(logits[i, j])
             if want_target_logits:
                 verified_logits[i] = scores[i, : n + 1].detach()
-            stats.rounds += 1
             stats.proposed += draft_len[i]
             stats.accepted += n
             stats.emitted += len(kept)
             stats.new_tokens += len(kept)
+        stats.rounds += len(active)
 
         # Cache bookkeeping: row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole.
-        keep_cols = 1 + max(num_accepted[i] for i in active)
-        step_mask = step_mask * (cols[None, :] <= torch.tensor(num_accepted, device=device)[:, None])
+        keep_cols = 1 + max(num_accepted)
+        if width > 1:
+            step_mask = step_mask * (cols[None, :] <= torch.tensor(num_accepted, device=device)[:, None])
         attention_mask = torch.cat([attention_mask, step_mask[:, :keep_cols]], dim=1)
+        mask_full = mask_full and everyone and all(n == keep_cols - 1 for n in num_accepted)
         speculative_crop(cache, width - keep_cols)
         if want_hidden:
             hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, width, L, H)
-        new_hidden = [None] * batch_size
-        for i in active:
-            if want_hidden:
-                new_hidden[i] = hs[i, : 1 + num_accepted[i]].detach()
+            hidden = [None] * batch_size
+            for i in active:
+                hidden[i] = hs[i, : 1 + num_accepted[i]].detach()
                 offsets[i] = n_cached[i]
+        for i in active:
             n_cached[i] += 1 + num_accepted[i]
-        hidden = new_hidden
         del outputs, logits
         holes = attention_mask.shape[1] - max(n_cached)
         if compactable and holes >= max(_COMPACT_MIN_HOLES, attention_mask.shape[1] // 8):
@@ -411,7 +433,7 @@ def speculative_generate(
             order = torch.where(attention_mask.bool(), cols_all, -1).argsort(dim=1, stable=True)[:, holes:]
             speculative_compact_cache(cache, order)
             attention_mask = attention_mask.gather(1, order)
-            compacted = True
+            mask_full, compacted = bool(attention_mask.all()), True
 
         if streamer is not None:  # batch size 1
             streamer.put(appended[0].cpu())
@@ -419,13 +441,13 @@ def speculative_generate(
             DraftFeedback(
                 request_ids=[request_ids[i] for i in active],
                 problem_ids=[problem_ids[i] for i in active],
-                proposed=[step_ids[i, 1 : 1 + judged[i]] for i in active],
+                proposed=[step_ids[i, 1 : 1 + judged[i]] if judged[i] else empty for i in active],
                 num_accepted=[num_accepted[i] for i in active],
                 appended=[appended[i] for i in active],
                 finished=[finished[i] for i in active],
                 round=round_index,
                 target_logits=[verified_logits[i] for i in active] if want_target_logits else None,
-                prompt_lengths=[len(prompts[i]) for i in active],
+                prompt_lengths=[prompt_lengths[i] for i in active],
                 sequences=[committed(i) if finished[i] else None for i in active],
             )
         )

@@ -671,3 +671,34 @@ def test_batched_cache_is_compacted(model, pads):
     longest_row = ids.shape[1] - min(pads) + n - 1  # tokens in the cache: the last one is never fed
     assert uncompacted > longest_row + 40
     assert cache.get_seq_length() <= longest_row + 16 + (k + 1)
+
+
+def test_processors_called_once_per_round_with_the_batch(model):
+    """A round without drafts calls each processor once with generate's batch view (the same calls as generate);
+    with drafts, once per verified position while some row is still accepting (and once per distinct row length for
+    a processor outside the content-only set)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, input_ids, scores):
+            self.calls.append((tuple(input_ids.shape), tuple(scores.shape)))
+            return scores
+
+    ids, mask = _batch(rows=3)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
+    plain_rec, spec_rec = Recorder(), Recorder()
+    ref = model.generate(ids, logits_processor=LogitsProcessorList([plain_rec]), **kwargs)
+    out = model.generate(ids, logits_processor=LogitsProcessorList([spec_rec]), custom_generate=speculative_generate,
+                         drafter=EmptyDrafter(3), **kwargs)
+    assert torch.equal(out, ref) and spec_rec.calls == plain_rec.calls and len(plain_rec.calls) == 12
+
+    drafted = Recorder()
+    drafter = OracleDrafter(_unpadded(ref, mask), k=3)  # every row accepts everything: rows stay level
+    model.generate(ids, logits_processor=LogitsProcessorList([drafted]), custom_generate=speculative_generate,
+                   drafter=drafter, **kwargs)
+    # One call per position, each with the whole batch: 12 calls (prefill + 11 verified positions) in 4 forwards.
+    assert drafter.last_stats.target_forwards == 1 + math.ceil(11 / 4)
+    assert [shapes[0] for shapes in drafted.calls] == [shapes[0] for shapes in plain_rec.calls]
