@@ -23,6 +23,7 @@ import bisect
 import contextlib
 import itertools
 import math
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -663,21 +664,23 @@ class OnlineRoundCost:
     """Verify-round cost learned from wall-clock time on the hardware at hand.
 
     `DASDrafter` times every round from one `propose` to the next (the target pass, the loop's bookkeeping and the
-    drafter itself) and reports `(tokens fed, seconds)`. A running mean is kept per pass size, and `cost(n) = base +
-    per_token * n` is fitted to them by weighted least squares with a prior `per_token / base = prior_token_ratio`
-    (weight `prior_weight`, in observations of the residual `mean size * (per_token - ratio * base)`): before rounds
-    of two sizes are measured the curve has the prior's shape through the measured point; afterwards the measurements
-    decide. Drafting decisions explore wider passes only when the
-    current curve says they pay, and every such round corrects the curve.
+    drafter itself) and reports `(tokens fed, seconds)`. Per pass size the median of the last `memory` rounds is kept
+    (a median, because on a shared machine another process's burst makes single rounds several times slower), and
+    `cost(n) = base + per_token * n` is fitted to the medians by least squares weighted by their counts, with a prior
+    `per_token / base = prior_token_ratio` (weight `prior_weight`, in observations of the residual
+    `mean size * (per_token - ratio * base)`): until rounds of clearly different sizes are measured the curve keeps the
+    prior's shape through the measured point; afterwards the measurements decide. The slope is kept within
+    [0, base] (a wider pass never costs less, and one more token never costs more than the fixed part of a pass).
+    Decisions only widen the pass when the current curve says it pays, and each such round corrects the curve.
 
     Args:
         prior_token_ratio (`float`): assumed extra cost of one more token in the pass, relative to the fixed cost.
         prior_weight (`float`): weight of that prior, in observations.
-        memory (`int`): a size's running mean follows roughly its last `memory` rounds.
+        memory (`int`): rounds remembered per pass size.
         max_sizes (`int`): pass sizes remembered (least recently seen forgotten first).
     """
 
-    def __init__(self, prior_token_ratio: float = 0.03, prior_weight: float = 0.1, memory: int = 32,
+    def __init__(self, prior_token_ratio: float = 0.03, prior_weight: float = 0.2, memory: int = 16,
                  max_sizes: int = 64):
         if prior_token_ratio < 0 or prior_weight <= 0 or memory < 1 or max_sizes < 2:
             raise ValueError("need prior_token_ratio >= 0, prior_weight > 0, memory >= 1 and max_sizes >= 2.")
@@ -685,23 +688,20 @@ class OnlineRoundCost:
         self.prior_weight = prior_weight
         self.memory = memory
         self.max_sizes = max_sizes
-        self._points: OrderedDict[int, list[float]] = OrderedDict()  # tokens -> [weight, mean seconds]
+        self._points: OrderedDict[int, deque[float]] = OrderedDict()  # tokens -> recent round times (s)
         self._coefficients: tuple[float, float] | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens < 1 or not seconds > 0:
             return
-        point = self._points.get(tokens)
-        if point is None:
-            point = self._points[tokens] = [0.0, seconds]
+        times = self._points.get(tokens)
+        if times is None:
+            times = self._points[tokens] = deque(maxlen=self.memory)
             if len(self._points) > self.max_sizes:
                 self._points.popitem(last=False)
         else:
             self._points.move_to_end(tokens)
-            if point[0] >= 3:  # a spike from another process on a shared machine moves the mean by a bounded step
-                seconds = min(max(seconds, point[1] / 3), 3 * point[1])
-        point[0] = min(point[0] + 1.0, float(self.memory))
-        point[1] += (seconds - point[1]) / point[0]
+        times.append(seconds)
         self._coefficients = None
 
     def coefficients(self) -> tuple[float, float]:
@@ -712,7 +712,8 @@ class OnlineRoundCost:
         if not self._points:
             return 1.0, r
         s = sn = snn = sy = sny = 0.0
-        for n, (w, y) in self._points.items():
+        for n, times in self._points.items():
+            w, y = float(len(times)), statistics.median(times)
             s += w
             sn += w * n
             snn += w * n * n
@@ -726,9 +727,9 @@ class OnlineRoundCost:
         b = (m11 * sny - m12 * sy) / det
         if b < 0:  # a wider pass never costs less
             a, b = sy / s, 0.0
-        if a <= 0:  # keep a positive fixed cost; refit the slope alone
-            a = 0.05 * sy / s
-            b = max(0.0, (sny - a * sn) / snn)
+        if a <= 0 or b > a:  # keep 0 <= per_token <= base: refit the common scale with per_token = base
+            a = sy / (s + sn)
+            b = a
         self._coefficients = (a, b)
         return a, b
 

@@ -655,7 +655,7 @@ def test_choose_verify_width_rule():
 
 
 def test_online_round_cost_learns_a_linear_curve():
-    cost = OnlineRoundCost(prior_token_ratio=0.05, prior_weight=2.0)
+    cost = OnlineRoundCost(prior_token_ratio=0.05)
     assert cost.cost(21) / cost.cost(1) == pytest.approx(2.05 / 1.05)  # prior shape before any data
     for _ in range(5):
         cost.observe(8, 0.4)
@@ -663,18 +663,26 @@ def test_online_round_cost_learns_a_linear_curve():
     assert cost.cost(8) == pytest.approx(0.4) and cost.cost(16) / cost.cost(8) == pytest.approx(1.8 / 1.4)
     cost = OnlineRoundCost(prior_token_ratio=0.05)
     truth = LinearRoundCost(0.1, 0.02)
-    for _ in range(20):
+    rng = random.Random(0)
+    for _ in range(16):
         for n in (8, 16, 40):
-            cost.observe(n, truth.cost(n))
+            # a shared machine: most rounds near the truth, one in five slowed 3x by another process
+            cost.observe(n, truth.cost(n) * (3.0 if rng.random() < 0.2 else rng.uniform(0.97, 1.03)))
     base, per_token = cost.coefficients()
-    assert base == pytest.approx(0.1, rel=0.1) and per_token == pytest.approx(0.02, rel=0.1)
-    cost.observe(8, 50.0)  # one spike (another process) moves a well-measured size by a bounded step
-    assert cost.cost(8) < 2 * truth.cost(8)
+    assert per_token == pytest.approx(0.02, rel=0.1)  # the intercept is an extrapolation: the prior pulls it
+    for n in (8, 16, 40):
+        assert cost.cost(n) == pytest.approx(truth.cost(n), rel=0.05)
     flat = OnlineRoundCost()
     for _ in range(10):
         flat.observe(4, 1.0)
         flat.observe(64, 0.9)  # wider measured faster (noise): never a negative slope
     assert flat.coefficients()[1] == 0.0
+    steep = OnlineRoundCost()
+    for _ in range(10):
+        steep.observe(1, 0.1)
+        steep.observe(2, 0.5)  # noise: one more token "costs" 4x the pass; the slope is capped at the base
+    base, per_token = steep.coefficients()
+    assert per_token == base and steep.cost(2) / steep.cost(1) == pytest.approx(1.5)
 
 
 def test_acceptance_model_learns_per_cell():
