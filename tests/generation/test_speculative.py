@@ -436,10 +436,11 @@ def _cache_of(out):
 
 
 @pytest.mark.parametrize("kind", ["empty", "partial"])
-def test_multi_turn_cache_reuse_batch1(model, kind):
+def test_multi_turn_cache_reuse_batch1(kind):
     """Turn 2 of a conversation with the cache left by turn 1: only the new tokens are fed, same text as generate."""
     import copy
 
+    model = _position_sensitive_llama()
     ids, _ = _batch(rows=1)
     kwargs = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None}
     ref1 = model.generate(ids, return_dict_in_generate=True, **kwargs, **cache_kwargs(model, DynamicCache()))
@@ -477,10 +478,12 @@ def _count_tokens_fed(model):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_prefilled_prompt_cache_left_padded(model, rows):
-    """A prompt cache (shared prefix computed once, deep-copied per call) + a suffix: same tokens as generate."""
+def test_prefilled_prompt_cache_left_padded(rows):
+    """A prompt cache (shared prefix computed once, deep-copied per call) + a suffix: same tokens as generate (on a
+    model that notices positions off by the padding)."""
     import copy
 
+    model = _position_sensitive_llama()
     prefix, prefix_mask = _batch(rows=rows, width=9)
     suffix = torch.randint(3, 128, (rows, 5), generator=torch.Generator().manual_seed(4))
     ids = torch.cat([prefix, suffix], dim=1)
@@ -702,3 +705,65 @@ def test_processors_called_once_per_round_with_the_batch(model):
     # One call per position, each with the whole batch: 12 calls (prefill + 11 verified positions) in 4 forwards.
     assert drafter.last_stats.target_forwards == 1 + math.ceil(11 / 4)
     assert [shapes[0] for shapes in drafted.calls] == [shapes[0] for shapes in plain_rec.calls]
+
+
+# --- position ids of left-padded rows: tested on models that react to a shift ----------------------------------------
+def _position_sensitive_llama():
+    """A tiny Llama whose greedy output changes when generated tokens sit 3-5 positions off: RoPE with a small base
+    (fast rotation), query/key weights scaled so attention follows positions, a sharpened head (no near ties).
+    Random tiny models at default scale attend almost uniformly and did not notice such a shift."""
+    model = tiny_llama(num_layers=2, hidden=64, seed=11, rope_parameters={"rope_type": "default", "rope_theta": 10.0})
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
+def _greedy_with_generated_positions_shifted(model, ids, mask, shift, steps):
+    """Plain greedy decoding by hand where row i's generated tokens get positions `shift[i]` too high."""
+    cache, positions = DynamicCache(), (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache)).logits
+        token, pos, out = logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1 + shift[:, None], [ids]
+        for _ in range(steps - 1):
+            out.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            logits = model(token, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache)).logits
+            token, pos = logits[:, -1].argmax(-1, keepdim=True), pos + 1
+        return torch.cat(out + [token], 1)
+
+
+def test_left_padded_positions_on_a_position_sensitive_model():
+    model = _position_sensitive_llama()
+    ids, mask = _batch(rows=3, pads=(0, 3, 5))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    # The model has the power to see the bug: shifting the padded rows' generated positions changes their text.
+    shifted = _greedy_with_generated_positions_shifted(model, ids, mask, torch.tensor([0, 3, 5]), 30)
+    assert not torch.equal(shifted[1], ref[1]) and not torch.equal(shifted[2], ref[2])
+    for drafter in (OracleDrafter(_unpadded(ref, mask), k=4, corrupt=0.3), OracleDrafter(_unpadded(ref, mask), k=3),
+                    EmptyDrafter(2)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                             custom_generate=speculative_generate, drafter=drafter)
+        assert torch.equal(out, ref), type(drafter).__name__
+
+
+def test_left_padded_positions_on_the_default_model(default_model):
+    """SmolLM2-135M, three chat prompts left-padded by different amounts, drafts partly wrong: same tokens as
+    generate."""
+    model, tok = default_model
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("Name a color.", "List three prime numbers, please.", "Write one sentence about the sea and ships.")
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    pads = (enc["attention_mask"] == 0).sum(1).tolist()
+    assert len(set(pads)) == 3 and max(pads) >= 3
+    kwargs = {**enc, "max_new_tokens": 16, "do_sample": False}
+    ref = model.generate(**kwargs)
+    drafter = OracleDrafter(_unpadded(ref, enc["attention_mask"]), k=4, corrupt=0.3, vocab=model.config.vocab_size)
+    out = model.generate(**kwargs, custom_generate=speculative_generate, drafter=drafter)
+    assert torch.equal(out, ref)
+    assert drafter.last_stats.accepted > 0 and drafter.last_stats.target_forwards < 16
