@@ -175,9 +175,10 @@ def speculative_generate(
     # --- per-row state ----------------------------------------------------------------------------------------------
     # `tokens[i, :lengths[i]]` is row i as plain `generate` shows it (left pads + prompt + generated); a round writes
     # the row's draft right after it, so accepted drafts are already in place. Committed tokens never pass
-    # `max_length` (drafts stop one short of it); the spare columns absorb the padding of shorter drafts.
+    # `max_length` (drafts stop one short of it); the spare columns absorb the padding of shorter drafts. The buffer
+    # grows by doubling (views handed out earlier keep the old storage, whose committed part never changes).
     spare = drafter.max_draft_tokens + 1
-    buffer_width = max(max_length, prompt_width + 1) + spare
+    buffer_width = min(max(max_length, prompt_width + 1), prompt_width + 256) + spare
     tokens = torch.full((batch_size, buffer_width), pad_id, dtype=torch.long, device=device)
     tokens[:, :prompt_width] = input_ids
     lengths = [prompt_width] * batch_size
@@ -325,6 +326,9 @@ def speculative_generate(
                 )
             drafts[i], draft_len[i] = d, len(d)
         width = 1 + max(draft_len)
+        if max(lengths) + spare > tokens.shape[1]:
+            grown = min(2 * tokens.shape[1], max_length + spare) - tokens.shape[1]
+            tokens = torch.cat([tokens, tokens.new_full((batch_size, grown), pad_id)], dim=1)
         length_t = torch.tensor(lengths, device=device)
         if width > 1:
             cols = torch.arange(width, device=device)

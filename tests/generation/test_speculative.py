@@ -767,3 +767,24 @@ def test_left_padded_positions_on_the_default_model(default_model):
     out = model.generate(**kwargs, custom_generate=speculative_generate, drafter=drafter)
     assert torch.equal(out, ref)
     assert drafter.last_stats.accepted > 0 and drafter.last_stats.target_forwards < 16
+
+
+def test_long_generation_grows_the_token_buffer(model):
+    """More new tokens than the loop's initial token buffer (prompt + 256): the buffer grows, the text is generate's,
+    and every row view handed to the drafter keeps its tokens to the end (views are never written again)."""
+
+    class ViewKeeper(OracleDrafter):
+        def propose(self, context):
+            self.views = getattr(self, "views", []) + list(context.input_ids)
+            return super().propose(context)
+
+    ids, mask = _batch(rows=2, pads=(0, 4))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=300, do_sample=False, eos_token_id=None)
+    references = _unpadded(ref, mask)
+    drafter = ViewKeeper(references, k=6, corrupt=0.2)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=300, do_sample=False, eos_token_id=None,
+                         custom_generate=speculative_generate, drafter=drafter)
+    assert torch.equal(out, ref)
+    assert len(drafter.views) > 2 * 40
+    for n, view in enumerate(drafter.views):
+        assert torch.equal(view, references[n % 2][: view.numel()])
