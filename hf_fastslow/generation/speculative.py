@@ -9,8 +9,14 @@ Usage::
 
 Batch > 1 (HF's assisted loop is batch-1 only) uses a "holey" cache: every row verifies its own draft in one padded
 target pass, rows then advance by different amounts, the rejected positions of rows behind the leader stay in the
-cache but are masked out, each row keeps its own position ids, and only the tail that no row needs is cropped. With
-batch size 1 this is exactly HF's assisted loop (crop the rejected tail).
+cache but are masked out, each row keeps its own position ids, and only the tail that no row needs is cropped; the
+holes are compacted now and then. With batch size 1 this is exactly HF's assisted loop (crop the rejected tail).
+
+One call is a `_SpeculativeRun` going through named steps: `prefill` (the uncached prompt tail, the first token),
+then rounds of `propose` (the drafter's tokens, checked and written behind each row), `verify` (one target forward
+over every row's last token + draft, the target's own choice at every position, processors batched) and `accept`
+(commit each row's accepted drafts + the target's token, stop rows, cache bookkeeping, drafter feedback), and
+`finish` (the `generate`-shaped output).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,6 +101,20 @@ def speculative_generate(
         `return_dict_in_generate=True` (with `scores` / `logits` if requested; rows that already finished hold
         `-inf` scores; the cache is returned only when it has no masked holes, i.e. batch size 1).
     """
+    _check_call(model, input_ids, generation_config, synced_gpus, streamer, drafter)
+    run = _SpeculativeRun(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, drafter, problem_ids,
+        request_ids, model_kwargs,
+    )
+    run.prefill()
+    while not all(run.finished):
+        step = run.propose()
+        run.verify(step)
+        run.accept(step)
+    return run.finish()
+
+
+def _check_call(model, input_ids, generation_config, synced_gpus, streamer, drafter) -> None:
     if drafter is None:
         raise ValueError(
             "speculative_generate needs a draft source: call `generate(..., custom_generate=speculative_generate, "
@@ -121,82 +142,121 @@ def speculative_generate(
         raise ValueError("Streaming is only supported for batch size 1.")
     drafter.check_compatible(model)
 
-    cache = cache_from_kwargs(model_kwargs)
-    batch_size, prompt_width = input_ids.shape
-    speculative_cache_check(cache, batch_size)
-    device = input_ids.device
-    do_sample = bool(generation_config.do_sample)
 
-    # --- special tokens, lengths, ids -------------------------------------------------------------------------------
-    eos = generation_config._eos_token_tensor if hasattr(generation_config, "_eos_token_tensor") else None
-    if eos is None and generation_config.eos_token_id is not None:
-        eos = torch.as_tensor(generation_config.eos_token_id)
-    eos_ids = tuple(int(t) for t in eos.reshape(-1).tolist()) if eos is not None else ()
-    pad = getattr(generation_config, "_pad_token_tensor", None)
-    if pad is None and generation_config.pad_token_id is not None:
-        pad = torch.as_tensor(generation_config.pad_token_id)
-    pad_id = int(pad.reshape(-1)[0]) if pad is not None else (eos_ids[0] if eos_ids else 0)
-    max_length, other_criteria = split_stopping_criteria(stopping_criteria)
-    if max_length is None:
-        max_length = generation_config.max_length
+@dataclass
+class _Round:
+    """One verification round: what `propose` prepared, what `verify` found."""
 
-    attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"speculative_generate needs `input_ids` to hold the whole sequence its attention mask covers (got ids "
-            f"{tuple(input_ids.shape)}, mask {tuple(attention_mask.shape)}); with a prefilled cache, pass the cached "
-            "tokens too."
-        )
-    valid = attention_mask.bool()
-    prompts = [input_ids[i][valid[i]] for i in range(batch_size)]
-    left_pad = [int((~valid[i]).sum()) for i in range(batch_size)]
-    if any(bool(valid[i, left_pad[i]:].all()) is False for i in range(batch_size)):
-        raise ValueError("speculative_generate expects left padding (pad tokens only at the start of each row).")
+    index: int
+    active: list[int]  # rows still generating
+    everyone: bool  # every row is active
+    draft_len: list[int]  # draft tokens of each row (after the budget), 0 for finished rows
+    width: int  # 1 + the longest draft: tokens fed per row
+    length_t: torch.Tensor | None = None  # rows' lengths (plain layout) before the round
+    cols: torch.Tensor | None = None  # arange(width), when width > 1
+    step_ids: torch.Tensor | None = None  # (B, width): last committed token + draft, padded
+    step_mask: torch.Tensor | None = None  # (B, width) long: real fed tokens
+    outputs: Any = None
+    logits: torch.Tensor | None = None  # (B, width, V) float32
+    scores: torch.Tensor | None = None  # processed logits (the logits themselves without processors)
+    choice_rows: list[list[int]] | None = None  # the target's own token at every position
+    accepted_rows: list[int] | None = None  # leading drafts equal to the target's choice
 
-    call = next(_call_counter)
-    request_ids = _as_id_list(request_ids, batch_size, "request_ids") or [(call, i) for i in range(batch_size)]
-    problem_ids = _as_id_list(problem_ids, batch_size, "problem_ids") or [problem_id_for(p) for p in prompts]
 
-    extra_kwargs = {k: v for k, v in model_kwargs.items() if k not in _HANDLED_KWARGS and v is not None}
-    want_hidden = bool(drafter.needs_hidden_states)
-    layers = tuple(drafter.hidden_state_layers)
-    want_target_logits = bool(drafter.needs_target_logits)
-    return_dict = bool(generation_config.return_dict_in_generate)
-    keep_scores = return_dict and bool(generation_config.output_scores)
-    keep_logits = return_dict and bool(generation_config.output_logits)
+class _SpeculativeRun:
+    """The state of one `speculative_generate` call, advanced by its round steps.
 
-    vocab_size = model.get_input_embeddings().num_embeddings
-    stats = SpeculativeStats(sequences=batch_size)
-    drafter.reset()
+    Row i is kept in `generate`'s layout in a token buffer: `tokens[i, :lengths[i]]` = left pads + prompt + generated;
+    a round writes the row's draft right behind it, so accepted drafts are already in place. Committed tokens never
+    pass `max_length` (drafts stop one short of it); the spare columns absorb the padding of shorter drafts. The buffer
+    grows by doubling (views handed out earlier keep the old storage, whose committed part never changes).
+    `n_cached[i]` counts the real (non-pad) tokens of row i in the cache; `attention_mask` covers the cache columns.
+    """
 
-    # --- per-row state ----------------------------------------------------------------------------------------------
-    # `tokens[i, :lengths[i]]` is row i as plain `generate` shows it (left pads + prompt + generated); a round writes
-    # the row's draft right after it, so accepted drafts are already in place. Committed tokens never pass
-    # `max_length` (drafts stop one short of it); the spare columns absorb the padding of shorter drafts. The buffer
-    # grows by doubling (views handed out earlier keep the old storage, whose committed part never changes).
-    spare = drafter.max_draft_tokens + 1
-    buffer_width = min(max(max_length, prompt_width + 1), prompt_width + 256) + spare
-    tokens = torch.full((batch_size, buffer_width), pad_id, dtype=torch.long, device=device)
-    tokens[:, :prompt_width] = input_ids
-    lengths = [prompt_width] * batch_size
-    finished = [False] * batch_size
-    row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
-    row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
-    # Number of real (non-pad) tokens of each row that are in the cache.
-    n_cached = [0] * batch_size
-    processors = RoundProcessors(logits_processor)
+    def __init__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, drafter,
+                 problem_ids, request_ids, model_kwargs):
+        self.model, self.input_ids, self.drafter, self.streamer = model, input_ids, drafter, streamer
+        self.logits_processor = logits_processor
+        self.model_kwargs = model_kwargs
+        self.cache = cache_from_kwargs(model_kwargs)
+        self.batch_size, self.prompt_width = batch_size, prompt_width = input_ids.shape
+        speculative_cache_check(self.cache, batch_size)
+        self.device = device = input_ids.device
+        self.do_sample = bool(generation_config.do_sample)
 
-    def committed(i: int) -> torch.Tensor:
+        # Special tokens and lengths.
+        eos = generation_config._eos_token_tensor if hasattr(generation_config, "_eos_token_tensor") else None
+        if eos is None and generation_config.eos_token_id is not None:
+            eos = torch.as_tensor(generation_config.eos_token_id)
+        self.eos_ids = tuple(int(t) for t in eos.reshape(-1).tolist()) if eos is not None else ()
+        pad = getattr(generation_config, "_pad_token_tensor", None)
+        if pad is None and generation_config.pad_token_id is not None:
+            pad = torch.as_tensor(generation_config.pad_token_id)
+        self.pad_id = int(pad.reshape(-1)[0]) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        max_length, self.other_criteria = split_stopping_criteria(stopping_criteria)
+        self.max_length = max_length if max_length is not None else generation_config.max_length
+
+        # Rows: left padding, prompts, ids.
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self.attention_mask = attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"speculative_generate needs `input_ids` to hold the whole sequence its attention mask covers (got ids "
+                f"{tuple(input_ids.shape)}, mask {tuple(attention_mask.shape)}); with a prefilled cache, pass the "
+                "cached tokens too."
+            )
+        valid = attention_mask.bool()
+        self.prompts = [input_ids[i][valid[i]] for i in range(batch_size)]
+        self.left_pad = [int((~valid[i]).sum()) for i in range(batch_size)]
+        if any(bool(valid[i, self.left_pad[i]:].all()) is False for i in range(batch_size)):
+            raise ValueError("speculative_generate expects left padding (pad tokens only at the start of each row).")
+        self.prompt_lengths = [len(p) for p in self.prompts]
+        call = next(_call_counter)
+        self.request_ids = (_as_id_list(request_ids, batch_size, "request_ids")
+                            or [(call, i) for i in range(batch_size)])
+        self.problem_ids = (_as_id_list(problem_ids, batch_size, "problem_ids")
+                            or [problem_id_for(p) for p in self.prompts])
+
+        # What the drafter and the caller asked for.
+        self.want_hidden = bool(drafter.needs_hidden_states)
+        self.layers = tuple(drafter.hidden_state_layers)
+        self.want_target_logits = bool(drafter.needs_target_logits)
+        self.return_dict = bool(generation_config.return_dict_in_generate)
+        self.keep_scores = self.return_dict and bool(generation_config.output_scores)
+        self.keep_logits = self.return_dict and bool(generation_config.output_logits)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.stats = SpeculativeStats(sequences=batch_size)
+        drafter.reset()
+
+        # Per-row state.
+        self.spare = drafter.max_draft_tokens + 1
+        buffer_width = min(max(self.max_length, prompt_width + 1), prompt_width + 256) + self.spare
+        self.tokens = torch.full((batch_size, buffer_width), self.pad_id, dtype=torch.long, device=device)
+        self.tokens[:, :prompt_width] = input_ids
+        self.lengths = [prompt_width] * batch_size
+        self.finished = [False] * batch_size
+        self.row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+        self.row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+        self.n_cached = [0] * batch_size
+        self.hidden: list[torch.Tensor | None] = [None] * batch_size
+        self.offsets = [0] * batch_size
+        self.processors = RoundProcessors(logits_processor)
+        self.empty = torch.empty(0, dtype=torch.long, device=device)
+        self.round_index = 0
+        self.compactable = self.compacted = False
+        self.mask_full = False  # the attention mask is all ones (kept in Python: no device sync per round)
+
+    # ---- helpers ----------------------------------------------------------------------------------------------------
+    def committed(self, i: int) -> torch.Tensor:
         """Row i without padding (prompt + generated): a view, never written again."""
-        return tokens[i, left_pad[i] : lengths[i]]
+        return self.tokens[i, self.left_pad[i] : self.lengths[i]]
 
-    def select(scores: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The target's token (argmax or a sample) for every row of `scores` (..., V), or only for `rows` (others 0:
         their scores may be garbage, e.g. all -inf)."""
-        if not do_sample:
+        if not self.do_sample:
             return scores.argmax(dim=-1)
         if rows is None:
             probs = torch.softmax(scores.reshape(-1, scores.shape[-1]), dim=-1)
@@ -205,106 +265,105 @@ def speculative_generate(
         out[rows] = torch.multinomial(torch.softmax(scores[rows], dim=-1), num_samples=1).squeeze(-1)
         return out
 
-    def append(i: int, new: list[int]) -> list[int]:
+    def append(self, i: int, new: list[int]) -> list[int]:
         """Commit `new` to row i (already written at `tokens[i, lengths[i]:]`) until the row stops; returns the
         tokens actually kept."""
         kept = []
         for tok in new:
             kept.append(tok)
-            lengths[i] += 1
-            stop = tok in eos_ids or lengths[i] >= max_length
+            self.lengths[i] += 1
+            stop = tok in self.eos_ids or self.lengths[i] >= self.max_length
             # Other criteria (stop strings, max time) see the row exactly as plain generate would show it.
-            if stop or any(bool(c(tokens[i : i + 1, : lengths[i]], None).reshape(-1)[0]) for c in other_criteria):
-                finished[i] = True
+            if stop or any(
+                bool(c(self.tokens[i : i + 1, : self.lengths[i]], None).reshape(-1)[0]) for c in self.other_criteria
+            ):
+                self.finished[i] = True
                 break
         return kept
 
-    # --- prefill ----------------------------------------------------------------------------------------------------
-    # A cache that already holds the first `past` columns of the prompt (multi-turn reuse, a prompt cache) is kept:
-    # only the uncached tail is fed, at its own positions, as `generate` does.
-    past = cache.get_seq_length()
-    if past >= prompt_width:
-        raise ValueError(
-            f"The cache already holds {past} tokens but the prompt has {prompt_width}: pass the whole conversation "
-            "(cached tokens + at least one new token) as `input_ids`."
-        )
-    position_ids = model_kwargs.get("position_ids")
-    if position_ids is None or position_ids.shape[-1] != prompt_width:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    mask_arg = None if bool(attention_mask.all()) else attention_mask
-    outputs = speculative_forward(
-        model, input_ids[:, past:], mask_arg, position_ids[..., past:], cache, logits_to_keep=1,
-        output_hidden_states=want_hidden, **extra_kwargs,
-    )
-    stats.target_forwards += 1
-    cache = output_cache(outputs) or cache
-    speculative_cache_check(cache, batch_size)
-    speculative_prepare_cache(cache)
-    compactable, compacted = batch_size > 1 and speculative_cache_compactable(cache), False
-    first_logits = outputs.logits[:, -1].to(dtype=torch.float32)
-    first_scores = logits_processor(input_ids, first_logits) if processors else first_logits
-    first_tokens = select(first_scores)
-    tokens[:, prompt_width] = first_tokens
-    first_tokens = first_tokens.tolist()
-    hidden = [None] * batch_size
-    offsets = [0] * batch_size
-    if want_hidden:
-        hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, P, L, H)
-        # Hidden states exist for the fed tail only: row i's first real fed token is at column lp_i - past (if > 0).
-        hidden = [hs[i, max(left_pad[i] - past, 0):].detach() for i in range(batch_size)]
-        offsets = [max(past - left_pad[i], 0) for i in range(batch_size)]
-    for i in range(batch_size):
-        n_cached[i] = len(prompts[i])
-        if keep_scores:
-            row_scores[i].append(first_scores[i])
-        if keep_logits:
-            row_logits[i].append(first_logits[i])
-        stats.new_tokens += len(append(i, [first_tokens[i]]))
-    if streamer is not None:
-        streamer.put(tokens[0, prompt_width : lengths[0]].cpu())
-    del outputs
-    # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
-    pending_feedback = [i for i in range(batch_size) if finished[i]]
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    prompt_lengths = [len(p) for p in prompts]
-    if pending_feedback:
-        drafter.observe(
-            DraftFeedback(
-                request_ids=[request_ids[i] for i in pending_feedback],
-                problem_ids=[problem_ids[i] for i in pending_feedback],
-                proposed=[empty for _ in pending_feedback],
-                num_accepted=[0 for _ in pending_feedback],
-                appended=[tokens[i, prompt_width : lengths[i]] for i in pending_feedback],
-                finished=[True for _ in pending_feedback],
-                round=0,
-                prompt_lengths=[prompt_lengths[i] for i in pending_feedback],
-                sequences=[committed(i) for i in pending_feedback],
+    # ---- prefill ----------------------------------------------------------------------------------------------------
+    def prefill(self) -> None:
+        """Feed the prompt (only its uncached tail) and pick every row's first token."""
+        input_ids, batch_size, prompt_width = self.input_ids, self.batch_size, self.prompt_width
+        attention_mask, stats = self.attention_mask, self.stats
+        # A cache that already holds the first `past` columns of the prompt (multi-turn reuse, a prompt cache) is
+        # kept: only the uncached tail is fed, at its own positions, as `generate` does.
+        past = self.cache.get_seq_length()
+        if past >= prompt_width:
+            raise ValueError(
+                f"The cache already holds {past} tokens but the prompt has {prompt_width}: pass the whole "
+                "conversation (cached tokens + at least one new token) as `input_ids`."
             )
+        position_ids = self.model_kwargs.get("position_ids")
+        if position_ids is None or position_ids.shape[-1] != prompt_width:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask_full = bool(attention_mask.all())
+        extra_kwargs = {k: v for k, v in self.model_kwargs.items() if k not in _HANDLED_KWARGS and v is not None}
+        outputs = speculative_forward(
+            self.model, input_ids[:, past:], None if self.mask_full else attention_mask, position_ids[..., past:],
+            self.cache, logits_to_keep=1, output_hidden_states=self.want_hidden, **extra_kwargs,
         )
+        stats.target_forwards += 1
+        self.cache = cache = output_cache(outputs) or self.cache
+        speculative_cache_check(cache, batch_size)
+        speculative_prepare_cache(cache)
+        self.compactable = batch_size > 1 and speculative_cache_compactable(cache)
+        first_logits = outputs.logits[:, -1].to(dtype=torch.float32)
+        first_scores = self.logits_processor(input_ids, first_logits) if self.processors else first_logits
+        first_tokens = self.select(first_scores)
+        self.tokens[:, prompt_width] = first_tokens
+        first_tokens = first_tokens.tolist()
+        if self.want_hidden:
+            hs = torch.stack([outputs.hidden_states[j] for j in self.layers], dim=2)  # (B, P, L, H)
+            # Hidden states exist for the fed tail only: row i's first real fed token is at column lp_i - past.
+            self.hidden = [hs[i, max(self.left_pad[i] - past, 0):].detach() for i in range(batch_size)]
+            self.offsets = [max(past - self.left_pad[i], 0) for i in range(batch_size)]
+        for i in range(batch_size):
+            self.n_cached[i] = self.prompt_lengths[i]
+            if self.keep_scores:
+                self.row_scores[i].append(first_scores[i])
+            if self.keep_logits:
+                self.row_logits[i].append(first_logits[i])
+            stats.new_tokens += len(self.append(i, [first_tokens[i]]))
+        if self.streamer is not None:
+            self.streamer.put(self.tokens[0, prompt_width : self.lengths[0]].cpu())
+        # A finished row still needs one feedback call (the contract: exactly one `finished=True` per row).
+        done = [i for i in range(batch_size) if self.finished[i]]
+        if done:
+            self.drafter.observe(
+                DraftFeedback(
+                    request_ids=[self.request_ids[i] for i in done],
+                    problem_ids=[self.problem_ids[i] for i in done],
+                    proposed=[self.empty for _ in done],
+                    num_accepted=[0 for _ in done],
+                    appended=[self.tokens[i, prompt_width : self.lengths[i]] for i in done],
+                    finished=[True for _ in done],
+                    round=0,
+                    prompt_lengths=[self.prompt_lengths[i] for i in done],
+                    sequences=[self.committed(i) for i in done],
+                )
+            )
 
-    # --- verify rounds ----------------------------------------------------------------------------------------------
-    # A round in which no row drafts costs what a plain `generate` step costs: one batched forward, batched choice,
-    # no per-row tensors beyond the views the drafter contract hands out.
-    round_index = 0
-    mask_full = bool(attention_mask.all())  # kept in Python: no device sync to decide whether to pass the mask
-    while not all(finished):
-        round_index += 1
-        active = [i for i in range(batch_size) if not finished[i]]
-        everyone = len(active) == batch_size
+    # ---- propose ----------------------------------------------------------------------------------------------------
+    def propose(self) -> _Round:
+        """Ask the drafter for every row's draft (within its budget), check it and write it behind the row."""
+        batch_size, drafter, lengths = self.batch_size, self.drafter, self.lengths
+        self.round_index += 1
+        active = [i for i in range(batch_size) if not self.finished[i]]
         budgets = [0] * batch_size
         for i in active:
-            budgets[i] = max(0, min(drafter.max_draft_tokens, max_length - lengths[i] - 1, spare - 1))
+            budgets[i] = max(0, min(drafter.max_draft_tokens, self.max_length - lengths[i] - 1, self.spare - 1))
         context = DraftContext(
-            input_ids=[committed(i) for i in range(batch_size)],
+            input_ids=[self.committed(i) for i in range(batch_size)],
             budgets=budgets,
-            request_ids=request_ids,
-            problem_ids=problem_ids,
-            prompt_lengths=prompt_lengths,
-            round=round_index,
-            do_sample=do_sample,
-            eos_token_ids=eos_ids,
-            hidden_states=hidden if want_hidden else None,
-            hidden_offsets=offsets if want_hidden else None,
+            request_ids=self.request_ids,
+            problem_ids=self.problem_ids,
+            prompt_lengths=self.prompt_lengths,
+            round=self.round_index,
+            do_sample=self.do_sample,
+            eos_token_ids=self.eos_ids,
+            hidden_states=self.hidden if self.want_hidden else None,
+            hidden_offsets=self.offsets if self.want_hidden else None,
         )
         proposals = drafter.propose(context)
         if len(proposals) != batch_size:
@@ -319,164 +378,188 @@ def speculative_generate(
                 continue
             d = d.reshape(-1).tolist() if isinstance(d, torch.Tensor) else [int(t) for t in d]
             d = d[: budgets[i]]
-            if not (0 <= min(d) and max(d) < vocab_size):
+            if not (0 <= min(d) and max(d) < self.vocab_size):
                 raise ValueError(
                     f"{type(drafter).__name__}.propose returned token ids outside the model's vocabulary "
-                    f"[0, {vocab_size}) for row {i}: {d}"
+                    f"[0, {self.vocab_size}) for row {i}: {d}"
                 )
             drafts[i], draft_len[i] = d, len(d)
-        width = 1 + max(draft_len)
-        if max(lengths) + spare > tokens.shape[1]:
-            grown = min(2 * tokens.shape[1], max_length + spare) - tokens.shape[1]
-            tokens = torch.cat([tokens, tokens.new_full((batch_size, grown), pad_id)], dim=1)
-        length_t = torch.tensor(lengths, device=device)
-        if width > 1:
-            cols = torch.arange(width, device=device)
+        step = _Round(self.round_index, active, len(active) == batch_size, draft_len, 1 + max(draft_len))
+        if max(lengths) + self.spare > self.tokens.shape[1]:
+            grown = min(2 * self.tokens.shape[1], self.max_length + self.spare) - self.tokens.shape[1]
+            self.tokens = torch.cat([self.tokens, self.tokens.new_full((batch_size, grown), self.pad_id)], dim=1)
+        step.length_t = torch.tensor(lengths, device=self.device)
+        if step.width > 1:
+            step.cols = torch.arange(step.width, device=self.device)
             draft_t = torch.tensor(
-                [drafts.get(i, []) + [pad_id] * (width - 1 - draft_len[i]) for i in range(batch_size)], device=device
+                [drafts.get(i, []) + [self.pad_id] * (step.width - 1 - draft_len[i]) for i in range(batch_size)],
+                device=self.device,
             )
-            tokens.scatter_(1, length_t[:, None] + cols[None, :-1], draft_t)
-            # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
-            step_ids = tokens.gather(1, length_t[:, None] - 1 + cols[None, :])
-            step_mask = cols[None, :] <= torch.tensor(draft_len, device=device)[:, None]
-            step_pos = torch.tensor(n_cached, device=device)[:, None] + cols[None, :]
+            self.tokens.scatter_(1, step.length_t[:, None] + step.cols[None, :-1], draft_t)
+        return step
+
+    # ---- verify -----------------------------------------------------------------------------------------------------
+    def verify(self, step: _Round) -> None:
+        """One target forward over every row's last committed token + draft; the target's own choice at every
+        position (processors batched over rows per position), the number of leading drafts it agrees with, and its
+        token behind them written into the buffer."""
+        batch_size, device, width = self.batch_size, self.device, step.width
+        length_t, cols = step.length_t, step.cols
+        # Row i feeds its last committed token (not yet in the cache) and its draft, padded to `width`.
+        if width > 1:
+            step_ids = self.tokens.gather(1, length_t[:, None] - 1 + cols[None, :])
+            step_mask = cols[None, :] <= torch.tensor(step.draft_len, device=device)[:, None]
+            step_pos = torch.tensor(self.n_cached, device=device)[:, None] + cols[None, :]
         else:
-            step_ids = tokens.gather(1, length_t[:, None] - 1)
+            step_ids = self.tokens.gather(1, length_t[:, None] - 1)
             step_mask = torch.ones((batch_size, 1), dtype=torch.bool, device=device)
-            step_pos = torch.tensor(n_cached, device=device)[:, None]
-        if not everyone:
+            step_pos = torch.tensor(self.n_cached, device=device)[:, None]
+        if not step.everyone:
             active_t = torch.zeros(batch_size, dtype=torch.bool, device=device)
-            active_t[active] = True
+            active_t[step.active] = True
             step_mask &= active_t[:, None]
         else:
             active_t = step_mask[:, 0]
         step_mask = step_mask.long()
-        full_mask = torch.cat([attention_mask, step_mask], dim=1)
-        uniform = everyone and all(n == width - 1 for n in draft_len)
-        outputs = speculative_forward(
-            model, step_ids, None if mask_full and uniform else full_mask, step_pos, cache, logits_to_keep=width,
-            output_hidden_states=want_hidden,
+        step.step_ids, step.step_mask = step_ids, step_mask
+        full_mask = torch.cat([self.attention_mask, step_mask], dim=1)
+        uniform = step.everyone and all(n == width - 1 for n in step.draft_len)
+        step.outputs = outputs = speculative_forward(
+            self.model, step_ids, None if self.mask_full and uniform else full_mask, step_pos, self.cache,
+            logits_to_keep=width, output_hidden_states=self.want_hidden,
         )
-        stats.target_forwards += 1
-        cache = output_cache(outputs) or cache
-        logits = outputs.logits.to(dtype=torch.float32)  # (B, width, V)
+        self.stats.target_forwards += 1
+        self.cache = output_cache(outputs) or self.cache
+        step.logits = logits = outputs.logits.to(dtype=torch.float32)  # (B, width, V)
 
-        # --- verify: the target's own choice at every position, processors batched over rows per position ---------
-        if not processors:
+        if not self.processors:
             scores = logits
-            choice = select(scores)
+            choice = self.select(scores)
         else:
             scores = torch.empty_like(logits)
             choice = torch.zeros((batch_size, width), dtype=torch.long, device=device)
-            processors.begin_round(tokens, length_t, active_t, width)
+            self.processors.begin_round(self.tokens, length_t, active_t, width)
             live = active_t  # rows whose drafts so far all match: position j's prefix is what the row would be
             for j in range(width):
-                scores[:, j] = processors.position(j, logits[:, j].clone(), live)
-                choice[:, j] = select(scores[:, j], live)
+                scores[:, j] = self.processors.position(j, logits[:, j].clone(), live)
+                choice[:, j] = self.select(scores[:, j], live)
                 if j + 1 < width:
                     live = live & (choice[:, j] == step_ids[:, j + 1]) & (step_mask[:, j + 1] == 1)
                     if not bool(live.any()):
                         break
+        step.scores = scores
         if width > 1:
             matches = (choice[:, :-1] == step_ids[:, 1:]) & (step_mask[:, 1:] == 1)
             accepted_t = matches.long().cumprod(dim=1).sum(dim=1)
             # The target's token after the accepted drafts goes right behind them.
-            tokens.scatter_(1, (length_t + accepted_t)[:, None], choice.gather(1, accepted_t[:, None]))
-            accepted_rows = accepted_t.tolist()
+            self.tokens.scatter_(1, (length_t + accepted_t)[:, None], choice.gather(1, accepted_t[:, None]))
+            step.accepted_rows = accepted_t.tolist()
         else:
-            tokens.scatter_(1, length_t[:, None], choice)
-            accepted_rows = [0] * batch_size
-        choice_rows = choice.tolist()
+            self.tokens.scatter_(1, length_t[:, None], choice)
+            step.accepted_rows = [0] * batch_size
+        step.choice_rows = choice.tolist()
 
+    # ---- accept -----------------------------------------------------------------------------------------------------
+    def accept(self, step: _Round) -> None:
+        """Commit every row's accepted drafts + the target's token (until the row stops), update the cache (masked
+        holes, crop, compaction) and tell the drafter."""
+        batch_size, stats, active = self.batch_size, self.stats, step.active
         num_accepted = [0] * batch_size
-        judged = list(draft_len)  # drafts each row used: all of them, unless it stopped on one
-        appended: list[torch.Tensor] = [empty] * batch_size
+        judged = list(step.draft_len)  # drafts each row used: all of them, unless it stopped on one
+        appended: list[torch.Tensor] = [self.empty] * batch_size
         verified_logits: list[torch.Tensor | None] = [None] * batch_size
         for i in active:
-            n = accepted_rows[i]
-            start = lengths[i]
-            kept = append(i, choice_rows[i][: n + 1])
+            n = step.accepted_rows[i]
+            start = self.lengths[i]
+            kept = self.append(i, step.choice_rows[i][: n + 1])
             if len(kept) <= n:  # stopped on an accepted draft (EOS, a criterion): later drafts are not kept
                 n = judged[i] = len(kept)
             num_accepted[i] = n
-            appended[i] = tokens[i, start : lengths[i]]
-            if keep_scores or keep_logits:
+            appended[i] = self.tokens[i, start : self.lengths[i]]
+            if self.keep_scores or self.keep_logits:
                 for j in range(len(kept)):
-                    if keep_scores:
-                        row_scores[i].append(scores[i, j])
-                    if keep_logits:
-                        row_logits[i].append(logits[i, j])
-            if want_target_logits:
-                verified_logits[i] = scores[i, : n + 1].detach()
-            stats.proposed += draft_len[i]
+                    if self.keep_scores:
+                        self.row_scores[i].append(step.scores[i, j])
+                    if self.keep_logits:
+                        self.row_logits[i].append(step.logits[i, j])
+            if self.want_target_logits:
+                verified_logits[i] = step.scores[i, : n + 1].detach()
+            stats.proposed += step.draft_len[i]
             stats.accepted += n
             stats.emitted += len(kept)
             stats.new_tokens += len(kept)
         stats.rounds += len(active)
+        self._update_cache(step, num_accepted)
+        step.outputs = step.logits = None
 
-        # Cache bookkeeping: row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole.
-        keep_cols = 1 + max(num_accepted)
-        if width > 1:
-            step_mask = step_mask * (cols[None, :] <= torch.tensor(num_accepted, device=device)[:, None])
-        attention_mask = torch.cat([attention_mask, step_mask[:, :keep_cols]], dim=1)
-        mask_full = mask_full and everyone and all(n == keep_cols - 1 for n in num_accepted)
-        speculative_crop(cache, width - keep_cols)
-        if want_hidden:
-            hs = torch.stack([outputs.hidden_states[j] for j in layers], dim=2)  # (B, width, L, H)
-            hidden = [None] * batch_size
-            for i in active:
-                hidden[i] = hs[i, : 1 + num_accepted[i]].detach()
-                offsets[i] = n_cached[i]
-        for i in active:
-            n_cached[i] += 1 + num_accepted[i]
-        del outputs, logits
-        holes = attention_mask.shape[1] - max(n_cached)
-        if compactable and holes >= max(_COMPACT_MIN_HOLES, attention_mask.shape[1] // 8):
-            # Each row's valid columns (in order) go to the right end, re-left-padded to the longest row.
-            cols_all = torch.arange(attention_mask.shape[1], device=device)
-            order = torch.where(attention_mask.bool(), cols_all, -1).argsort(dim=1, stable=True)[:, holes:]
-            speculative_compact_cache(cache, order)
-            attention_mask = attention_mask.gather(1, order)
-            mask_full, compacted = bool(attention_mask.all()), True
-
-        if streamer is not None:  # batch size 1
-            streamer.put(appended[0].cpu())
-        drafter.observe(
+        if self.streamer is not None:  # batch size 1
+            self.streamer.put(appended[0].cpu())
+        self.drafter.observe(
             DraftFeedback(
-                request_ids=[request_ids[i] for i in active],
-                problem_ids=[problem_ids[i] for i in active],
-                proposed=[step_ids[i, 1 : 1 + judged[i]] if judged[i] else empty for i in active],
+                request_ids=[self.request_ids[i] for i in active],
+                problem_ids=[self.problem_ids[i] for i in active],
+                proposed=[step.step_ids[i, 1 : 1 + judged[i]] if judged[i] else self.empty for i in active],
                 num_accepted=[num_accepted[i] for i in active],
                 appended=[appended[i] for i in active],
-                finished=[finished[i] for i in active],
-                round=round_index,
-                target_logits=[verified_logits[i] for i in active] if want_target_logits else None,
-                prompt_lengths=[prompt_lengths[i] for i in active],
-                sequences=[committed(i) if finished[i] else None for i in active],
+                finished=[self.finished[i] for i in active],
+                round=step.index,
+                target_logits=[verified_logits[i] for i in active] if self.want_target_logits else None,
+                prompt_lengths=[self.prompt_lengths[i] for i in active],
+                sequences=[self.committed(i) if self.finished[i] else None for i in active],
             )
         )
 
-    if streamer is not None:
-        streamer.end()
+    def _update_cache(self, step: _Round, num_accepted: list[int]) -> None:
+        """Row i keeps its fed token + accepted drafts; the rest of its segment becomes a hole (masked), the tail no
+        row needs is cropped, and the holes are compacted once they are many."""
+        width, device = step.width, self.device
+        keep_cols = 1 + max(num_accepted)
+        step_mask = step.step_mask
+        if width > 1:
+            step_mask = step_mask * (step.cols[None, :] <= torch.tensor(num_accepted, device=device)[:, None])
+        self.attention_mask = torch.cat([self.attention_mask, step_mask[:, :keep_cols]], dim=1)
+        self.mask_full = self.mask_full and step.everyone and all(n == keep_cols - 1 for n in num_accepted)
+        speculative_crop(self.cache, width - keep_cols)
+        if self.want_hidden:
+            hs = torch.stack([step.outputs.hidden_states[j] for j in self.layers], dim=2)  # (B, width, L, H)
+            self.hidden = [None] * self.batch_size
+            for i in step.active:
+                self.hidden[i] = hs[i, : 1 + num_accepted[i]].detach()
+                self.offsets[i] = self.n_cached[i]
+        for i in step.active:
+            self.n_cached[i] += 1 + num_accepted[i]
+        holes = self.attention_mask.shape[1] - max(self.n_cached)
+        if self.compactable and holes >= max(_COMPACT_MIN_HOLES, self.attention_mask.shape[1] // 8):
+            # Each row's valid columns (in order) go to the right end, re-left-padded to the longest row.
+            cols_all = torch.arange(self.attention_mask.shape[1], device=device)
+            order = torch.where(self.attention_mask.bool(), cols_all, -1).argsort(dim=1, stable=True)[:, holes:]
+            speculative_compact_cache(self.cache, order)
+            self.attention_mask = self.attention_mask.gather(1, order)
+            self.mask_full, self.compacted = bool(self.attention_mask.all()), True
 
-    # --- output -----------------------------------------------------------------------------------------------------
-    longest = max(lengths) - prompt_width
-    sequences = tokens[:, : prompt_width + longest].clone()
-    ends = torch.tensor(lengths, device=device)[:, None]
-    sequences.masked_fill_(torch.arange(prompt_width + longest, device=device)[None, :] >= ends, pad_id)
+    # ---- finish -----------------------------------------------------------------------------------------------------
+    def finish(self):
+        """What `generate` returns: sequences padded with `pad_token_id`, or a `GenerateDecoderOnlyOutput`."""
+        if self.streamer is not None:
+            self.streamer.end()
+        prompt_width, device = self.prompt_width, self.device
+        longest = max(self.lengths) - prompt_width
+        sequences = self.tokens[:, : prompt_width + longest].clone()
+        ends = torch.tensor(self.lengths, device=device)[:, None]
+        sequences.masked_fill_(torch.arange(prompt_width + longest, device=device)[None, :] >= ends, self.pad_id)
 
-    drafter.last_stats = stats
-    drafter.stats += stats
-    if not return_dict:
-        return sequences
-    # The cache is `generate`'s (prompt + output minus the last token) unless rows left holes or were compacted.
-    has_holes = compacted or not bool(attention_mask[:, prompt_width:].all())
-    return decoder_only_generate_output(
-        sequences,
-        scores=_stack_steps(row_scores, longest) if keep_scores else None,
-        logits=_stack_steps(row_logits, longest) if keep_logits else None,
-        cache=None if has_holes else cache,
-    )
+        self.drafter.last_stats = self.stats
+        self.drafter.stats += self.stats
+        if not self.return_dict:
+            return sequences
+        # The cache is `generate`'s (prompt + output minus the last token) unless rows left holes or were compacted.
+        has_holes = self.compacted or not bool(self.attention_mask[:, prompt_width:].all())
+        return decoder_only_generate_output(
+            sequences,
+            scores=_stack_steps(self.row_scores, longest) if self.keep_scores else None,
+            logits=_stack_steps(self.row_logits, longest) if self.keep_logits else None,
+            cache=None if has_holes else self.cache,
+        )
 
 
 def _stack_steps(per_row: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
