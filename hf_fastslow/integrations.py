@@ -342,9 +342,10 @@ def speculative_compact_cache(cache: Any, index: torch.Tensor) -> None:
 
 
 # Logits processors that give every row what they give it in `generate` when the rows of a batch are shifted right
-# by different amounts behind filler ids: the warpers never read `input_ids`; n-gram blocking and the repetition penalty
-# read token content, and the filler id (= the logits' vocabulary size) is one both of them skip. Anything else (length
-# dependent like min_new_tokens, or unknown) is called on `generate`'s exact view of each row instead.
+# by different amounts behind filler ids: the warpers never read `input_ids`; n-gram blocking reads token content and
+# no window with the filler id (= the logits' vocabulary size) can match; the repetition penalty counts a set of ids
+# (the filler is replaced by a token the row already holds for it). Anything else (length dependent like
+# min_new_tokens, or unknown) is called on `generate`'s exact view of each row instead.
 _SHIFT_SAFE_PROCESSORS = (
     "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
     "EpsilonLogitsWarper", "EtaLogitsWarper", "SuppressTokensLogitsProcessor", "InfNanRemoveLogitsProcessor",
@@ -352,25 +353,46 @@ _SHIFT_SAFE_PROCESSORS = (
 )
 
 
+@functools.cache
+def _repetition_penalty_takes_row_boundaries() -> bool:
+    """5.24 gives the repetition penalty per-row prompt boundaries (the padding lengths); 5.17 takes one int."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    try:
+        RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.zeros(1, dtype=torch.long))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def speculative_processor_shift_safe(processor: Any) -> bool:
     """Whether `speculative_call_shifted` gives each row of a right-shifted batch the same result as `generate`."""
     from transformers.generation import logits_process
 
     safe = tuple(getattr(logits_process, name) for name in _SHIFT_SAFE_PROCESSORS if hasattr(logits_process, name))
-    return type(processor) in safe  # exact type: a subclass may read more than its parent does
+    if type(processor) is not logits_process.RepetitionPenaltyLogitsProcessor:
+        return type(processor) in safe  # exact type: a subclass may read more than its parent does
+    # A prompt boundary counted from the left moves with the shift: only where it can be given per row.
+    return getattr(processor, "prompt_ignore_length", None) is None or _repetition_penalty_takes_row_boundaries()
 
 
 def speculative_call_shifted(processor: Any, ids: torch.Tensor, scores: torch.Tensor, shift: torch.Tensor):
-    """Call a shift-safe processor on `ids` whose row i is `generate`'s row shifted right by `shift[i]` filler ids.
+    """Call a shift-safe processor on `ids` whose row i is `generate`'s row shifted right by `shift[i]` filler ids
+    (the logits' vocabulary size).
 
-    The repetition penalty's per-row prompt boundary (`prompt_ignore_length`: the left-padding lengths `generate` gives
-    it, or a user's int/tensor) moves with the shift for this call, so the filler and the same tokens stay ignored.
+    For the repetition penalty the filler becomes the row's own first token (already counted, so nothing changes;
+    5.17 indexes the scores with every id) and its per-row prompt boundary (`prompt_ignore_length`: the left-padding
+    lengths `generate` gives it on 5.24, or a user's int/tensor) moves with the shift for this call.
     """
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    if type(processor) is not RepetitionPenaltyLogitsProcessor or processor.prompt_ignore_length is None:
+    if type(processor) is not RepetitionPenaltyLogitsProcessor:
         return processor(ids, scores)
-    original = processor.prompt_ignore_length
+    first = ids.gather(1, shift.to(ids.device)[:, None].clamp(max=ids.shape[1] - 1))
+    ids = torch.where(ids >= scores.shape[-1], first, ids)
+    original = getattr(processor, "prompt_ignore_length", None)
+    if original is None:
+        return processor(ids, scores)
     processor.prompt_ignore_length = torch.as_tensor(original, device=ids.device) + shift.to(ids.device)
     try:
         return processor(ids, scores)

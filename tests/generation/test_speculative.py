@@ -583,6 +583,8 @@ def test_sampling_with_processors_matches_generate_distribution():
         TopPLogitsWarper,
     )
 
+    from hf_fastslow.integrations import _repetition_penalty_takes_row_boundaries
+
     vocab, penalty, temperature, top_p = 6, 2.0, 0.7, 0.9
     model = tiny_llama(num_layers=2, hidden=32, vocab=vocab, seed=3)
     with torch.no_grad():
@@ -593,17 +595,21 @@ def test_sampling_with_processors_matches_generate_distribution():
 
     greedy = {}  # (prompt, generated so far) -> the most likely next token under the processed law
 
+    # generate counts the left pads in the penalty on transformers 5.17, not on 5.24 (per-row prompt boundaries).
+    pads_counted = not _repetition_penalty_takes_row_boundaries()
+
     def law(prompt, with_penalty=True):
         """Exact joint law of (x2, x3, x4) under plain sampling with these processors."""
         seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 4)  # all (x1..x4)
         ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)
+        seen = torch.cat([torch.full((len(seqs), width - len(prompt)), 3), ids], 1) if pads_counted else ids
         with torch.no_grad():
             logits = model(ids[:, :-1]).logits[:, -4:].double()
         logp = torch.zeros(len(seqs), dtype=torch.float64)
         for t in range(4):
             scores = logits[:, t]
             if with_penalty:
-                scores = RepetitionPenaltyLogitsProcessor(penalty)(ids[:, : len(prompt) + t], scores)
+                scores = RepetitionPenaltyLogitsProcessor(penalty)(seen[:, : seen.shape[1] - 4 + t], scores)
             scores = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores))
             logp += torch.log_softmax(scores, -1).gather(1, seqs[:, t : t + 1]).squeeze(1)
             if with_penalty:
