@@ -1,15 +1,24 @@
-"""Benchmark: XQuant / XQuant-CL (arXiv 2508.10395) vs DynamicCache and transformers' QuantizedCache on the
-embedded default model (SmolLM2-135M-Instruct), all measured in one run.
+"""Benchmark: XQuant / XQuant-CL (arXiv 2508.10395) vs DynamicCache and transformers' QuantizedCache (quanto, HQQ) on
+the embedded default model (SmolLM2-135M-Instruct), all measured in one run by the same rules.
 
 Perplexity rule (the same for every cache): the bundled public-domain text is fed teacher-forced in chunks of
 `--chunk` tokens through the cache; targets from the second chunk on are scored, so attention reads the history back
-from the cache. Every quantizing cache keeps its newest < `--residual` tokens in full precision and quantizes whole
-blocks of `--residual` tokens with groups of `--group` values (XQuant's first 3 layers at 4 bit as in the paper's
-Table 4, unless marked "all layers"). Memory is what each cache object holds after the text (walked tensor by tensor
-for transformers' caches, `nbytes()` for ours), reported per token and as "x less than an fp16 K/V cache".
+from the cache. Every cache returns the K/V of the chunk being fed unquantized (the chunk's tokens attend to each
+other exactly) and stores it for later chunks. Every quantizing cache keeps a window of its newest tokens in full
+precision and quantizes with groups of `--group` values: XQuant keeps the newest < `--residual` tokens and quantizes
+each whole block of `--residual` tokens once; transformers' QuantizedCache (5.24) re-quantizes its whole history,
+window included, whenever window + new tokens reach `--residual`. With chunk = residual both read every earlier chunk
+back quantized. XQuant keeps its first 3 layers at 4 bit (the paper's Table 4) unless marked "all layers".
 
-    python benchmarks/xquant.py                  # full table + generate tokens/s (~10 min on 2 CPU cores)
-    python benchmarks/xquant.py --skip-generate  # perplexity and memory only
+Memory rule (the same for every cache): `hf_fastslow.evaluation.memory.storage_bytes(cache)` -- every tensor storage
+reachable from the cache object, each counted once at its full size -- after every chunk. "bytes/token" is the slope
+of a least-squares line through those points, "fixed" its intercept; "fixed, window full" is what the cache holds
+after `--residual - 1` more tokens beyond that line. Factors an XQuant cache shares with other caches through the
+model are reported apart ("shared factors": attached on first use, only for the mode in use), and "total @ N" adds
+them to the cache.
+
+    python benchmarks/xquant.py                    # full table + generate tokens/s (~10 min on 2 quiet CPU cores)
+    python benchmarks/xquant.py --skip-generate    # perplexity and memory only
     python benchmarks/xquant.py --only HQQ --skip-generate   # a subset of rows (the fp32 row is always kept)
 """
 
@@ -21,6 +30,16 @@ import sys
 import time
 
 import torch
+
+
+def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of bytes against tokens."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
 
 
 def main(argv=None):
@@ -47,15 +66,20 @@ def main(argv=None):
 
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
     from hf_fastslow.evaluation.kv_ppl import bundled_text, cache_perplexity
-    from hf_fastslow.evaluation.memory import held_tensor_bytes
+    from hf_fastslow.evaluation.memory import storage_bytes
+    from hf_fastslow.integrations import cache_kwargs
+    from hf_fastslow.quantizers.xquant import release_xquant_factors, xquant_factor_nbytes
 
     model, tok = load_default_model(device=args.device)
     cfg = model.config
-    ids = tok(bundled_text(), return_tensors="pt").input_ids[:, : args.tokens].to(args.device)
+    text_ids = tok(bundled_text(), return_tensors="pt").input_ids.to(args.device)
+    ids = text_ids[:, : args.tokens]
     n_tokens = ids.shape[1]
+    R, G = args.residual, args.group
+    extra = text_ids[:, n_tokens : n_tokens + R - 1]
     d_kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     fp16_kv_per_token = 2 * cfg.num_hidden_layers * d_kv * 2
-    R, G = args.residual, args.group
+    model_dtype = next(model.parameters()).dtype
 
     def xq(**kw):
         return lambda: XQuantCache(model, XQuantConfig(group_size=G, residual_length=R, **kw))
@@ -65,7 +89,8 @@ def main(argv=None):
                                       axis_value=axis_value, q_group_size=G, residual_length=R)
 
     rows = [
-        ("DynamicCache (fp32 K/V)", "-", lambda: DynamicCache(config=cfg)),
+        (f"DynamicCache ({str(model_dtype).replace('torch.', '')} K/V, the model's dtype)", "-",
+         lambda: DynamicCache(config=cfg)),
         ("QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 4, qc("quanto", 4, 0, 0)),
         ("QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 2, qc("quanto", 2, 0, 0)),
         ("QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", 4, qc("quanto", 4, -1, 0)),
@@ -80,7 +105,6 @@ def main(argv=None):
         ("XQuant-CL (latent deltas, 4-bit base at layer 2)", 2, xq(nbits=2, mode="cl")),
         ("XQuant plain X (1.5x a K/V cache on this model)", 4, xq(nbits=4, mode="x")),
     ]
-
     if not args.skip_hqq:
         rows[5:5] = [
             ("QuantizedCache HQQ, defaults (axis 0, 0)", 4, qc("hqq", 4, 0, 0)),
@@ -89,41 +113,68 @@ def main(argv=None):
             ("QuantizedCache HQQ, best axes (axis 1, 1)", 3, qc("hqq", 3, 1, 1)),
             ("QuantizedCache HQQ, best axes (axis 1, 1)", 2, qc("hqq", 2, 1, 1)),
         ]
-    print(f"# XQuant benchmark: {type(model).__name__} SmolLM2-135M-Instruct, {n_tokens} tokens of the bundled text, "
-          f"chunks of {args.chunk}, residual window {R}, group {G}, torch {torch.__version__}, "
-          f"transformers {__import__('transformers').__version__}, {args.threads} thread(s), device {args.device}")
+    if args.only:
+        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]  # keep the reference row
+
+    print(f"# XQuant benchmark: {type(model).__name__} SmolLM2-135M-Instruct ({model_dtype}), {n_tokens} tokens of the "
+          f"bundled text, chunks of {args.chunk}, window {R}, group {G}, torch {torch.__version__}, transformers "
+          f"{__import__('transformers').__version__}, {args.threads} thread(s), device {args.device}")
+    print("Same rules for every cache: memory by the same storage walk after every chunk; each chunk attends to itself "
+          "unquantized and to every earlier chunk as the cache stores it (XQuant quantizes each full block of its "
+          "window once, QuantizedCache re-quantizes its whole history when its window fills; see the docstring).")
     print(f"fp16 K/V reference: {fp16_kv_per_token} bytes/token\n")
-    print("| cache | bits | PPL | dPPL vs fp | bytes/token | x less than fp16 K/V | s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| cache | bits | PPL | dPPL vs ref | bytes/token | x less than fp16 K/V | fixed MB | fixed MB, window full "
+          f"| shared factors MB | total MB @ {n_tokens} | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base_ppl = None
     results = {}
-    if args.only:
-        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]  # keep the fp32 reference row
     for name, bits, factory in ([] if args.only_generate else rows):
+        release_xquant_factors(model)  # factors of earlier rows must not count for this one
+        points: list[tuple[int, int]] = []
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                r = cache_perplexity(model, ids, factory, chunk=args.chunk)
+                r = cache_perplexity(model, ids, factory, chunk=args.chunk,
+                                     on_chunk=lambda n, c, pts=points: pts.append((n, storage_bytes(c))))
+                cache = r["cache"]
+                at_end = points[-1][1]
+                model(extra, use_cache=True, **cache_kwargs(model, cache))
+                window_full = storage_bytes(cache)
         except Exception as err:  # noqa: BLE001 - a peer backend failing is a result to report, not a crash
-            print(f"| {name} | {bits} | failed: {type(err).__name__}: {str(err)[:80]} | | | | |")
+            print(f"| {name} | {bits} | failed: {type(err).__name__}: {str(err)[:80]} | | | | | | | | |")
             continue
         dt = time.perf_counter() - t0
-        cache = r["cache"]
-        held = cache.nbytes() if isinstance(cache, XQuantCache) else held_tensor_bytes(cache)
-        per_tok = held / n_tokens
+        if isinstance(cache, XQuantCache) and cache.nbytes() != window_full:
+            raise AssertionError("XQuantCache.nbytes() disagrees with the storage walk")
+        slope, fixed = fit_line(points)
+        fixed_full = window_full - slope * (n_tokens + extra.shape[1])
+        shared = xquant_factor_nbytes(model)
+        total = at_end + shared
         if base_ppl is None:
             base_ppl = r["ppl"]
-        results[(name, bits)] = (r["ppl"], per_tok)
-        print(f"| {name} | {bits} | {r['ppl']:.3f} | {r['ppl'] - base_ppl:+.3f} | {per_tok:.1f} | "
-              f"{fp16_kv_per_token / per_tok:.2f}x | {dt:.1f} |", flush=True)
+        results[(name, bits)] = dict(ppl=r["ppl"], bytes_per_token=slope, fixed=fixed, fixed_window_full=fixed_full,
+                                     shared=shared, total=total)
+        print(f"| {name} | {bits} | {r['ppl']:.3f} | {r['ppl'] - base_ppl:+.3f} | {slope:.1f} | "
+              f"{fp16_kv_per_token / slope:.2f}x | {fixed / 1e6:.2f} | {fixed_full / 1e6:.2f} | {shared / 1e6:.2f} | "
+              f"{total / 1e6:.2f} | {dt:.1f} |", flush=True)
+
+    if results:
+        ref_slope = next(iter(results.values()))["bytes_per_token"]
+        print(f"\nBreak-even against the reference row ({ref_slope:.0f} bytes/token): the context length from which "
+              "the cache plus its shared factors (window full) holds less than the reference.")
+        for (name, bits), res in list(results.items())[1:]:
+            overhead = res["fixed_window_full"] + res["shared"]
+            gain = ref_slope - res["bytes_per_token"]
+            where = f"{max(0.0, overhead / gain):.0f} tokens" if gain > 0 else "never"
+            print(f"- {name}, {bits} bit: {where}")
 
     if args.skip_generate:
         return results
     results["generate"] = {}
 
     print(f"\n## greedy generate: prompt {args.gen_prompt} tokens, {args.gen_tokens} new tokens, batch 1, "
-          f"median of {args.repeats}")
-    prompt = tok(bundled_text(), return_tensors="pt").input_ids[:, : args.gen_prompt].to(args.device)
+          f"median of {args.repeats} interleaved rounds after a warm-up round")
+    prompt = text_ids[:, : args.gen_prompt]
     gen_rows = [
         ("DynamicCache", {}),
         ("QuantizedCache quanto int4 (axis_key=-1)", dict(cache_implementation="quantized", cache_config=dict(
@@ -135,27 +186,41 @@ def main(argv=None):
         ("XQuant-CL int2", dict(cache_implementation="xquant", cache_config=dict(
             nbits=2, mode="cl", group_size=G, residual_length=R))),
     ]
-    print("| cache | tokens/s | x vs DynamicCache | same tokens as DynamicCache |")
+    print("| cache | tokens/s, median (min-max) | x vs DynamicCache | same tokens as DynamicCache |")
     print("|---|---|---|---|")
-    ref_seq, ref_speed = None, None
-    for name, kw in gen_rows:
-        times, seq = [], None
-        try:
-            for _ in range(args.repeats + 1):  # the first run warms up
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    seq = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
-                                         do_sample=False, **kw)
-                times.append(time.perf_counter() - t0)
-        except Exception as err:  # noqa: BLE001
-            print(f"| {name} | failed: {type(err).__name__}: {str(err)[:80]} | | |")
+
+    def timed(kw):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seq = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                                 do_sample=False, **kw)
+        return time.perf_counter() - t0, seq
+
+    # Arms interleaved (one run of each per round, after one warm-up round), so that a change of load on a shared
+    # box hits every arm alike.
+    times, seqs, failed = {name: [] for name, _ in gen_rows}, {}, {}
+    for rnd in range(args.repeats + 1):
+        for name, kw in gen_rows:
+            if name in failed:
+                continue
+            try:
+                dt, seqs[name] = timed(kw)
+            except Exception as err:  # noqa: BLE001 - a peer failing is a result to report
+                failed[name] = f"{type(err).__name__}: {str(err)[:80]}"
+                continue
+            if rnd:
+                times[name].append(dt)
+    ref_name = gen_rows[0][0]
+    ref_speed = args.gen_tokens / statistics.median(times[ref_name])
+    for name, _ in gen_rows:
+        if name in failed:
+            print(f"| {name} | failed: {failed[name]} | | |")
             continue
-        speed = args.gen_tokens / statistics.median(times[1:])
-        if ref_seq is None:
-            ref_seq, ref_speed = seq, speed
-        same = (seq[:, prompt.shape[1]:] == ref_seq[:, prompt.shape[1]:]).float().mean().item()
+        speed = args.gen_tokens / statistics.median(times[name])
+        spread = f"{args.gen_tokens / max(times[name]):.2f}-{args.gen_tokens / min(times[name]):.2f}"
+        same = (seqs[name][:, prompt.shape[1]:] == seqs[ref_name][:, prompt.shape[1]:]).float().mean().item()
         results["generate"][name] = speed
-        print(f"| {name} | {speed:.2f} | {speed / ref_speed:.2f}x | {same:.0%} |", flush=True)
+        print(f"| {name} | {speed:.2f} ({spread}) | {speed / ref_speed:.2f}x | {same:.0%} |", flush=True)
     return results
 
 

@@ -26,13 +26,17 @@ def cache_perplexity(
     input_ids: torch.Tensor,
     cache_factory: Callable[[], object] | None,
     chunk: int = 64,
+    on_chunk: Callable[[int, object], None] | None = None,
 ) -> dict:
     """Feed `input_ids` (1, T) in chunks of `chunk` tokens through a fresh cache from `cache_factory()` (None = the
     model's default DynamicCache) and score every target predicted from the second chunk on.
 
     Rule (the same for every cache): chunk k>0 attends to the k*chunk earlier tokens through the cache, so with a
-    residual window R, everything older than the newest < R tokens is read back quantized. Targets of the first chunk
-    see no history and are left out. Returns `{"ppl", "nll", "n_targets", "cache"}`.
+    residual window R, everything older than the cache's unquantized window is read back quantized; the chunk's own
+    tokens attend to each other exactly as the model computed them (every cache in this package and in transformers
+    returns the current call's K/V unquantized). Targets of the first chunk see no history and are left out.
+    `on_chunk(n_tokens_fed, cache)` is called after every chunk (e.g. to measure memory). Returns
+    `{"ppl", "nll", "n_targets", "cache"}`.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}.")
@@ -54,5 +58,7 @@ def cache_perplexity(
             total_nll += F.cross_entropy(preds[0], piece[0], reduction="sum").item()
             n_targets += piece.shape[1]
         prev_last_logits = logits[:, -1:]
+        if on_chunk is not None:
+            on_chunk(start + piece.shape[1], cache)
     nll = total_nll / n_targets
     return {"ppl": math.exp(nll), "nll": nll, "n_targets": n_targets, "cache": cache}
