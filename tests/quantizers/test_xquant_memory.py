@@ -193,3 +193,28 @@ def test_compression_ratio_against_fp16_kv(gqa_model):
     ratio = cache.fp16_kv_nbytes() / cache.nbytes()
     # 2-bit codes + fp16 scale/min per 16 values = 4 bits per value; int32 positions on top
     assert 3.5 < ratio < 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,nbits,min_ratio", [("cl", 2, 5.5), ("latent", 4, 3.5)])
+def test_default_model_memory_targets(default_model, mode, nbits, min_ratio):
+    """On SmolLM2-135M (fp32): bytes per token against fp16 K/V, the fixed cost of a full window, and one cache plus
+    the factors it needs below a DynamicCache in the model's dtype at 1,024 tokens."""
+    from hf_fastslow.evaluation.kv_ppl import bundled_text
+    from hf_fastslow.evaluation.memory import storage_bytes
+
+    model, tok = default_model
+    ids = tok(bundled_text(), return_tensors="pt").input_ids[:, : 1024 + 63]
+    cache = XQuantCache(model, XQuantConfig(nbits=nbits, mode=mode, group_size=64, residual_length=64))
+    points = []
+    for start in range(0, 1024, 64):
+        forward(model, ids[:, start : start + 64], cache)
+        points.append((start + 64, cache.nbytes()))
+    slope = (points[-1][1] - points[1][1]) / (points[-1][0] - points[1][0])
+    at_1k = points[-1][1]
+    assert 2 * 30 * 192 * 2 / slope >= min_ratio
+    forward(model, ids[:, 1024:], cache)  # 63 more tokens: the unquantized window at its largest
+    assert cache.nbytes() - slope * ids.shape[1] < 5e6
+    dynamic = DynamicCache(config=model.config)
+    forward(model, ids[:, :1024], dynamic)
+    assert at_1k + cache.factor_nbytes() < storage_bytes(dynamic)
