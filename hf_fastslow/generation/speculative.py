@@ -99,7 +99,8 @@ def speculative_generate(
     Returns:
         What `generate` returns: a `LongTensor` of sequences, or a `GenerateDecoderOnlyOutput` when
         `return_dict_in_generate=True` (with `scores` / `logits` if requested; rows that already finished hold
-        `-inf` scores; the cache is returned only when it has no masked holes, i.e. batch size 1).
+        `-inf` scores; the cache is returned only when it is laid out as `generate` leaves it: no masked holes
+        and never compacted, which batch size 1 always is).
     """
     _check_call(model, input_ids, generation_config, synced_gpus, streamer, drafter)
     run = _SpeculativeRun(
