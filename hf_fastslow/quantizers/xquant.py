@@ -13,23 +13,33 @@ positions. It holds no copy of the model's weights: K and V are rebuilt with the
 weights, and the SVD factors of the latent and CL modes are computed once per model, layer, mode and dtype, kept on
 the model and shared by every cache (`xquant_factor_nbytes(model)`), and recomputed when the weights change.
 Everything else (the CL accumulator, RoPE tables) lives only inside one forward pass.
+
+Layout: `xquant_plan.py` (per-layer plans, the shared SVD factors), `xquant_storage.py` (the quantized streams), this
+module (the cache, its layers, the hooks and the `cache_implementation` factories).
 """
 
 from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..evaluation.memory import storage_bytes
-from ..integrations import apply_rotary_fn, cache_from_kwargs, decoder_layers, rotary_embeddings
-from ..kernels.quantize import QuantizedTensor, dequant_matmul, dequantize, quantize_pack
+from ..integrations import cache_from_kwargs, rotary_embeddings
 from .xquant_config import XQuantConfig
+from .xquant_plan import (
+    _build_plans,
+    _check_supported,
+    _LayerPlan,
+    _shared_factors,
+    compute_xquant_factors,
+    release_xquant_factors,
+    xquant_factor_nbytes,
+)
+from .xquant_storage import _own, _Stream
 
 __all__ = [
     "XQuantCache",
@@ -43,367 +53,6 @@ __all__ = [
 ]
 
 _HOOKS_ATTR = "_hf_fastslow_xquant_hooks"
-_FACTORS_ATTR = "_hf_fastslow_xquant_factors"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-layer static plan: what a layer stores and how K and V are rebuilt from it (no tensors: weights stay in the
-# model, factors in the model's shared store)
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class _LayerPlan:
-    layer_idx: int
-    kind: str  # "x" | "latent" | "cl_base" | "cl_delta"
-    bits: int
-    attn: nn.Module
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    rope: Callable
-    k_norm: nn.Module | None = None
-    sliding_window: int | None = None
-
-    @property
-    def d_kv(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def cl_projected(self) -> bool:
-        """CL deltas live in the span of [W_k | W_v] (2*d_kv values) when that is narrower than X."""
-        return self.kind == "cl_delta" and 2 * self.d_kv < self.hidden_size
-
-    @property
-    def factor_names(self) -> tuple[str, ...]:
-        if self.kind == "latent":
-            return ("u_k", "m_k", "u_v", "m_v")
-        return ("u_kv",) if self.cl_projected else ()
-
-
-def _check_supported(model: nn.Module) -> list[nn.Module]:
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError("XQuantCache supports decoder-only causal LMs only.")
-    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
-        raise NotImplementedError(
-            f"{type(model).__name__} uses multi-head latent attention (MLA): it already caches a latent, which "
-            "XQuant does not re-quantize."
-        )
-    attns = []
-    for layer in decoder_layers(model):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None:
-            raise NotImplementedError(f"{type(model).__name__}: decoder layer without `self_attn` is not supported.")
-        for fused in ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "kv_proj"):
-            if hasattr(attn, fused):
-                raise NotImplementedError(
-                    f"{type(model).__name__} has fused projections (`{fused}`); XQuant needs separate `k_proj` and "
-                    "`v_proj` Linear layers to rebuild K and V."
-                )
-        if not isinstance(getattr(attn, "k_proj", None), nn.Linear) or not isinstance(
-            getattr(attn, "v_proj", None), nn.Linear
-        ):
-            raise NotImplementedError(f"{type(attn).__name__}: expected `k_proj` and `v_proj` nn.Linear layers.")
-        if hasattr(attn, "v_norm") and not isinstance(attn.v_norm, nn.Identity):
-            raise NotImplementedError(f"{type(attn).__name__}: value normalization (`v_norm`) is not supported.")
-        if getattr(attn, "is_kv_shared_layer", False):
-            raise NotImplementedError(f"{type(attn).__name__}: KV-sharing layers are not supported.")
-        apply_rotary_fn(attn)  # raises if the modeling module has no RoPE helper
-        attns.append(attn)
-    return attns
-
-
-def _build_plans(model: nn.Module, config: XQuantConfig) -> list[_LayerPlan]:
-    attns = _check_supported(model)
-    n_layers = len(attns)
-    if config.mode == "cl" and config.base_layer >= n_layers:
-        raise ValueError(f"XQuantConfig.base_layer={config.base_layer} but the model has {n_layers} layers.")
-    plans = []
-    for i, attn in enumerate(attns):
-        head_dim = getattr(attn, "head_dim", None)
-        d_kv, d = attn.k_proj.weight.shape
-        if head_dim is None or d_kv % head_dim:
-            raise NotImplementedError(f"{type(attn).__name__}: cannot infer the KV head layout (head_dim={head_dim}).")
-        latent_ok = d_kv < d
-        if config.mode == "x":
-            kind = "x"
-        elif config.mode == "latent":
-            if not latent_ok:
-                raise ValueError(
-                    f"mode='latent' needs a KV width below the hidden size (GQA); layer {i} has d_kv={d_kv}, d={d}. "
-                    "Use mode='x' or 'auto'."
-                )
-            kind = "latent"
-        elif config.mode == "auto":
-            kind = "latent" if latent_ok else "x"
-        elif i < config.base_layer:
-            kind = "latent" if latent_ok else "x"
-        else:
-            kind = "cl_base" if i == config.base_layer else "cl_delta"
-        plan = _LayerPlan(
-            layer_idx=i, kind=kind, bits=config.bits_for_layer(i), attn=attn, hidden_size=d,
-            num_kv_heads=d_kv // head_dim, head_dim=head_dim, rope=apply_rotary_fn(attn),
-            k_norm=getattr(attn, "k_norm", None), sliding_window=getattr(attn, "sliding_window", None) or None,
-        )
-        _check_group(config, plan)
-        plans.append(plan)
-    return plans
-
-
-def _check_group(config: XQuantConfig, plan: _LayerPlan) -> None:
-    if plan.bits == 16:
-        return
-    what, width = {
-        "x": ("X", plan.hidden_size),
-        "cl_base": ("X", plan.hidden_size),
-        "latent": ("the value latent", plan.d_kv),
-        "cl_delta": ("the CL delta", 2 * plan.d_kv if plan.cl_projected else plan.hidden_size),
-    }[plan.kind]
-    if width % config.group_size:
-        raise ValueError(
-            f"group_size {config.group_size} does not divide the width of {what} ({width}) at layer "
-            f"{plan.layer_idx}; pick a group size that divides it (e.g. 64 or 32)."
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Factors: computed once per model, layer, mode and dtype, kept on the model, shared by every cache
-# ---------------------------------------------------------------------------------------------------------------------
-class _FactorStore:
-    """`{(layer_idx, kind, dtype): (weights key, {name: tensor})}` attached to a model. The weights key (storage
-    pointer, version counter, shape, dtype and device of W_k and W_v) changes when the weights are replaced or updated
-    in place, which makes the entry stale."""
-
-    def __init__(self):
-        self.entries: dict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = {}
-
-
-def _weights_key(attn: nn.Module) -> tuple:
-    key = []
-    for linear in (attn.k_proj, attn.v_proj):
-        w = linear.weight
-        try:
-            version = w._version
-        except RuntimeError:  # inference-mode tensors have no version counter: only a replacement is noticed
-            version = None
-        key.append((w.data_ptr(), version, tuple(w.shape), w.dtype, str(w.device)))
-    return tuple(key)
-
-
-def _svd_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (d, r<=d) = U S B^T  ->  (U, S B^T) with X U (S B^T) = X W; computed in float64."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    return u, s[:, None] * vh
-
-
-def _compute_layer_factors(attn: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    w_k = attn.k_proj.weight.detach().t().double()
-    w_v = attn.v_proj.weight.detach().t().double()
-    out: dict[str, torch.Tensor] = {}
-    if "u_k" in names:
-        out["u_k"], out["m_k"] = _svd_factors(w_k)
-        out["u_v"], out["m_v"] = _svd_factors(w_v)
-    if "u_kv" in names:
-        w_kv = torch.cat([w_k, w_v], dim=1)
-        out["u_kv"] = _svd_factors(w_kv)[0]
-        if "m_kv" in names:
-            out["m_kv"] = out["u_kv"].t() @ w_kv
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
-
-
-def _shared_factors(model: nn.Module, plan: _LayerPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The factors `plan` needs, from the model's shared store (computed on first use or after a weight change)."""
-    names = plan.factor_names
-    if not names:
-        return {}
-    store = model.__dict__.get(_FACTORS_ATTR)
-    if store is None:
-        store = _FactorStore()
-        model.__dict__[_FACTORS_ATTR] = store
-    key, weights = (plan.layer_idx, plan.kind, dtype), _weights_key(plan.attn)
-    hit = store.entries.get(key)
-    if hit is None or hit[0] != weights:
-        hit = (weights, _compute_layer_factors(plan.attn, names, dtype))
-        store.entries[key] = hit
-    return hit[1]
-
-
-def compute_xquant_factors(model: nn.Module, dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
-    """Every factor of every layer, computed afresh from the model's weights (for inspection and tests): U_k, M_k,
-    U_v, M_v when d_kv < d (latent mode), U_kv and M_kv = U_kv^T [W_k | W_v] when 2*d_kv < d (CL deltas).
-
-    No calibration data: thin SVDs of W_k, W_v and [W_k | W_v]. Caches do not call this: each computes only the
-    factors of its own mode, once, into a store on the model shared by every cache (`xquant_factor_nbytes`).
-    """
-    attns = _check_supported(model)
-    dtype = dtype or next(model.parameters()).dtype
-    out = []
-    for attn in attns:
-        d_kv, d = attn.k_proj.weight.shape
-        names = (("u_k",) if d_kv < d else ()) + (("u_kv", "m_kv") if 2 * d_kv < d else ())
-        out.append(_compute_layer_factors(attn, names, dtype))
-    return out
-
-
-def xquant_factor_nbytes(model: nn.Module) -> int:
-    """Bytes of the factors XQuant caches have attached to `model` (shared by all its caches), by the storage walk."""
-    return storage_bytes(model.__dict__.get(_FACTORS_ATTR))
-
-
-def release_xquant_factors(model: nn.Module) -> None:
-    """Drop the shared factors from `model` (the next cache or forward that needs them recomputes them)."""
-    model.__dict__.pop(_FACTORS_ATTR, None)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Storage: one stream of vectors per stored quantity, quantized in whole blocks, newest tokens in full precision
-# ---------------------------------------------------------------------------------------------------------------------
-def _own(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` in a storage of its own size: a view would keep the whole buffer it was cut from alive."""
-    if t is None or t.numel() == 0:
-        return None
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, token_dim: int) -> QuantizedTensor:
-    if a is None:
-        return b
-    return QuantizedTensor(
-        torch.cat([a.packed, b.packed], dim=token_dim),
-        torch.cat([a.scale, b.scale], dim=token_dim),
-        torch.cat([a.minimum, b.minimum], dim=token_dim),
-        b.nbits, b.group_size, a.numel_last + b.numel_last if token_dim == -1 else b.numel_last,
-    )
-
-
-def _slice_quantized(q: QuantizedTensor, start: int, stop: int, per_channel: bool) -> QuantizedTensor:
-    """Tokens [start, stop) of `q` in storages of their own (start and stop are multiples of the block size)."""
-    if not per_channel:
-        return QuantizedTensor(_own(q.packed[:, start:stop]), _own(q.scale[:, start:stop]),
-                               _own(q.minimum[:, start:stop]), q.nbits, q.group_size, q.numel_last)
-    b0, b1 = start * q.nbits // 8, stop * q.nbits // 8
-    g0, g1 = start // q.group_size, stop // q.group_size
-    return QuantizedTensor(_own(q.packed[..., b0:b1]), _own(q.scale[..., g0:g1]), _own(q.minimum[..., g0:g1]),
-                           q.nbits, q.group_size, stop - start)
-
-
-class _Stream:
-    """Vectors of one width for every cached token: a quantized prefix (whole blocks) and a full-precision tail.
-
-    `per_channel=True` quantizes each channel along tokens (groups of `group_size` tokens, the paper's choice for the
-    key latent); otherwise each token along its features. bits == 16 keeps the prefix unquantized. Every tensor a
-    stream holds owns its storage (no views of larger buffers), so what it holds is what it needs.
-    """
-
-    def __init__(self, bits: int, group_size: int, per_channel: bool = False, outlier_channel: bool = False):
-        self.bits, self.group_size = bits, group_size
-        self.per_channel, self.outlier_channel = per_channel, outlier_channel
-        self.q: QuantizedTensor | torch.Tensor | None = None
-        self.outlier: torch.Tensor | None = None  # (B, Tq) fp16, channel 0 kept out of the quantizer
-        self.res: torch.Tensor | None = None
-        self.n_quantized = 0
-
-    @property
-    def n_residual(self) -> int:
-        return 0 if self.res is None else self.res.shape[1]
-
-    # -- writes -----------------------------------------------------------------------------------------------------
-    def append(self, x: torch.Tensor) -> None:
-        self.res = _own(x) if self.res is None else torch.cat([self.res, x], dim=1)
-
-    def pop_blocks(self, block: int) -> torch.Tensor | None:
-        """Remove and return the oldest whole blocks of the residual, or None if it holds less than one block."""
-        n = (self.n_residual // block) * block
-        if n == 0:
-            return None
-        out, self.res = self.res[:, :n], _own(self.res[:, n:])
-        return out
-
-    def store(self, x: torch.Tensor) -> None:
-        """Quantize `x` (B, n, w) (n a multiple of the block size) and append it to the quantized prefix."""
-        n = x.shape[1]
-        if self.outlier_channel:
-            out = x[..., 0].to(torch.float16)
-            self.outlier = _own(out) if self.outlier is None else torch.cat([self.outlier, out], dim=1)
-            x = x[..., 1:]
-        if self.bits == 16:
-            self.q = _own(x) if self.q is None else torch.cat([self.q, x], dim=1)
-        elif self.per_channel:
-            new = quantize_pack(x.transpose(1, 2).contiguous(), self.bits, self.group_size)
-            self.q = _cat_quantized(self.q, new, token_dim=-1)
-        else:
-            new = quantize_pack(x.contiguous(), self.bits, self.group_size)
-            self.q = _cat_quantized(self.q, new, token_dim=1)
-        self.n_quantized += n
-
-    # -- reads ------------------------------------------------------------------------------------------------------
-    def dequant(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The quantized prefix as (B, Tq, w)."""
-        if self.q is None:
-            return None
-        if self.bits == 16:
-            x = self.q.to(dtype)
-        elif self.per_channel:
-            x = dequantize(self.q, dtype).transpose(1, 2)
-        else:
-            x = dequantize(self.q, dtype)
-        if self.outlier_channel:
-            x = torch.cat([self.outlier.to(dtype).unsqueeze(-1), x], dim=-1)
-        return x
-
-    def project(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """dequant(prefix) @ weight as (B, Tq, m), through the fused dequant+matmul kernel where available."""
-        if self.q is None:
-            return None
-        w = weight[1:] if self.outlier_channel else weight
-        if self.bits == 16:
-            out = self.q.to(weight.dtype) @ w
-        else:
-            out = dequant_matmul(self.q, w, None, self.per_channel)
-        if self.outlier_channel:
-            out = out + self.outlier.to(weight.dtype).unsqueeze(-1) * weight[0]
-        return out
-
-    # -- edits ------------------------------------------------------------------------------------------------------
-    def truncate(self, n_quantized: int, residual: torch.Tensor | None) -> None:
-        """Keep the first `n_quantized` quantized tokens and make `residual` the full-precision tail."""
-        if n_quantized == 0:
-            self.q, self.outlier = None, None
-        elif n_quantized < self.n_quantized:
-            if self.bits == 16:
-                self.q = _own(self.q[:, :n_quantized])
-            else:
-                self.q = _slice_quantized(self.q, 0, n_quantized, self.per_channel)
-            if self.outlier is not None:
-                self.outlier = _own(self.outlier[:, :n_quantized])
-        self.n_quantized = n_quantized
-        self.res = _own(residual)
-
-    def drop_front(self, n: int) -> None:
-        """Forget the oldest `n` quantized tokens (a multiple of the block size)."""
-        if n == 0:
-            return
-        if n >= self.n_quantized:
-            self.q, self.outlier = None, None
-        elif isinstance(self.q, QuantizedTensor):
-            self.q = _slice_quantized(self.q, n, self.n_quantized, self.per_channel)
-        else:
-            self.q = _own(self.q[:, n:])
-        if self.outlier is not None:
-            self.outlier = _own(self.outlier[:, n:])
-        self.n_quantized -= n
-
-    def map_batch(self, fn) -> None:
-        if isinstance(self.q, QuantizedTensor):
-            self.q = QuantizedTensor(fn(self.q.packed), fn(self.q.scale), fn(self.q.minimum), self.q.nbits,
-                                     self.q.group_size, self.q.numel_last)
-        elif self.q is not None:
-            self.q = fn(self.q)
-        if self.outlier is not None:
-            self.outlier = fn(self.outlier)
-        if self.res is not None:
-            self.res = fn(self.res)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
