@@ -6,8 +6,10 @@ from .xquant import (
     attach_xquant,
     compute_xquant_factors,
     detach_xquant,
+    release_xquant_factors,
     xquant_cache_factory,
     xquant_cl_cache_factory,
+    xquant_factor_nbytes,
 )
 from .xquant_config import XQuantConfig
 
@@ -18,6 +20,8 @@ __all__ = [
     "attach_xquant",
     "compute_xquant_factors",
     "detach_xquant",
+    "release_xquant_factors",
     "xquant_cache_factory",
     "xquant_cl_cache_factory",
+    "xquant_factor_nbytes",
 ]
