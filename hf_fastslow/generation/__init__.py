@@ -4,7 +4,7 @@ V1-Infer pairwise tournaments."""
 import importlib
 
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
-from .das import DASDrafter, DASWindowCallback, LengthAwareBudget, SuffixHistory, SuffixTrie, das_rollout_func
+from .das import DASDrafter, LengthAwareBudget, SuffixHistory, SuffixTrie
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
 from .speculative import speculative_generate
 from .v1_infer import (
@@ -49,6 +49,8 @@ __all__ = [
 # generation/ never imports trainers/. Add a line here for each name that moves there.
 _FROM_TRAINERS = {
     "AuroraTrainer": "hf_fastslow.trainers.aurora_online_trainer",
+    "DASWindowCallback": "hf_fastslow.trainers.das_rollout",
+    "das_rollout_func": "hf_fastslow.trainers.das_rollout",
 }
 
 

@@ -13,14 +13,16 @@ Pieces:
   while a request runs), the paper's closed-form budget, and the research code's per-round quota split.
 * `OnlineRoundCost` / `LinearRoundCost`, `DraftAcceptanceModel`, `choose_verify_width` - cost-aware drafting: verify a
   draft only as far as its expected accepted tokens pay for the wider target pass on the hardware at hand.
-* `DASDrafter` - the `Drafter` that ties them together; `das_rollout_func` / `DASWindowCallback` plug it into TRL's
-  `GRPOTrainer` so rollouts draft from earlier epochs' rollouts of the same prompt.
+* `DASDrafter` - the `Drafter` that ties them together. `das_rollout_func` / `DASWindowCallback`
+  (`hf_fastslow.trainers.das_rollout`; deprecated re-exports here) plug it into TRL's `GRPOTrainer` so rollouts draft
+  from earlier epochs' rollouts of the same prompt.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import importlib
 import itertools
 import math
 import statistics
@@ -34,9 +36,16 @@ import torch
 
 from .drafter import DraftContext, Drafter, DraftFeedback
 
+# The TRL glue (`das_rollout_func`, `DASWindowCallback`) lives in hf_fastslow.trainers.das_rollout, a floor above
+# generation/. Deprecated here: these names still resolve from this module for one release, on first use, so
+# importing generation/ never imports trainers/. Import them from `hf_fastslow.trainers`.
+_TRAINER_MODULES = {
+    "DASWindowCallback": "hf_fastslow.trainers.das_rollout",
+    "das_rollout_func": "hf_fastslow.trainers.das_rollout",
+}
+
 __all__ = [
     "DASDrafter",
-    "DASWindowCallback",
     "DraftAcceptanceModel",
     "LengthAwareBudget",
     "LinearRoundCost",
@@ -45,8 +54,13 @@ __all__ = [
     "SuffixTrie",
     "TrieDraft",
     "choose_verify_width",
-    "das_rollout_func",
-]
+] + list(_TRAINER_MODULES)
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_MODULES:
+        return getattr(importlib.import_module(_TRAINER_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_tokens(tokens: Iterable[Any]) -> list[int]:
@@ -1049,84 +1063,3 @@ class DASDrafter(Drafter):
                         feedback.problem_ids[i], seq, rollout_id=("das", next(self._rollout_ids)),
                         response_length=response,
                     )
-
-
-def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Callable[[list, Any], dict]:
-    """A TRL `GRPOTrainer(rollout_func=...)` that generates rollouts with `speculative_generate` + `drafter`.
-
-    Prompts are tokenized exactly as GRPOTrainer does (chat template, tools) and generated in left-padded batches of
-    `batch_size` rows (default: all prompts at once) with the trainer's generation config, so sampling settings are
-    unchanged and the result is distributed as plain GRPO rollouts. GRPO siblings share a problem id (hash of the
-    prompt ids): a sibling that finishes early is indexed before the others finish. One call is one round
-    of the history window (one sighting of each of its prompts, however many generate calls `batch_size` splits it
-    into), so a prompt drafts from its rollouts of the last `window_sightings` times it was sampled (earlier epochs).
-    The history also follows `trainer.state.global_step` (`begin_step`; evicts by age only with `window_steps`).
-    Returns `prompt_ids`, `completion_ids` (up to and including the first EOS) and `logprobs=None`, like TRL's
-    transformers path.
-
-    Set `TRL_EXPERIMENTAL_SILENCE=1` to silence TRL's experimental-API warning for `rollout_func`.
-    """
-    from ..integrations import trl_generation_context, trl_pad_token_id, trl_tokenize_prompts
-    from .speculative import speculative_generate
-
-    if not isinstance(drafter, DASDrafter):
-        raise TypeError(f"`drafter` must be a DASDrafter, got {type(drafter).__name__}.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-
-    def rollout_func(prompts: list, trainer: Any) -> dict:
-        step = int(trainer.state.global_step)
-        if step > drafter.history.step:
-            drafter.history.begin_step(step)
-        prompt_ids = trl_tokenize_prompts(trainer, prompts, "The DAS rollout function")
-        pad_id = trl_pad_token_id(trainer)
-        eos_ids = trainer.generation_config.eos_token_id
-        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
-        completions: list[list[int]] = []
-        stack, model = trl_generation_context(trainer)
-        with stack, drafter.same_round():
-            device = next(model.parameters()).device
-            size = batch_size or len(prompt_ids)
-            for start in range(0, len(prompt_ids), size):
-                chunk = prompt_ids[start : start + size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, p in enumerate(chunk):
-                    ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    mask[r, width - len(p) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
-                    generation_config=trainer.generation_config,
-                    custom_generate=speculative_generate, drafter=drafter,
-                )
-                for row in out[:, width:].tolist():
-                    cut = len(row)
-                    for j, tok in enumerate(row):
-                        if tok in eos_ids:
-                            cut = j + 1
-                            break
-                    completions.append(row[:cut])
-        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
-
-    return rollout_func
-
-
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class DASWindowCallback(_trainer_callback_base()):
-    """A `TrainerCallback` that moves a `SuffixHistory` to every new training step (`begin_step`: a new round, and
-    with `window_steps` the step-age eviction).
-
-    Only needed when rollouts are produced outside `das_rollout_func` (which follows the step itself)."""
-
-    def __init__(self, history: SuffixHistory):
-        self.history = history
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step > self.history.step:
-            self.history.begin_step(state.global_step)

@@ -19,6 +19,8 @@ _LAZY = {
     "PairRLTrainer": "pairrl_trainer",
     "AuroraTrainer": "aurora_online_trainer",
     "ReplayBuffer": "replay_buffer",
+    "das_rollout_func": "das_rollout",
+    "DASWindowCallback": "das_rollout",
 }
 
 __all__ = list(_LAZY)
