@@ -12,6 +12,7 @@ _LAZY = {
     "load_fast_context": "fst_trainer",
     "Reflector": "reflection",
     "PolicyReflector": "reflection",
+    "FrozenReflector": "reflection",
     "HFReflector": "reflection",
     "OpenAIReflector": "reflection",
     "FunctionReflector": "reflection",
