@@ -12,22 +12,13 @@ from hf_fastslow import XQuantCache, XQuantConfig
 from hf_fastslow.integrations import cache_kwargs
 from hf_fastslow.quantizers import attach_xquant, compute_xquant_factors, detach_xquant
 from tests.conftest import tiny_llama
+from tests.quantizers.conftest import small_cfg, tiny_gemma3
 
 pytestmark = pytest.mark.integration  # exercises the transformers seam: also run on 5.17 in CI
 
 MODES = ["x", "latent", "cl", "auto"]
 
 
-def small_cfg(**kw):
-    base = dict(group_size=8, residual_length=16, base_layer=1, high_precision_layers=1)
-    base.update(kw)
-    return XQuantConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def gqa_model():
-    # d = 64, d_kv = 16: latent mode is 4x narrower than X, CL deltas live in a 32-dim subspace
-    return tiny_llama(num_layers=4, hidden=64, heads=4, kv_heads=1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -273,17 +264,9 @@ def _qwen3():
                                         max_position_embeddings=256)).eval()
 
 
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=1, head_dim=16, vocab_size=128, max_position_embeddings=256,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
-    return Gemma3ForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("build", [_qwen2, _qwen3, _gemma3], ids=["qwen2-bias", "qwen3-knorm", "gemma3-sliding"])
+@pytest.mark.parametrize("build", [_qwen2, _qwen3, tiny_gemma3], ids=["qwen2-bias", "qwen3-knorm", "gemma3-sliding"])
 @pytest.mark.parametrize("mode", ["latent", "cl", "x"])
 def test_other_architectures_unquantized_equal_dynamic(build, mode):
     model = build()
@@ -436,7 +419,7 @@ def test_speculative_generate_through_xquant_cache(gqa_model, mode):
 
 
 def test_sliding_window_layers_forget_old_blocks():
-    model = _gemma3()  # sliding window 8 on layers 0 and 2
+    model = tiny_gemma3()  # sliding window 8 on layers 0 and 2
     ids = torch.randint(3, 128, (1, 60))
     cache = XQuantCache(model, XQuantConfig(nbits=16, mode="latent", group_size=8, residual_length=8))
     ref_cache = DynamicCache(config=model.config)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from hf_fastslow import XQuantCache, XQuantConfig
 from hf_fastslow.integrations import TRANSFORMERS_VERSION, cache_kwargs
 from tests.conftest import tiny_llama
+from tests.quantizers.conftest import tiny_gemma3
 
 pytestmark = pytest.mark.integration
 
@@ -26,21 +27,13 @@ def _llama():
     return tiny_llama(num_layers=4, hidden=64, heads=4, kv_heads=1, seed=0)
 
 
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=1, head_dim=16, vocab_size=128, max_position_embeddings=256,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
-    return Gemma3ForCausalLM(cfg).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # crop: DynamicCache semantics for every n
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("build,mode", [(_llama, "latent"), (_llama, "cl"), (_gemma3, "latent"), (_gemma3, "x"),
-                                        (_gemma3, "cl")], ids=["llama-latent", "llama-cl", "gemma3-sliding-latent",
+@pytest.mark.parametrize("build,mode", [(_llama, "latent"), (_llama, "cl"), (tiny_gemma3, "latent"), (tiny_gemma3, "x"),
+                                        (tiny_gemma3, "cl")], ids=["llama-latent", "llama-cl", "gemma3-sliding-latent",
                                                                "gemma3-sliding-x", "gemma3-sliding-cl"])
 def test_crop_matches_dynamic_cache_for_every_n(build, mode):
     model = build()

@@ -15,20 +15,11 @@ from hf_fastslow import XQuantCache, XQuantConfig
 from hf_fastslow.integrations import cache_kwargs
 from hf_fastslow.quantizers.xquant import release_xquant_factors, xquant_factor_nbytes
 from tests.conftest import tiny_llama
+from tests.quantizers.conftest import small_cfg
 
 pytestmark = pytest.mark.integration
 
 
-def small_cfg(**kw):
-    base = dict(group_size=8, residual_length=16, base_layer=1, high_precision_layers=1)
-    base.update(kw)
-    return XQuantConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def gqa_model():
-    # d = 64, d_kv = 16: latent mode is 4x narrower than X, CL deltas live in a 32-dim subspace
-    return tiny_llama(num_layers=4, hidden=64, heads=4, kv_heads=1, seed=0)
 
 
 def forward(model, ids, cache, **kw):
