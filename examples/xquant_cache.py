@@ -50,3 +50,5 @@ answer("XQuant-CL, 2-bit", **hf_fastslow.cache_kwargs(model, cache))  # cache= o
 held, fp16 = cache.nbytes(), cache.fp16_kv_nbytes()
 print(f"\nXQuant-CL cache after {cache.get_seq_length()} tokens: {held:,} bytes held; an fp16 K/V cache would hold "
       f"{fp16:,} ({fp16 / held:.1f}x more)")
+print(f"plus {cache.factor_nbytes():,} bytes of factors kept once on the model and shared by every XQuant cache "
+      "(they pay off from about 1K tokens on)")

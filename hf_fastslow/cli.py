@@ -48,7 +48,7 @@ def _demo(args) -> int:
         r = cache_perplexity(model, ppl_ids, make_cache, chunk=64)
         cache = r["cache"]
         if isinstance(cache, XQuantCache):
-            held = cache.nbytes()
+            held = cache.nbytes() + cache.factor_nbytes()  # the shared factors count: a user pays for them too
         else:
             from hf_fastslow.evaluation.memory import held_tensor_bytes
 
