@@ -87,7 +87,7 @@ def test_sampling_with_processors_matches_generate_distribution():
         TopPLogitsWarper,
     )
 
-    from hf_fastslow.integrations import _repetition_penalty_takes_row_boundaries
+    from hf_fastslow.integrations.generation import _repetition_penalty_takes_row_boundaries
 
     vocab, penalty, temperature, top_p = 6, 2.0, 0.7, 0.9
     model = tiny_llama(num_layers=2, hidden=32, vocab=vocab, seed=3)
