@@ -1,0 +1,56 @@
+"""Measurement helpers shared by benchmarks, tests and examples: storage-walk memory (`memory`), perplexity through a
+cache (`kv_ppl`), prompt and data loaders (`prompts`), interleaved wall-clock timing (`timing`)."""
+
+from .prompts import (
+    GSM8K_INSTRUCTION,
+    HUMANEVAL_INSTRUCTION,
+    arithmetic_problems,
+    bundled_text_ids,
+    chat_messages,
+    chat_text,
+    encode_chat,
+    gsm8k_prompts,
+    gsm8k_rows,
+    humaneval_prompts,
+    humaneval_rows,
+)
+from .timing import (
+    ArmTimes,
+    InterleavedRun,
+    Spread,
+    TimedCall,
+    interleave,
+    load_average,
+    machine_state,
+    paired_ratio_table,
+    paired_ratios,
+    quartiles,
+    rotated,
+    timed_call,
+)
+
+__all__ = [
+    "GSM8K_INSTRUCTION",
+    "HUMANEVAL_INSTRUCTION",
+    "ArmTimes",
+    "InterleavedRun",
+    "Spread",
+    "TimedCall",
+    "arithmetic_problems",
+    "bundled_text_ids",
+    "chat_messages",
+    "chat_text",
+    "encode_chat",
+    "gsm8k_prompts",
+    "gsm8k_rows",
+    "humaneval_prompts",
+    "humaneval_rows",
+    "interleave",
+    "load_average",
+    "machine_state",
+    "paired_ratio_table",
+    "paired_ratios",
+    "quartiles",
+    "rotated",
+    "timed_call",
+]
