@@ -178,3 +178,47 @@ def restore_wan_self_attention_processors(transformer: Any, previous: list[Any])
         raise ValueError(f"expected {len(modules)} processors to restore (one per block); got {len(previous)}.")
     for module, processor in zip(modules, previous):
         module.set_processor(processor)
+
+
+def wan_patch_grid(transformer: Any, hidden_states: torch.Tensor) -> tuple[int, int, int]:
+    """(frames, height, width) of `hidden_states` (B, C, T, H, W) in patches, the grid Wan's rope numbers."""
+    p_t, p_h, p_w = transformer.config.patch_size
+    if hidden_states.dim() != 5:
+        raise ValueError(f"Wan latents are (B, C, frames, height, width); got shape {tuple(hidden_states.shape)}.")
+    _, _, frames, height, width = hidden_states.shape
+    return frames // p_t, height // p_h, width // p_w
+
+
+def watch_wan_input_grid(transformer: Any, callback: Callable[[tuple[int, int, int]], None]):
+    """Call `callback((frames, height, width))` (in patches) before every forward of `transformer`.
+
+    A video cache needs the grid of the chunk it is about to see (its processors only get flat tokens). The callback
+    may raise to refuse a forward before anything runs. Returns the hook handle (`handle.remove()` detaches it).
+    """
+    check_wan_transformer(transformer, "watch_wan_input_grid")
+
+    def hook(module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        callback(wan_patch_grid(module, hidden_states))
+
+    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class _MaskedWanDefaultProcessor:
+    """diffusers' own Wan processor, called with a fixed self-attention mask (Wan's blocks never pass one)."""
+
+    def __init__(self, mask: torch.Tensor):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.inner = WanAttnProcessor()
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb, **kw)
+
+
+def set_wan_self_attention_mask(transformer: Any, mask: torch.Tensor) -> list[Any]:
+    """Every Wan self-attention runs diffusers' default processor with `mask` (bool, True = may attend; shape
+    broadcastable to (B, heads, S, S)). A reference for masked attention patterns (e.g. block-causal chunks)
+    computed by diffusers' own code; returns the replaced processors for `restore_wan_self_attention_processors`."""
+    return set_wan_self_attention_processors(transformer, lambda index: _MaskedWanDefaultProcessor(mask))

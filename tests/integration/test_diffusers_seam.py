@@ -77,3 +77,48 @@ def test_clear_errors():
     proc = WanSelfAttentionProcessor()
     with pytest.raises(ValueError, match="cross-attention"):
         proc(model.blocks[0].attn2, torch.randn(1, 4, 24), torch.randn(1, 5, 24))
+
+
+def test_watch_wan_input_grid_reports_patch_grid_and_can_refuse():
+    from hf_fastslow.integrations.diffusers import watch_wan_input_grid
+
+    model = tiny_wan()
+    seen = []
+    handle = watch_wan_input_grid(model, seen.append)
+    inputs = wan_inputs(frames=3)
+    with torch.no_grad():
+        model(**inputs)
+        model(inputs.pop("hidden_states")[:, :, :2], **inputs)  # positional hidden_states too
+
+    def refuse(grid):
+        raise ValueError("refused")
+
+    handle.remove()
+    assert seen == [(3, 4, 4), (2, 4, 4)]
+    handle = watch_wan_input_grid(model, refuse)
+    with pytest.raises(ValueError, match="refused"), torch.no_grad():
+        model(**wan_inputs())
+    handle.remove()
+
+
+def test_masked_default_processor_is_diffusers_attention_under_a_mask():
+    from hf_fastslow.integrations.diffusers import set_wan_self_attention_mask
+
+    model = tiny_wan()
+    inputs = wan_inputs(frames=3)
+    tokens = 3 * 16
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        previous = set_wan_self_attention_mask(model, torch.ones(tokens, tokens, dtype=torch.bool))
+        assert torch.equal(model(**inputs)[0], expected)  # an all-True mask is no mask
+        frame = torch.arange(tokens) // 16
+        restore_wan_self_attention_processors(model, previous)
+        previous = set_wan_self_attention_mask(model, frame[None, :] <= frame[:, None])  # frame-causal
+        causal = model(**inputs)[0]
+        changed = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+        changed["hidden_states"][:, :, 2] += 1.0
+        causal_changed = model(**changed)[0]
+        restore_wan_self_attention_processors(model, previous)
+    assert not torch.allclose(causal, expected, atol=1e-4)  # the mask is applied
+    assert torch.equal(causal_changed[:, :, :2], causal[:, :, :2])  # frame 2 cannot reach frames 0, 1
+    assert not torch.allclose(causal_changed[:, :, 2], causal[:, :, 2])
