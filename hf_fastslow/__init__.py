@@ -31,10 +31,19 @@ __all__ = [
     "unregister_cache_implementation",
 ]
 
-from .quantizers import XQuantCache, XQuantConfig, xquant_cache_factory, xquant_cl_cache_factory  # noqa: E402
+from .quantizers import (  # noqa: E402
+    QVGCache,
+    QVGConfig,
+    XQuantCache,
+    XQuantConfig,
+    qvg_cache_factory,
+    xquant_cache_factory,
+    xquant_cl_cache_factory,
+)
 
-__all__ += ["XQuantCache", "XQuantConfig"]
+__all__ += ["QVGCache", "QVGConfig", "XQuantCache", "XQuantConfig"]
 
 # Built-in cache implementations: generate(cache_implementation="xquant" | "xquant_cl", cache_config={...}).
 register_cache_implementation("xquant", xquant_cache_factory)
 register_cache_implementation("xquant_cl", xquant_cl_cache_factory)
+register_cache_implementation("qvg", qvg_cache_factory)

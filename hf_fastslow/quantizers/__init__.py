@@ -1,6 +1,8 @@
 """Cache classes that quantize what they hold."""
 
+from .qvg import QVGCache, QVGLayer, attach_qvg, detach_qvg, qvg_cache_factory
 from .qvg_codec import PackedPRQ, prq_compress, prq_decompress
+from .qvg_config import QVGConfig
 from .xquant import (
     XQuantCache,
     XQuantLayer,
@@ -16,6 +18,12 @@ from .xquant_config import XQuantConfig
 
 __all__ = [
     "PackedPRQ",
+    "QVGCache",
+    "QVGConfig",
+    "QVGLayer",
+    "attach_qvg",
+    "detach_qvg",
+    "qvg_cache_factory",
     "XQuantCache",
     "XQuantConfig",
     "XQuantLayer",
