@@ -82,7 +82,8 @@ def allocate_ranks(
     """Per-layer ranks summing to `rank * len(spectra)` under `rule`, each in `[rank_min, rank_max]`.
 
     `spectra[l]` holds layer l's singular values (descending) of the whitened weight; its length bounds the layer's
-    rank. Ties go to the earlier layer (deterministic).
+    rank. Deterministic: under `"energy"`, equal gains go to the layer with the lower rank, then the earlier layer;
+    under `"paper"`, to the earlier layer.
     """
     if rule not in ALLOCATIONS:
         raise ValueError(f"rule must be one of {ALLOCATIONS}, got {rule!r}.")
@@ -108,9 +109,9 @@ def allocate_ranks(
         for layer, e in enumerate(energy):
             total = e.sum().clamp_min(1e-300)
             for r in range(lo, hi):
-                gains.append((-(e[r] / total).item(), layer, r))
-        gains.sort()
-        for _, layer, _ in gains[: budget - lo * n]:
+                gains.append((-(e[r] / total).item(), r, layer))
+        gains.sort()  # equal gains: the lower rank first, then the earlier layer (round robin over tied layers)
+        for _, _, layer in gains[: budget - lo * n]:
             ranks[layer] += 1
         return ranks
     # "paper": the score changes with the tail left, so take one step at a time
