@@ -45,7 +45,8 @@ def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.T
     return distances.argmin(dim=-1)
 
 
-kmeans_assign = kernel(kmeans_assign_reference, None, name="kmeans_assign")
+kmeans_assign = kernel(kmeans_assign_reference, "hf_fastslow.kernels.kmeans_triton:kmeans_assign_triton",
+                       name="kmeans_assign")
 
 
 def kmeans_update(

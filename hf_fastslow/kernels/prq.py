@@ -121,8 +121,8 @@ def prq_decode_reference(
     return out.to(dtype)
 
 
-prq_encode = kernel(prq_encode_reference, None, name="prq_encode")
-prq_decode = kernel(prq_decode_reference, None, name="prq_decode")
+prq_encode = kernel(prq_encode_reference, "hf_fastslow.kernels.prq_triton:prq_encode_triton", name="prq_encode")
+prq_decode = kernel(prq_decode_reference, "hf_fastslow.kernels.prq_triton:prq_decode_triton", name="prq_decode")
 
 __all__ = [
     "PRQ_BITS",
