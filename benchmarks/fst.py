@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from hf_fastslow import load_default_model  # noqa: E402
 from hf_fastslow.evaluation.memory import storage_bytes  # noqa: E402
+from hf_fastslow.evaluation.prompts import arithmetic_problems, chat_messages, encode_chat  # noqa: E402
 from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
 from hf_fastslow.trainers.fst_trainer import apply_context  # noqa: E402
 
@@ -54,16 +54,9 @@ class ArithmeticTask(VerifiableTask):
         self.op = op
 
     def items(self, n: int, seed: int) -> list[dict]:
-        rng, rows = random.Random(seed), []
-        for _ in range(n):
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            if self.op == "-" and a < b:
-                a, b = b, a
-            answer = a + b if self.op == "+" else a - b
-            rows.append({"prompt": [{"role": "system", "content": SMOL_DEFAULT_SYSTEM},
-                                    {"role": "user", "content": f"What is {a} {self.op} {b}?"}],
-                         "answer": str(answer), "expected_reply": f"{a} {self.op} {b} = {answer}."})
-        return rows
+        return [{"prompt": chat_messages(p["question"], system=SMOL_DEFAULT_SYSTEM), "answer": str(p["answer"]),
+                 "expected_reply": f"{p['a']} {p['op']} {p['b']} = {p['answer']}."}
+                for p in arithmetic_problems(n, seed, op=self.op)]
 
     def score(self, prompt, completion, answer=None, expected_reply=None, **columns):
         if answer is None:
@@ -93,12 +86,9 @@ def demonstration_reflector(context: str, records) -> str:
 
 @torch.no_grad()
 def generate(model, tok, rows, context, max_new_tokens, sample=False, batch=16):
-    tok.padding_side = "left"
     outs = []
     for s in range(0, len(rows), batch):
-        msgs = [apply_context(r["prompt"], context) for r in rows[s:s + batch]]
-        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_chat(tok, [apply_context(r["prompt"], context) for r in rows[s:s + batch]])
         kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)

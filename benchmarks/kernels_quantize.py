@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
-import time
 
 import torch
 
@@ -29,20 +27,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _median_ms(fn, device: str, warmup: int, repeats: int) -> float:
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    from hf_fastslow.evaluation.timing import interleave  # not at the top: see TRITON_INTERPRET in main()
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    timing = interleave({"op": fn}, repeats=repeats, warmup=warmup, sync=sync, keep_values=False)
+    return timing["op"].spread.median * 1e3
 
 
 def _unfused(dequantize_fn, q, weight, bias, transposed):

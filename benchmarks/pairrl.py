@@ -25,17 +25,14 @@ import torch
 from datasets import Dataset
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.prompts import arithmetic_problems, chat_messages, encode_chat
 from hf_fastslow.generation.v1_infer import MATH_JUDGE_TEMPLATE, HFJudge, parse_pair_ratings, v1_generate
 from hf_fastslow.trainers import PairRLConfig, PairRLTrainer, VerifiableTask
 
 
 def make_problems(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        rows.append({"question": f"What is {a} + {b}? Reply with just the number.", "answer": str(a + b)})
-    return rows
+    return [{"question": f"{p['question']} Reply with just the number.", "answer": str(p["answer"])}
+            for p in arithmetic_problems(n, seed)]
 
 
 class ArithmeticTask(VerifiableTask):
@@ -59,13 +56,10 @@ def is_correct(text: str, answer: str) -> bool:
 @torch.no_grad()
 def pass_at_1(model, tok, problems, max_new_tokens, batch_size=16) -> float:
     model.eval()
-    tok.padding_side = "left"
     right = 0
     for s in range(0, len(problems), batch_size):
         chunk = problems[s:s + batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
-                                         add_generation_prompt=True) for p in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_chat(tok, [p["question"] for p in chunk])
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         for p, text in zip(chunk, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
             right += is_correct(text, p["answer"])
@@ -111,7 +105,7 @@ def train(kind: str, train_rows, args) -> tuple[torch.nn.Module, dict]:
     model, tok = load_default_model()
     model.train()
     ds = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": r["question"]}] for r in train_rows],
+        "prompt": [chat_messages(r["question"]) for r in train_rows],
         "answer": [r["answer"] for r in train_rows],
     })
     common = {

@@ -17,6 +17,8 @@ import time
 import torch
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.prompts import encode_chat
+from hf_fastslow.evaluation.timing import Spread, interleave
 from hf_fastslow.generation import Drafter, speculative_generate
 
 QUESTIONS = [
@@ -39,7 +41,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_default_model()
-    tok.padding_side = "left"
 
     forward_time = [0.0, 0.0]  # total, start of the current forward
     model.register_forward_pre_hook(lambda *a: forward_time.__setitem__(1, time.perf_counter()))
@@ -50,34 +51,30 @@ def main() -> None:
     print(f"torch threads {args.threads}; {args.new_tokens} new tokens (EOS ignored); medians over {args.repeats} "
           "interleaved repeats (min-max); per step = per generated token of a row")
     for batch in args.batch:
-        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                 for q in (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch]]
-        enc = tok(texts, return_tensors="pt", padding=True)
+        enc = encode_chat(tok, (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch])
         for mode, extra in modes.items():
             kwargs = {**enc, "max_new_tokens": args.new_tokens, "eos_token_id": None, **extra}
-            arms = {
+            generators = {
                 "generate": lambda kw=kwargs: model.generate(**kw),
                 "speculative, no drafts": lambda kw=kwargs: model.generate(
                     **kw, custom_generate=speculative_generate, drafter=NoDrafts(4)),
             }
-            results = {name: [] for name in arms}
-            for run in arms.values():  # warm-up
-                run()
-            for _ in range(args.repeats):
-                for name, run in arms.items():
-                    forward_time[0] = 0.0
-                    start = time.perf_counter()
-                    out = run()
-                    total = time.perf_counter() - start
+            # Each arm returns its output and the seconds its forwards took (reset before every run, untimed).
+            arms = {name: lambda run=run: (run(), forward_time[0]) for name, run in generators.items()}
+            timing = interleave(arms, repeats=args.repeats, warmup=1,
+                                before_each=lambda name: forward_time.__setitem__(0, 0.0))
+            for name in arms:
+                for out, _ in timing[name].values:
                     assert out.shape[1] == enc["input_ids"].shape[1] + args.new_tokens
-                    results[name].append((total / args.new_tokens, (total - forward_time[0]) / args.new_tokens))
-            base = statistics.median(t for t, _ in results["generate"])
-            for name, rows in results.items():
-                step = [t * 1e3 for t, _ in rows]
-                loop = [o * 1e3 for _, o in rows]
-                print(f"batch {batch:2d} {mode:10s} {name:22s} {statistics.median(step):7.2f} ms/step "
-                      f"({min(step):.2f}-{max(step):.2f}), outside forward {statistics.median(loop):5.2f} ms/step, "
-                      f"x{statistics.median(t for t, _ in rows) / base:.3f} of generate")
+            base = timing["generate"].spread.median
+            for name, times in timing.arms.items():
+                step = Spread.of(times.wall).scaled(1e3 / args.new_tokens)
+                loop = [(total - forward) * 1e3 / args.new_tokens
+                        for total, (_, forward) in zip(times.wall, times.values)]
+                print(f"batch {batch:2d} {mode:10s} {name:22s} {step.median:7.2f} ms/step "
+                      f"({step.low:.2f}-{step.high:.2f}), outside forward {statistics.median(loop):5.2f} ms/step, "
+                      f"x{times.spread.median / base:.3f} of generate")
+            print(f"  ({timing.describe_machine()})")
 
 
 if __name__ == "__main__":

