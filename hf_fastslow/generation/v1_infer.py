@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .padding import pad_token_id
 from .v1_baselines import PointwiseSelector, extract_answer, majority_vote, random_pick
 from .v1_judges import CallableJudge, EndpointJudge, HFJudge, Judge
 from .v1_tournament import PairwiseTournament, Selection, round_robin
@@ -77,7 +78,6 @@ def v1_generate(
         enc = tokenizer(problem, return_tensors="pt")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
         **enc,
         do_sample=True,
@@ -85,6 +85,6 @@ def v1_generate(
         top_p=top_p,
         num_return_sequences=n,
         max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..endpoints import chat_completions_url, post_chat_completion
+from .padding import cut_at_eos, pad_token_id
 
 
 class Judge(Protocol):
@@ -106,7 +107,7 @@ class HFJudge:
             enc = {k: v[:, -self.max_prompt_tokens :] for k, v in enc.items()}
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = pad_token_id(tok)
         gen_kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "pad_token_id": pad_id}
         if self.do_sample:
             gen_kwargs.update(temperature=self.temperature, top_p=self.top_p)
@@ -115,9 +116,7 @@ class HFJudge:
         eos = tok.eos_token_id
         replies = []
         for row in new:
-            ids = row.tolist()
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos) + 1]
+            ids = cut_at_eos(row.tolist(), eos)
             while ids and ids[-1] == pad_id and pad_id != eos:
                 ids.pop()
             self.tokens += len(ids)

@@ -68,6 +68,7 @@ from hf_fastslow.integrations.trl import (  # noqa: E402
     trl_generation_context,
     trl_pad_token_id,
     trl_tokenize_prompts,
+    trl_tokenizer,
 )
 
 __all__ = [
@@ -108,5 +109,6 @@ __all__ = [
     "trl_generation_context",
     "trl_pad_token_id",
     "trl_tokenize_prompts",
+    "trl_tokenizer",
     "unregister_cache_implementation",
 ]

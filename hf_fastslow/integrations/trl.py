@@ -41,10 +41,19 @@ def trl_generation_context(trainer: Any):
     return stack, model
 
 
-def trl_pad_token_id(trainer: Any) -> int:
+def trl_tokenizer(trainer: Any) -> Any:
+    """The text tokenizer a GRPOTrainer generates with (its private `_tokenizer`, else the processing class, unwrapped
+    from a processor)."""
     tok = getattr(trainer, "_tokenizer", None) or trainer.processing_class
-    tok = getattr(tok, "tokenizer", tok)
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return getattr(tok, "tokenizer", tok)
+
+
+def trl_pad_token_id(trainer: Any) -> int | None:
+    """Deprecated, kept for one release: `hf_fastslow.generation.padding.pad_token_id(trl_tokenizer(trainer))`."""
+    # Imported at call time: generation/ sits above this seam and imports it.
+    from hf_fastslow.generation.padding import pad_token_id
+
+    return pad_token_id(trl_tokenizer(trainer))
 
 # [trainers] -- section start
 # --- FST (hf_fastslow.trainers.fst_trainer): the trl 1.16 GRPOTrainer internals FSTTrainer relies on -------------

@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..generation.das import DASDrafter, SuffixHistory
+from ..generation.padding import cut_at_eos, left_pad, pad_token_id
 
 __all__ = ["DASWindowCallback", "das_rollout_func"]
 
@@ -30,7 +29,7 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
     Set `TRL_EXPERIMENTAL_SILENCE=1` to silence TRL's experimental-API warning for `rollout_func`.
     """
     from ..generation.speculative import speculative_generate
-    from ..integrations import trl_generation_context, trl_pad_token_id, trl_tokenize_prompts
+    from ..integrations import trl_generation_context, trl_tokenize_prompts, trl_tokenizer
 
     if not isinstance(drafter, DASDrafter):
         raise TypeError(f"`drafter` must be a DASDrafter, got {type(drafter).__name__}.")
@@ -42,9 +41,8 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
         if step > drafter.history.step:
             drafter.history.begin_step(step)
         prompt_ids = trl_tokenize_prompts(trainer, prompts, "The DAS rollout function")
-        pad_id = trl_pad_token_id(trainer)
+        pad_id = pad_token_id(trl_tokenizer(trainer))
         eos_ids = trainer.generation_config.eos_token_id
-        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
         completions: list[list[int]] = []
         stack, model = trl_generation_context(trainer)
         with stack, drafter.same_round():
@@ -52,24 +50,14 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
             size = batch_size or len(prompt_ids)
             for start in range(0, len(prompt_ids), size):
                 chunk = prompt_ids[start : start + size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, p in enumerate(chunk):
-                    ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    mask[r, width - len(p) :] = 1
+                ids, mask = left_pad(chunk, pad_id, device=device)
+                width = ids.shape[1]
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    input_ids=ids, attention_mask=mask,
                     generation_config=trainer.generation_config,
                     custom_generate=speculative_generate, drafter=drafter,
                 )
-                for row in out[:, width:].tolist():
-                    cut = len(row)
-                    for j, tok in enumerate(row):
-                        if tok in eos_ids:
-                            cut = j + 1
-                            break
-                    completions.append(row[:cut])
+                completions.extend(cut_at_eos(row, eos_ids) for row in out[:, width:].tolist())
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
 
     return rollout_func

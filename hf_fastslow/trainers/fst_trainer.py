@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from trl import GRPOTrainer
 
+from ..generation.padding import cut_at_eos, left_pad, pad_token_id
 from ..integrations import FST_GRPO_HOOKS, check_grpo_hooks, fst_generation_model, fst_log_metric, trl_tokenize_prompts
 from ..model_card import save_model_card
 from .config_checks import trainer_owned_copy
@@ -232,7 +233,7 @@ class FSTTrainer(GRPOTrainer):
     def _generate_under_context(self, model, context: str, rows: Sequence[dict]) -> tuple[list, list, list]:
         prompts = [apply_context(r["prompt"], context) for r in rows]
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = pad_token_id(tok)
         eos_ids = set(self.eos_token_ids) if getattr(self, "eos_token_ids", None) else {tok.eos_token_id}
         device = next(model.parameters()).device
         gen_kwargs: dict[str, Any] = {
@@ -247,13 +248,10 @@ class FSTTrainer(GRPOTrainer):
         bs = self.args.fast_eval_batch_size
         for start in range(0, len(prompts), bs):
             ids = trl_tokenize_prompts(self, prompts[start:start + bs], "FSTTrainer's fast rounds")
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+            input_ids, attention = left_pad(ids, pad_id, device=device)
+            width = input_ids.shape[1]
             out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_kwargs)[:, width:].tolist()
-            for seq in out:
-                cut = next((j + 1 for j, t in enumerate(seq) if t in eos_ids), len(seq))
-                completion_ids.append(seq[:cut])
+            completion_ids.extend(cut_at_eos(seq, eos_ids) for seq in out)
         self.fast_rollouts += len(prompts)
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         conversational = not isinstance(prompts[0], str)

@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
+from ..generation.padding import pad_token_id
 from ..generation.v1_infer import parse_pair_ratings
 from ..integrations import PAIRRL_GRPO_HOOKS, check_grpo_hooks, grpo_metric_buffer, pairrl_merge_generation_batches
 from .config_checks import trainer_owned_copy
@@ -260,8 +261,7 @@ class PairRLTrainer(GRPOTrainer):
 
         judge_out["advantages"] = judge_out["advantages"] * self.args.verifier_weight
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return pairrl_merge_generation_batches(solver_out, judge_out, pad_id)
+        return pairrl_merge_generation_batches(solver_out, judge_out, pad_token_id(tok))
 
     # -------------------------------------------------------------------------------------------------------------
     def _truncate_solution(self, text: str) -> tuple[str, bool]:

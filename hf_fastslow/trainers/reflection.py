@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..endpoints import chat_completions_url, post_chat_completion
+from ..generation.padding import pad_token_id
 
 Record = dict[str, Any]  # {"Inputs": str, "Generated Outputs": str, "Feedback": str, "Score": float | None}
 
@@ -143,9 +144,8 @@ class HFReflector(Reflector):
             )
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in self._encode(prompt).items()}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         gen_kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                      "pad_token_id": pad}
+                                      "pad_token_id": pad_token_id(self.tokenizer)}
         if self.do_sample:
             gen_kwargs["temperature"] = self.temperature
         with torch.no_grad():
