@@ -32,6 +32,8 @@ import torch
 from ..integrations import (
     cache_from_kwargs,
     decoder_only_generate_output,
+    generate_special_tokens,
+    model_is_stateful,
     output_cache,
     speculative_cache_check,
     speculative_cache_compactable,
@@ -42,6 +44,7 @@ from ..integrations import (
     split_stopping_criteria,
 )
 from .drafter import DraftContext, Drafter, DraftFeedback, SpeculativeStats, problem_id_for
+from .padding import pad_token_id
 from .speculative_processors import RoundProcessors
 
 logger = logging.getLogger(__name__)
@@ -127,7 +130,7 @@ def _check_call(model, input_ids, generation_config, synced_gpus, streamer, draf
         raise NotImplementedError("speculative_generate does not support `synced_gpus=True` (DeepSpeed ZeRO-3/FSDP).")
     if model.config.is_encoder_decoder:
         raise ValueError("speculative_generate supports decoder-only models only.")
-    if getattr(model, "_is_stateful", False):
+    if model_is_stateful(model):
         raise ValueError(f"{type(model).__name__} is stateful (recurrent); its state cannot be rolled back.")
     if generation_config.num_beams not in (None, 1):
         raise ValueError("speculative_generate does not support beam search (`num_beams > 1`).")
@@ -186,14 +189,9 @@ class _SpeculativeRun:
         self.do_sample = bool(generation_config.do_sample)
 
         # Special tokens and lengths.
-        eos = generation_config._eos_token_tensor if hasattr(generation_config, "_eos_token_tensor") else None
-        if eos is None and generation_config.eos_token_id is not None:
-            eos = torch.as_tensor(generation_config.eos_token_id)
-        self.eos_ids = tuple(int(t) for t in eos.reshape(-1).tolist()) if eos is not None else ()
-        pad = getattr(generation_config, "_pad_token_tensor", None)
-        if pad is None and generation_config.pad_token_id is not None:
-            pad = torch.as_tensor(generation_config.pad_token_id)
-        self.pad_id = int(pad.reshape(-1)[0]) if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        special = generate_special_tokens(generation_config)
+        self.eos_ids = special.eos_token_id
+        self.pad_id = pad_token_id(special, default=0)
         max_length, self.other_criteria = split_stopping_criteria(stopping_criteria)
         self.max_length = max_length if max_length is not None else generation_config.max_length
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -11,6 +11,39 @@ from hf_fastslow.integrations.caches import cache_kwargs
 
 
 # [speculative decoding / TRL rollouts] -- section start
+class GenerateSpecialTokens(NamedTuple):
+    """The special tokens a `generate` call stops and pads with (named like the `GenerationConfig` fields)."""
+
+    pad_token_id: int | None
+    eos_token_id: tuple[int, ...]
+
+
+def generate_special_tokens(generation_config: Any) -> GenerateSpecialTokens:
+    """What `generate` pads with and stops on for this call.
+
+    Inside a `custom_generate` loop, `generate` has already resolved them (model defaults merged, pad falling back to
+    the first EOS) into the private `_pad_token_tensor` / `_eos_token_tensor`; outside one, the public fields are read.
+    """
+    eos = getattr(generation_config, "_eos_token_tensor", None)
+    if eos is None:
+        eos = generation_config.eos_token_id
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    if pad is None:
+        pad = generation_config.pad_token_id
+    pad_ids = _as_ids(pad)
+    return GenerateSpecialTokens(pad_ids[0] if pad_ids else None, _as_ids(eos))
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    return () if value is None else tuple(int(t) for t in torch.as_tensor(value).reshape(-1).tolist())
+
+
+def model_is_stateful(model: Any) -> bool:
+    """Whether `model` keeps a recurrent state that cannot be rolled back (the private flag `generate` checks before
+    assisted decoding)."""
+    return bool(getattr(model, "_is_stateful", False))
+
+
 def speculative_cache_check(cache: Any, batch_size: int) -> None:
     """Raise a ValueError unless `cache` can be rolled back (`crop(-n)`) the way the speculative loop needs.
 
