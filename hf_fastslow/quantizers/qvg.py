@@ -171,14 +171,14 @@ class QVGLayer(DynamicLayer):
     # -- update ---------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         sh = self._shared
+        position_ids = sh.stash.pop(self.layer_idx, None)  # taken even when the call fails: nothing stays behind
         self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n_new = key_states.shape[-2]
         if self.layer_idx == 0:
             sh.rope_memo.clear()
-            self._append_positions(key_states.shape[0], n_new, key_states.device)
-        sh.stash.pop(self.layer_idx, None)
+            self._append_positions(position_ids, key_states.shape[0], n_new, key_states.device)
         past = self.get_seq_length()
         if sh.positions is None or sh.positions.shape[1] != past + n_new:
             raise RuntimeError(
@@ -229,9 +229,8 @@ class QVGLayer(DynamicLayer):
                     f"{k.shape[1]} heads of dim {k.shape[-1]}."
                 )
 
-    def _append_positions(self, bsz: int, n_new: int, device) -> None:
+    def _append_positions(self, pos: torch.Tensor | None, bsz: int, n_new: int, device) -> None:
         sh = self._shared
-        pos = sh.stash.get(self.layer_idx)
         past = 0 if sh.positions is None else sh.positions.shape[1]
         if pos is None:
             pos = torch.arange(past, past + n_new, device=device).unsqueeze(0)
