@@ -106,7 +106,7 @@ class FSTTrainer(GRPOTrainer):
     ):
         check_grpo_hooks(FST_GRPO_HOOKS, "FSTTrainer")
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else (getattr(model.config, "name_or_path", None) or "model")
             args = FSTConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-FST")
         elif not isinstance(args, FSTConfig):
             raise TypeError(f"FSTTrainer needs an FSTConfig, got {type(args).__name__} (FSTConfig accepts every "
@@ -428,7 +428,7 @@ class FSTTrainer(GRPOTrainer):
             self._write_card(self.args.output_dir)
 
     def _write_card(self, directory: str) -> None:
-        base = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        base = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
         if base and os.path.isdir(base):
             # A local folder is not a Hub id; the converted default model is known by its Hub name.
             from ..default_model import DEFAULT_MODEL_ID

@@ -155,7 +155,7 @@ class PairRLTrainer(GRPOTrainer):
     ):
         check_grpo_hooks(PAIRRL_GRPO_HOOKS, "PairRLTrainer")
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else (getattr(model.config, "name_or_path", None) or "model")
             args = PairRLConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-PairRL")
         elif not isinstance(args, PairRLConfig):
             raise TypeError(f"PairRLTrainer needs a PairRLConfig, got {type(args).__name__} (PairRLConfig accepts "
