@@ -117,6 +117,14 @@ def test_error_router_never_worse_than_score_router_on_the_probe_objective(seed)
         left_error = by_error.probe_error[~by_error.block_mask].sum()
         left_score = by_score.probe_error[~by_score.block_mask].sum()
         assert left_error <= left_score + 1e-6, (density, left_error, left_score)
+        # the error router's choice is a prefix of the error-to-size order: no skipped block has a higher ratio
+        # (one block map per batch row and KV head)
+        ratio = (by_error.probe_error / by_error.block_cost.clamp(min=1)).flatten(0, 1)
+        live, mask = (by_error.block_cost > 0).flatten(0, 1), by_error.block_mask.flatten(0, 1)
+        for r, m, ok in zip(ratio, mask, live):
+            chosen, skipped = r[m & ok], r[~m & ok]
+            if chosen.numel() and skipped.numel():
+                assert chosen.min() >= skipped.max() * (1 - 1e-5), density
 
 
 def test_route_blocks_takes_the_prefix_of_the_priority_order():
