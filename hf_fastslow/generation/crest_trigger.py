@@ -30,7 +30,8 @@ def _vocab_texts(tokenizer) -> list[str]:
 
 @dataclass(frozen=True)
 class BoundaryTokens:
-    """Per-id tables of the boundary rule for a two-character `delimiter`.
+    """Per-id tables of the boundary rule for a one- or two-character `delimiter` ("\\n\\n" by default; "\\n"
+    for models that write one step per line).
 
     `whole[i]`: token i's text contains the delimiter; `ends_first[i]`: it ends with `delimiter[0]`;
     `starts_second[i]`: it starts with `delimiter[1]`. Token t after token p is a boundary when
@@ -44,12 +45,16 @@ class BoundaryTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, delimiter: str = "\n\n") -> BoundaryTokens:
-        if not isinstance(delimiter, str) or len(delimiter) != 2:
-            raise ValueError(f"delimiter must be a two-character string such as '\\n\\n', got {delimiter!r}")
+        if not isinstance(delimiter, str) or len(delimiter) not in (1, 2):
+            raise ValueError(f"delimiter must be a one- or two-character string such as '\\n\\n' or '\\n', got "
+                             f"{delimiter!r}")
         texts = _vocab_texts(tokenizer)
         whole = torch.tensor([delimiter in t for t in texts], dtype=torch.bool)
-        ends = torch.tensor([t.endswith(delimiter[0]) for t in texts], dtype=torch.bool)
-        starts = torch.tensor([t.startswith(delimiter[1]) for t in texts], dtype=torch.bool)
+        if len(delimiter) == 1:  # one character never spans two tokens
+            ends = starts = torch.zeros_like(whole)
+        else:
+            ends = torch.tensor([t.endswith(delimiter[0]) for t in texts], dtype=torch.bool)
+            starts = torch.tensor([t.startswith(delimiter[1]) for t in texts], dtype=torch.bool)
         if not whole.any() and not (ends.any() and starts.any()):
             raise ValueError(f"no token of this tokenizer can write the step delimiter {delimiter!r}.")
         return cls(delimiter, whole, ends, starts)

@@ -56,9 +56,14 @@ def test_default_model_tokenizer_boundaries(default_model):
     assert ids[-3:-1] == [198, 198] and b.positions(ids) == [len(ids) - 2]
 
 
-def test_delimiter_must_be_two_characters():
-    with pytest.raises(ValueError, match="two-character"):
-        BoundaryTokens.from_tokenizer(byte_tokenizer(), "\n")
+def test_one_character_delimiter_and_bad_delimiters():
+    tok = crest_tokenizer()
+    b = BoundaryTokens.from_tokenizer(tok, "\n")
+    nl = tok.convert_tokens_to_ids("Ċ")
+    assert b.positions([70, nl, 71, NL, nl]) == [1, 3, 4] and not b.ends_first.any()
+    for bad in ("", "abc", None):
+        with pytest.raises(ValueError, match="one- or two-character"):
+            BoundaryTokens.from_tokenizer(byte_tokenizer(), bad)
 
 
 # --- probes and rotation --------------------------------------------------------------------------------------------
