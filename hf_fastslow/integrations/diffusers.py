@@ -222,3 +222,15 @@ def set_wan_self_attention_mask(transformer: Any, mask: torch.Tensor) -> list[An
     broadcastable to (B, heads, S, S)). A reference for masked attention patterns (e.g. block-causal chunks)
     computed by diffusers' own code; returns the replaced processors for `restore_wan_self_attention_processors`."""
     return set_wan_self_attention_processors(transformer, lambda index: _MaskedWanDefaultProcessor(mask))
+
+
+def wan_to_dtype(transformer: Any, dtype: torch.dtype) -> Any:
+    """Cast a Wan transformer's parameters to `dtype` the way `from_pretrained(torch_dtype=dtype)` leaves them: the
+    modules the class keeps in fp32 (`_keep_in_fp32_modules`: rope, time embedder, modulation tables, norms) stay
+    fp32, and buffers (the rope tables) are left as they are. A plain `.to(dtype)` would round the rope tables."""
+    check_wan_transformer(transformer, "wan_to_dtype")
+    keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+    for name, param in transformer.named_parameters():
+        if not keep.intersection(name.split(".")):
+            param.data = param.data.to(dtype)
+    return transformer

@@ -122,3 +122,23 @@ def test_masked_default_processor_is_diffusers_attention_under_a_mask():
     assert not torch.allclose(causal, expected, atol=1e-4)  # the mask is applied
     assert torch.equal(causal_changed[:, :, :2], causal[:, :, :2])  # frame 2 cannot reach frames 0, 1
     assert not torch.allclose(causal_changed[:, :, 2], causal[:, :, 2])
+
+
+def test_wan_to_dtype_keeps_fp32_modules_and_rope_tables():
+    from hf_fastslow.integrations.diffusers import wan_to_dtype
+
+    model = tiny_wan()
+    rope_dtype = model.rope.freqs_cos.dtype
+    wan_to_dtype(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_k.weight"] == torch.bfloat16 and dtypes["proj_out.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.scale_shift_table"] == torch.float32
+    assert dtypes["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    assert model.rope.freqs_cos.dtype == rope_dtype != torch.bfloat16  # not rounded
+    inputs = wan_inputs()
+    inputs["hidden_states"] = inputs["hidden_states"].bfloat16()
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].bfloat16()
+    with torch.no_grad():
+        out = model(**inputs)[0]
+        reference = tiny_wan()(**wan_inputs())[0]
+    assert out.dtype == torch.bfloat16 and float((out.float() - reference).norm() / reference.norm()) < 0.05
