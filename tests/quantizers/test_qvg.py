@@ -320,3 +320,16 @@ def test_cache_errors_leave_the_cache_untouched(model):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     run(model, cache, [IDS[:, 20:22]])  # still usable
     assert cache.get_seq_length() == 22
+
+
+def test_a_cache_that_already_holds_part_of_the_prompt(model):
+    prompt = IDS[:1, :22]
+    held = prompt[:, :13]
+    cache = QVGCache(model, cfg(nbits=16))
+    run(model, cache, [held])
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+                             **cache_kwargs(model, cache))
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == 22 + 5
