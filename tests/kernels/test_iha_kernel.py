@@ -47,7 +47,8 @@ def _textbook(q, k, v, m, aq, ak, av, r, scaling):
     s, p = k.shape[2], aq.shape[-1]
     out = torch.zeros(b, n, h, d, dtype=torch.float64)
     q, k, v = q.double(), k.double(), v.double()
-    m = token_causal_mask(b, n, s, q.device) if m is None else m
+    if m is None:  # bottom-right aligned causal, written out independently of the code under test
+        m = torch.tensor([[k <= i + s - n for k in range(s)] for i in range(n)]).expand(b, 1, n, s)
     g = k.shape[1]
     for bi in range(b):
         for hi in range(h):
