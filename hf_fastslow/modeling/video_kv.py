@@ -252,7 +252,7 @@ class VideoKVCache:
         self.dtype: torch.dtype | None = None  # of the stored exact K/V (the model's)
         self.mode = "denoise"
         self._grid: tuple[int, int, int] | None = None
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged: dict[int, tuple[ChunkInfo, torch.Tensor, torch.Tensor]] = {}  # layer -> (chunk, K, V)
         self._codec = None
 
     # -- the chunk being processed ---------------------------------------------------------------------------------

@@ -135,6 +135,18 @@ def test_chunk_by_chunk_calls_continue_the_same_rollout(model):
     assert cache.next_frame == 4 * CHUNK and video_kv_cache_of(model) is None
 
 
+@pytest.mark.parametrize("compression", ["none", "kivi"])
+def test_batch_of_two_equals_each_video_alone(model, compression):
+    noise, text = video_inputs(chunks=4)
+    noise2, text2 = video_inputs(chunks=4, seed=7)
+    config = VideoKVConfig(compression=compression, nbits=2)
+    both = wan_autoregressive_rollout(model, VideoKVCache(config), torch.cat([noise, noise2]),
+                                      torch.cat([text, text2]), chunk_frames=CHUNK, num_steps=2)
+    for row, (x, t) in enumerate([(noise, text), (noise2, text2)]):
+        alone = wan_autoregressive_rollout(model, VideoKVCache(config), x, t, chunk_frames=CHUNK, num_steps=2)
+        assert torch.allclose(both[row : row + 1], alone, atol=1e-5, rtol=0), (both[row : row + 1] - alone).abs().max()
+
+
 @pytest.mark.parametrize("compression", ["kivi", "qvg"])
 def test_compressed_rollout_is_close_and_better_with_more_bits(model, compression):
     exact, _ = rollout(model, VideoKVConfig(compression="none"), chunks=5)
@@ -283,6 +295,11 @@ def test_bad_input_raises_and_changes_nothing(model):
             model(noise[:, :, :0], t0, text)
         with pytest.raises(RuntimeError, match="already installed"):
             apply_qvg(model, cache)
+        with pytest.raises(RuntimeError, match="one transformer forward per commit"), torch.no_grad():
+            with cache.committing():
+                model(noise[:, :, :CHUNK], t0, text)
+                model(noise[:, :, :CHUNK], t0, text)
+        assert same_state(state(cache), before)
         # KIVI packs keys along tokens: a 1 x 2 x 2 chunk (4 tokens) cannot form a span; the commit that would pack
         # it fails before anything changes
         with torch.no_grad(), cache.committing():
