@@ -112,22 +112,30 @@ def llm_end_to_end(args, model, tok):
     from hf_fastslow.modeling.ear import EARConfig, disable_ear_attention, enable_ear_attention
 
     ids = tok(bundled_text(), return_tensors="pt").input_ids[:, : args.tokens]
-    dense = model(ids, labels=ids).loss.item()
-    rows = [["SDPA (dense)", "1.00", f"{dense:.4f}", "0"]]
+    routed = slice(2 * args.chunk, None)  # positions whose attention has a routed part (chunks 2+)
+    dense_out = model(ids, labels=ids)
+    dense_logp = torch.log_softmax(dense_out.logits[0, routed].float(), -1)
+    rows = [["SDPA (dense)", "-", f"{dense_out.loss.item():.4f}", "0", "0", "1.000"]]
     for d in (0.1, 0.2):
         for name, router, compensate in PEERS:
             cfg = EARConfig(density=d, router=router, compensate=compensate, causal_chunk=args.chunk,
                             min_q_len=args.chunk, num_q_clusters=args.q_clusters, num_k_clusters=args.k_clusters,
                             kmeans_iters=args.kmeans_iters)
             enable_ear_attention(model, cfg)
-            loss = model(ids, labels=ids).loss.item()
+            out = model(ids, labels=ids)
             disable_ear_attention(model)
-            rows.append([name, d, f"{loss:.4f}", f"{loss - dense:+.4f}"])
-            print(f"  {name} density {d}: loss {loss:.4f}", flush=True)
-    print(f"\n### Default model end to end: `enable_ear_attention`, mean next-token loss on {args.tokens} tokens "
-          f"(chunk {args.chunk}: chunk 0 and each query's own chunk exact, C_q={args.q_clusters}, "
-          f"C_k={args.k_clusters} per chunk)\n")
-    print(table(["attention", "density (routed part)", "loss", "delta vs SDPA"], rows))
+            logp = torch.log_softmax(out.logits[0, routed].float(), -1)
+            kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean().item()
+            agree = (logp.argmax(-1) == dense_logp.argmax(-1)).float().mean().item()
+            loss = out.loss.item()
+            rows.append([name, d, f"{loss:.4f}", f"{loss - dense_out.loss.item():+.4f}", f"{kl:.5f}", f"{agree:.3f}"])
+            print(f"  {name} density {d}: loss {loss:.4f}, KL {kl:.5f}", flush=True)
+    print(f"\n### Default model end to end: `enable_ear_attention`, {args.tokens} tokens of the bundled text (chunk "
+          f"{args.chunk}: chunk 0 and each query's own chunk exact, C_q={args.q_clusters}, C_k={args.k_clusters} per "
+          f"chunk); loss over all positions, KL(dense || sparse) and top-1 agreement over positions >= "
+          f"{2 * args.chunk} (the ones with a routed part)\n")
+    print(table(["attention", "density (routed part)", "loss", "delta vs SDPA", "KL vs SDPA", "top-1 agreement"],
+                rows))
 
 
 def tiny_wan():

@@ -87,7 +87,7 @@ def test_compensation_beats_dropping_and_error_decreases_with_density():
 def test_budget_respected_within_one_block_and_selection_monotone(router, compensate):
     q, k, v = _qkv(b=2, nq=64, nk=80, seed=4)
     previous = None
-    for density in (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9):
+    for density in (0.0, 0.05, 0.2, 0.5, 0.9):
         _, info = ear_attention(q, k, v, density=density, num_q_clusters=6, num_k_clusters=10, router=router,
                                 compensate=compensate, return_info=True)
         cost, mask = info.block_cost, info.block_mask
@@ -105,7 +105,7 @@ def test_budget_respected_within_one_block_and_selection_monotone(router, compen
         previous = mask
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_error_router_never_worse_than_score_router_on_the_probe_objective(seed):
     q, k, v = _qkv(nq=64, nk=96, seed=10 + seed)
     for density in (0.05, 0.1, 0.2, 0.3):
@@ -154,7 +154,7 @@ def test_causal_chunking_future_tokens_never_change_earlier_outputs(router, comp
     kw = dict(density=0.2, causal=True, causal_chunk=16, num_q_clusters=4, num_k_clusters=4, router=router,
               compensate=compensate)
     base = ear_attention(q, k, v, **kw)
-    for t in (17, 40, 48, 71):  # mid-chunk and chunk starts
+    for t in (40, 57):  # a chunk start and mid-chunk
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         g = torch.Generator().manual_seed(t)
         for x in (q2, k2, v2):
