@@ -3,7 +3,9 @@ layers, 9 query heads, 3 KV heads), CPU, one process.
 
 1. Conversion exactness: a left-padded batch of two prompts through the stock model (SDPA) and through the
    identity-initialised IHA conversion (init_noise=0) for each P in --pseudo-heads: max |delta logit| over real
-   tokens, greedy `generate` token match, added parameters, and the prefill wall-clock of both (interleaved, median).
+   tokens, greedy `generate` token match, added parameters; the eager-vs-SDPA difference of the stock model on the
+   same batch (the fp32 noise floor); the prefill wall-clock of stock and every P, interleaved in one process
+   (`hf_fastslow.evaluation.timing.interleave`).
 2. Multi-key retrieval fine-tune. Generated data (hard-needle is not installed here): `--pairs` lines "The code of
    the <adjective> <animal> is <4 digits>." then a question about one of the keys; the answer is scored as exact
    match of all answer tokens under teacher forcing (= greedy decoding of the answer). Same examples, same order,
@@ -26,11 +28,12 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import statistics
 import sys
 import time
 
 import torch
+
+from hf_fastslow.evaluation.timing import Spread, paired_ratios
 
 ADJECTIVES = ("amber brave calm dusty eager faint gentle hollow icy jolly keen lucky misty noble olive proud quiet "
               "rapid silver tidy urban vivid witty young zesty").split()
@@ -47,17 +50,10 @@ def padded_prompts(tok):
     return tok(prompts, return_tensors="pt", padding=True)
 
 
-def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def exactness(model, tok, pseudo_heads, new_tokens, repeats):
+    """Exactness rows per P, the eager-vs-SDPA floor, the batch width, and the interleaved prefill timing."""
+    from hf_fastslow.evaluation.timing import interleave
     from hf_fastslow.modeling.iha import IHAConfig, apply_iha
 
     enc = padded_prompts(tok)
@@ -70,21 +66,17 @@ def exactness(model, tok, pseudo_heads, new_tokens, repeats):
     eager.set_attn_implementation("eager")
     floor = (eager(**enc).logits - ref)[real].abs().max().item()
     del eager
-    rows = []
+    rows, arms = [], {"stock": lambda: model(**enc)}
     for p in pseudo_heads:
         iha = apply_iha(copy.deepcopy(model), IHAConfig(num_pseudo_heads=p, init_noise=0.0))
         got = iha(**enc).logits
         gen = iha.generate(**enc, **gen_kw)
         extra = sum(t.numel() for n, t in iha.named_parameters() if ".iha." in n)
-        stock_ms, iha_ms = [], []
-        for _ in range(repeats):  # interleaved
-            stock_ms.append(median_ms(lambda: model(**enc), 1))
-            iha_ms.append(median_ms(lambda m=iha: m(**enc), 1))
         rows.append({"P": p, "max_dlogit": (got - ref)[real].abs().max().item(),
-                     "greedy_match": bool(torch.equal(gen, ref_gen)), "extra_params": extra,
-                     "stock_ms": statistics.median(stock_ms), "iha_ms": statistics.median(iha_ms)})
-        del iha
-    return rows, floor, int(enc["input_ids"].shape[1])
+                     "greedy_match": bool(torch.equal(gen, ref_gen)), "extra_params": extra})
+        arms[f"P={p}"] = lambda m=iha: m(**enc)
+    timing = interleave(arms, repeats=repeats, warmup=1, rotate=True, keep_values=False)
+    return rows, floor, int(enc["input_ids"].shape[1]), timing
 
 
 # -- 2. multi-key retrieval data ---------------------------------------------------------------------------------------
@@ -271,17 +263,23 @@ def main(argv=None):
     print(f"# IHA benchmark: SmolLM2-135M-Instruct ({n_params:,} parameters), fp32 CPU, torch threads "
           f"{torch.get_num_threads()}; argv: {' '.join(sys.argv[1:]) or '(defaults)'}")
 
-    rows, floor, width = exactness(model, tok, args.pseudo_heads, args.new_tokens, args.repeats)
+    rows, floor, width, timing = exactness(model, tok, args.pseudo_heads, args.new_tokens, args.repeats)
     print(f"\n## 1. Conversion exactness (identity init, init_noise=0): left-padded batch of 2, width {width} tokens; "
           f"greedy {args.new_tokens} tokens")
-    print("| P | max abs delta logit (real tokens) | greedy tokens identical | added parameters | share of model "
-          "| prefill ms stock | prefill ms IHA | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| P | max abs delta logit (real tokens) | greedy tokens identical | added parameters | share of model |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['P']} | {r['max_dlogit']:.2e} | {'yes' if r['greedy_match'] else 'NO'} | {r['extra_params']:,} | "
-              f"{100 * r['extra_params'] / n_params:.4f}% | {r['stock_ms']:.0f} | {r['iha_ms']:.0f} | "
-              f"{r['iha_ms'] / r['stock_ms']:.2f}x |")
+              f"{100 * r['extra_params'] / n_params:.4f}% |")
     print(f"(fp32 noise floor: the stock model with eager vs SDPA attention on the same batch differs by {floor:.2e})")
+    print(f"\nPrefill of that batch, CPU fp32, {args.repeats} interleaved rounds after 1 warm-up "
+          f"({timing.describe_machine()}):")
+    print("| arm | median ms (min-max) | wall / stock, paired per round | CPU / stock, paired per round |")
+    print("|---|---|---|---|")
+    for arm, times in timing.arms.items():
+        cpu = Spread.of(paired_ratios(times.cpu, timing["stock"].cpu))
+        print(f"| {arm} | {times.spread.scaled(1e3).format('.0f')} | "
+              f"{Spread.of(timing.ratios(arm, 'stock')).format('.2f')} | {cpu.format('.2f')} |")
     if args.skip_finetune:
         return
 
