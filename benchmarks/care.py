@@ -10,7 +10,7 @@ the cache (`hf_fastslow.evaluation.kv_ppl.cache_perplexity`, the rule of benchma
 the history back from what the cache holds. Bytes/token: the slope of `storage_bytes(cache)` (every tensor storage
 the cache holds, walked) after every chunk; "fixed" its intercept.
 
-    python benchmarks/care.py                          # full table + healing (~10-15 min on a loaded 2-core box)
+    python benchmarks/care.py --stretch                # full table + healing + quantized rows (~20 min, loaded box)
     python benchmarks/care.py --heal-steps 0           # one-shot rows only
     python benchmarks/care.py --save /tmp/care_50      # also save the healed 50% model with its model card
 """
@@ -56,17 +56,19 @@ def healing_dataset(n, offset):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--calib", type=int, default=256, help="calibration questions")
     p.add_argument("--calib-len", type=int, default=32)
     p.add_argument("--fractions", default="0.25,0.5,0.75", help="KV widths (fractions of num_kv_heads * head_dim)")
-    p.add_argument("--heal-steps", type=int, default=40)
+    p.add_argument("--heal-steps", type=int, default=12)
     p.add_argument("--heal-batch", type=int, default=4)
-    p.add_argument("--heal-len", type=int, default=128)
+    p.add_argument("--heal-len", type=int, default=64)
     p.add_argument("--heal-lr", type=float, default=2e-4)
-    p.add_argument("--heal-fractions", default="0.25,0.5", help="KV widths healed (default allocation rows)")
-    p.add_argument("--stretch", action="store_true", help="CARE latents + 4-bit quanto QuantizedCache rows")
+    p.add_argument("--heal-fractions", default="0.5", help="KV widths healed (default allocation rows)")
+    p.add_argument("--stretch", action="store_true",
+                   help="healed CARE latents stored 4/2-bit by quanto's QuantizedCache, beside XQuant-CL and quanto on "
+                        "the original model, same text and rule")
     p.add_argument("--save", default=None, help="save the healed 50%% model + model card here")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -195,6 +197,27 @@ def main(argv=None):
                     continue
                 report(f"CARE {default_rule} healed + QuantizedCache quanto {nbits}-bit (axis_key=-1, group 32)",
                        frac, m, res)
+
+    if args.stretch:  # the peers at the same text and rule (window 64, group 64: the settings of benchmarks/xquant.py)
+        from transformers import QuantizedCache
+
+        from hf_fastslow import XQuantCache, XQuantConfig
+        from hf_fastslow.quantizers.xquant import release_xquant_factors
+
+        peers = [
+            ("original + XQuant-CL 2-bit (factors apart)", lambda: XQuantCache(model, XQuantConfig(
+                group_size=64, residual_length=args.chunk, nbits=2, mode="cl"))),
+            ("original + QuantizedCache quanto 2-bit (axis_key=-1)", lambda: QuantizedCache(
+                backend="quanto", config=cfg, nbits=2, axis_key=-1, axis_value=0, q_group_size=64,
+                residual_length=args.chunk)),
+            ("original + QuantizedCache quanto 4-bit (axis_key=-1)", lambda: QuantizedCache(
+                backend="quanto", config=cfg, nbits=4, axis_key=-1, axis_value=0, q_group_size=64,
+                residual_length=args.chunk)),
+        ]
+        for name, factory in peers:
+            with torch.no_grad():
+                report(name, 1.0, model, evaluate(model, factory))
+            release_xquant_factors(model)
 
     if args.save and 0.5 in healed:
         from hf_fastslow import save_model_card

@@ -31,8 +31,8 @@ class CAREConfig:
         rank: the mean latent width per layer, for K and for V each (`num_key_value_heads * head_dim` is the KV
             width: at that rank the model is reproduced exactly; at half of it the cache holds half the bytes).
             A rank at or above the width is clamped to it (with a warning); below 1 is an error.
-        allocation: `"uniform"`, `"paper"` or `"energy"` (module docstring). Default `"energy"`: on the default
-            model it was best at 25% KV width and within a few percent of uniform at 50%/75% (docs/attention.md).
+        allocation: `"uniform"`, `"paper"` or `"energy"` (module docstring). Default `"uniform"`: the best
+            measured on the default model at 50% KV width (docs/attention.md, CARE table); validate per model.
         rank_min, rank_max: bounds of a layer's rank under allocation (defaults `max(1, rank // 2)` and
             `min(2 * rank, width)`, the paper's). A budget `rank * L` outside `[L * rank_min, L * rank_max]` is an
             error.
@@ -41,7 +41,7 @@ class CAREConfig:
     """
 
     rank: int
-    allocation: str = "energy"
+    allocation: str = "uniform"
     rank_min: int | None = None
     rank_max: int | None = None
     damping: float = 0.01
@@ -93,14 +93,17 @@ def allocate_ranks(
     width = min(len(s) for s in spectra)
     budget = rank * n
     if rule == "uniform":
-        return [rank] * n
-    lo = max(1, rank // 2) if rank_min is None else rank_min
-    hi = min(2 * rank, width) if rank_max is None else min(rank_max, width)
+        lo, hi = rank_min or 1, width if rank_max is None else min(rank_max, width)
+    else:
+        lo = max(1, rank // 2) if rank_min is None else rank_min
+        hi = min(2 * rank, width) if rank_max is None else min(rank_max, width)
     if lo > hi or not (lo * n <= budget <= hi * n):
         raise ValueError(
             f"CARE budget {budget} (= rank {rank} x {n} layers) cannot be met with per-layer ranks in [{lo}, {hi}]: "
             f"it needs {lo * n} <= budget <= {hi * n}."
         )
+    if rule == "uniform":
+        return [rank] * n
     energy = [s.double().pow(2) for s in spectra]
     ranks = [lo] * n
     if rule == "energy":

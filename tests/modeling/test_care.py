@@ -211,9 +211,10 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_model_unchanged():
         CAREConfig(rank=0)
     with pytest.raises(ValueError, match="allocation"):
         CAREConfig(rank=4, allocation="greedy")
-    with pytest.raises(ValueError, match="cannot be met"):
-        convert_gqa_to_mla(model, moments, CAREConfig(rank=4, rank_min=8))
-    unchanged()
+    for allocation in ("uniform", "paper", "energy"):
+        with pytest.raises(ValueError, match="cannot be met"):
+            convert_gqa_to_mla(model, moments, CAREConfig(rank=4, rank_min=8, allocation=allocation))
+        unchanged()
     with pytest.raises(ValueError, match="moments for 2 layers"):
         convert_gqa_to_mla(model, KVMoments(moments.second[:2], moments.n_tokens), CAREConfig(rank=4))
     unchanged()
