@@ -283,3 +283,15 @@ def test_default_model_half_kv_width_one_shot_care_beats_svd(default_model):
         svd_ppl = cache_perplexity(svd_baseline(copy.deepcopy(model), half), ids, None)["ppl"]
     assert care_ppl < 1.6 * base and svd_ppl > 20 * care_ppl
     del care_model
+
+
+def test_bf16_model_converts_and_caches_bf16_latents():
+    ref = tiny_llama(num_layers=2).to(torch.bfloat16)
+    model = care(copy.deepcopy(ref), rank=kv_width(ref) // 2, allocation="uniform")
+    assert model.model.layers[0].self_attn.k_down.weight.dtype == torch.bfloat16
+    ids, mask = left_padded()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    from hf_fastslow.integrations import output_cache
+
+    cache = output_cache(out)
+    assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.layers[0].keys.shape[-1] == kv_width(ref) // 2
