@@ -146,7 +146,7 @@ def run_scenario(name, models, args, noise, text, prefix):
     held = exact.num_tokens_held()
     given_chunks = given // args.chunk_frames
     kv_scope = "all spans" if prefix is None else f"the spans of the given scene chunks 1-{given_chunks - 1}"
-    print(f"\n### scenario: {name}: {given_chunks} given + {noise.shape[2] // args.chunk_frames} generated chunks of "
+    print(f"\n**Scenario {name}**: {given_chunks} given + {noise.shape[2] // args.chunk_frames} generated chunks of "
           f"{args.chunk_frames} latent frames ({exact.layers[0].sink[0].info.num_tokens} tokens each); tokens held "
           f"after the rollout, over {len(exact.layers)} layers: {held}; exact fp32 rollout {seconds:.1f} s. K/V err "
           f"over {kv_scope}; latent err over the generated chunks. Denoising every generated chunk alone (no "
@@ -187,7 +187,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import diffusers
 
-    print(f"# QVG vs KIVI-style video KV cache (torch {torch.__version__}, diffusers {diffusers.__version__}); "
+    print(f"QVG vs KIVI-style video KV cache (torch {torch.__version__}, diffusers {diffusers.__version__}); "
           f"tiny random Wan: {args.layers} blocks, {args.heads} heads x {args.head_dim}, latents "
           f"{args.channels}x{args.size}x{args.size}, span {args.span_chunks} chunks, QVG C={args.centroids}, "
           f"{args.kmeans_iters} k-means iterations, {args.steps} Euler steps per chunk")
