@@ -16,7 +16,15 @@ from hf_fastslow.modeling.iha import (
     iha_parameters,
     mark_only_iha_trainable,
 )
-from tests.modeling.iha_helpers import VOCAB, logits, max_diff_on_tokens, padded_batch, tiny, tiny_gemma3
+from tests.modeling.iha_helpers import (
+    VOCAB,
+    logits,
+    max_diff_on_tokens,
+    padded_batch,
+    tiny,
+    tiny_gemma3,
+    tiny_qwen2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +70,17 @@ def test_save_and_reload_round_trip(tmp_path, collapse, layers):
     # and it saves again as an IHA checkpoint
     reloaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["iha"]["collapse"] == collapse
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_gemma3], ids=["qwen2", "gemma3"])
+def test_save_and_reload_other_architectures(tmp_path, build):
+    model = apply_iha(build(), IHAConfig(num_pseudo_heads=2, init_noise=0.05))
+    ids, mask = padded_batch(length=10)
+    expected = logits(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained_iha(tmp_path)
+    assert type(reloaded) is type(model)
+    assert torch.equal(logits(reloaded, ids, mask), expected)
 
 
 def test_reload_refuses_a_plain_checkpoint(tmp_path):
