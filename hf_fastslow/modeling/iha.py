@@ -29,7 +29,7 @@ from hf_fastslow.integrations.iha_seam import (
 )
 from hf_fastslow.kernels.iha import iha_attend, iha_attend_reference
 
-from .iha_config import CONFIG_KEY, IHAConfig
+from .iha_config import COLLAPSES, CONFIG_KEY, IHAConfig
 
 ATTN_IMPLEMENTATION = "iha"
 # PEFT: LoraConfig(..., modules_to_save=IHA_MODULES_TO_SAVE) trains (and saves) the mixers beside the adapters.
@@ -63,6 +63,9 @@ class IHAMixer(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"IHA needs num_heads % num_kv_heads == 0; got {num_heads} and {num_kv_heads}.")
+        if collapse not in COLLAPSES or num_pseudo_heads < 1:
+            raise ValueError(f"IHAMixer: collapse must be one of {COLLAPSES} and P >= 1; got {collapse!r}, "
+                             f"{num_pseudo_heads}.")
         h, g, p = num_heads, num_kv_heads, num_pseudo_heads
         self.num_heads, self.num_kv_heads, self.num_pseudo_heads, self.collapse_mode = h, g, p, collapse
         kw = {"device": device, "dtype": dtype}
@@ -122,7 +125,7 @@ def iha_attention_forward(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               softcap=softcap, **kwargs)
     if softcap is not None:
-        raise NotImplementedError("IHA attention has no logit soft-capping (got softcap={softcap}).")
+        raise NotImplementedError(f"IHA attention has no logit soft-capping (got softcap={softcap}).")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = mixer(query, key, value, _boolean_mask(attention_mask, key), scaling=scaling, dropout=dropout)

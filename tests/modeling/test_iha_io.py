@@ -218,3 +218,19 @@ def test_peft_modules_to_save_trains_a_copy_of_the_mixers():
     apply_iha(base, IHAConfig(num_pseudo_heads=2, init_noise=1e-3))
     assert max_diff_on_tokens(restored, logits(base, ids, mask), mask) < 1e-5
     assert len(iha_parameters(peft_model)) == 16
+
+
+def test_attention_function_refuses_softcap_and_mixer_refuses_bad_settings():
+    from hf_fastslow.modeling.iha import iha_attention_forward
+
+    model = apply_iha(tiny(), IHAConfig(num_pseudo_heads=2))
+    attn = model.model.layers[0].self_attn
+    q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(NotImplementedError, match="softcap=5.0"):
+        iha_attention_forward(attn, q, kv, kv, None, softcap=5.0)
+    out, weights = iha_attention_forward(attn, q, kv, kv, None)
+    assert out.shape == (1, 3, 4, 16) and weights is None
+    with pytest.raises(ValueError, match="collapse must be one of"):
+        IHAMixer(4, 2, 2, collapse="mean")
+    with pytest.raises(ValueError, match="num_heads % num_kv_heads"):
+        IHAMixer(4, 3, 2)
