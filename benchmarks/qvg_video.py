@@ -28,6 +28,7 @@ Columns (every compressed cache runs the same rollout with the same noise as the
 
     python benchmarks/qvg_video.py            # the table in docs/video.md (~2 min on 2 busy CPU cores)
     python benchmarks/qvg_video.py --quick    # 4 chunks, fewer rows, a smoke run
+    python benchmarks/qvg_video.py --timing   # wall-clock of whole rollouts only (CPU, interleaved)
 """
 
 from __future__ import annotations
@@ -164,6 +165,37 @@ def run_scenario(name, models, args, noise, text, prefix):
               f"| {exact_spans / spans:.2f} |", flush=True)
 
 
+def timing(models, args, noise, text):
+    """Wall-clock of whole fp32 rollouts, interleaved (exact, KIVI-style int2, QVG S=1 int2 asym.), median of
+    `--repeats`; compress and decode included (a span is compressed at its commit, every span decoded at every read)."""
+    import statistics
+
+    from hf_fastslow.modeling.video_kv import VideoKVCache, VideoKVConfig
+    from hf_fastslow.modeling.wan_autoregressive import wan_autoregressive_rollout
+
+    common = dict(sink_chunks=1, keep_recent_chunks=1, span_chunks=args.span_chunks, seed=args.seed)
+    configs = [("uncompressed", VideoKVConfig("none", **common)),
+               ("KIVI-style int2", VideoKVConfig("kivi", 2, **common)),
+               ("QVG S=1 int2 asym.", VideoKVConfig("qvg", 2, num_centroids=args.centroids, asymmetric=True,
+                                                     kmeans_iters=args.kmeans_iters, **common))]
+    seconds = {name: [] for name, _ in configs}
+    for _ in range(args.repeats):
+        for name, config in configs:
+            t0 = time.perf_counter()
+            wan_autoregressive_rollout(models[0], VideoKVCache(config), noise, text, chunk_frames=args.chunk_frames,
+                                       num_steps=args.steps)
+            seconds[name].append(time.perf_counter() - t0)
+    chunks = noise.shape[2] // args.chunk_frames
+    print(f"\n**Timing** (noise scenario, {chunks} chunks x ({args.steps} steps + 1 commit), fp32, "
+          f"{args.threads} thread(s), median of {args.repeats} interleaved runs)\n")
+    print("| cache | s / rollout | vs uncompressed |")
+    print("|---|---|---|")
+    base = statistics.median(seconds["uncompressed"])
+    for name, _ in configs:
+        med = statistics.median(seconds[name])
+        print(f"| {name} | {med:.2f} | {med / base:.2f}x |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunks", type=int, default=6, help="generated chunks per scenario")
@@ -181,6 +213,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--timing", action="store_true", help="only the wall-clock table (interleaved rollouts)")
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     if args.quick:
         args.chunks, args.prefix_chunks = 4, 3
@@ -196,6 +230,9 @@ def main(argv=None):
     text = torch.randn(1, 8, 32, generator=g)
     frames = args.chunks * args.chunk_frames
     noise = torch.randn(1, args.channels, frames, args.size, args.size, generator=g)
+    if args.timing:
+        timing(models, args, noise, text)
+        return
     run_scenario("noise", models, args, noise, text, None)
     prefix = synthetic_scene(args, args.prefix_chunks * args.chunk_frames, g)
     run_scenario("scene", models, args, noise, text, prefix)
