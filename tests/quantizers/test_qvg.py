@@ -222,7 +222,12 @@ def test_crop_keeps_codes_and_zero_removes_nothing(model):
 def test_beam_reorder_and_batch_edits_move_rows(model):
     cache = QVGCache(model, cfg(num_stages=2))
     ids = torch.randint(3, 128, (3, 26), generator=torch.Generator().manual_seed(4))
-    run(model, cache, [ids])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = 0  # rows padded differently: their RoPE positions differ
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
+    assert torch.equal(cache.positions, pos.int())
     before = _history(cache)
     order = torch.tensor([2, 0, 0])
     beams = copy.deepcopy(cache)
@@ -243,8 +248,12 @@ def test_beam_reorder_and_batch_edits_move_rows(model):
         assert torch.equal(v1, v0[1:2])
     # and the reordered cache keeps decoding like the original's rows would
     nxt = torch.randint(3, 128, (3, 1))
-    torch.testing.assert_close(run(model, beams, [nxt[order]]), run(model, copy.deepcopy(cache), [nxt])[order],
-                               atol=1e-5, rtol=1e-5)
+    full = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    step = dict(attention_mask=full, position_ids=pos[:, -1:] + 1)
+    with torch.no_grad():
+        reordered = model(nxt[order], **{k: v[order] for k, v in step.items()}, **cache_kwargs(model, beams)).logits
+        original = model(nxt, **step, **cache_kwargs(model, copy.deepcopy(cache))).logits
+    torch.testing.assert_close(reordered, original[order], atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_batch_off_matches_dynamic_cache_and_sinks_cover_the_padding(model):
