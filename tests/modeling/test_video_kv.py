@@ -57,16 +57,18 @@ def rollout(model, config, chunks=4, steps=2, **kw):
     return out, cache
 
 
-def block_causal_reference(model, noise, text, *, steps, sink_chunks=1, window_chunks=None, context_timestep=0.0):
+def block_causal_reference(model, noise, text, *, steps, sink_chunks=1, window_chunks=None, context_timestep=0.0,
+                           prefix=None):
     """The rollout recomputed without any cache: every step of chunk c runs the transformer on the clean chunks
     0..c-1 (at the context timestep) followed by the noisy chunk c (at the step's timestep), with diffusers' default
     self-attention under a block-causal mask (chunk i sees the sink chunks, the last `window_chunks` chunks before
-    it, and itself). Each chunk's prefix is thus recomputed from scratch from the clean latents."""
+    it, and itself). Each chunk's prefix is thus recomputed from scratch from the clean latents. `prefix`: given
+    clean chunks that come first (returned too)."""
     sigmas = flow_sigmas(steps)
-    clean = []
-    num_chunks = noise.shape[2] // CHUNK
-    for c in range(num_chunks):
-        x = noise[:, :, c * CHUNK : (c + 1) * CHUNK]
+    clean = [] if prefix is None else list(prefix.split(CHUNK, dim=2))
+    given = len(clean)
+    for c in range(given, given + noise.shape[2] // CHUNK):
+        x = noise[:, :, (c - given) * CHUNK : (c - given + 1) * CHUNK]
         chunk_of = torch.arange((c + 1) * CHUNK * TOKENS_PER_FRAME) // (CHUNK * TOKENS_PER_FRAME)
         i, j = chunk_of[:, None], chunk_of[None, :]
         seen = (j == i) | ((j < i) & ((j < sink_chunks) | (window_chunks is None) | (j >= i - (window_chunks or 0))))
@@ -123,6 +125,16 @@ def test_uncompressed_rollout_equals_block_causal_recompute(model, policy):
     if config.window_chunks is not None:
         unwindowed = block_causal_reference(model, noise, text, steps=2)
         assert not torch.allclose(ours[:, :, -CHUNK:], unwindowed[:, :, -CHUNK:], atol=1e-4)
+
+
+def test_given_prefix_chunks_are_committed_as_the_history(model):
+    noise, text = video_inputs(chunks=2)
+    prefix, _ = video_inputs(chunks=3, seed=5)
+    ours = wan_autoregressive_rollout(model, VideoKVCache(compression="none"), noise, text, chunk_frames=CHUNK,
+                                      num_steps=2, prefix_latents=prefix)
+    expected = block_causal_reference(model, noise, text, steps=2, prefix=prefix)
+    assert torch.equal(ours[:, :, : 3 * CHUNK], prefix)
+    assert torch.allclose(ours, expected, atol=2e-5, rtol=0), (ours - expected).abs().max()
 
 
 def test_chunk_by_chunk_calls_continue_the_same_rollout(model):
