@@ -9,7 +9,7 @@
    accuracy (the package's `extract_answer`), generated tokens (to the first EOS), non-linear steps per answer,
    steered boundary tokens, seconds (arms interleaved batch by batch on the same process).
 
-    python benchmarks/crest.py --calib 24 --items 32 --max-new-tokens 160 --out crest.json
+    python benchmarks/crest.py --calib 16 --items 16 --max-new-tokens 96 --batch 16 --out crest.json
 
 SmolLM2-135M is not a reasoning model: it rarely verifies or backtracks, so the table measures the plumbing and the
 cost, and reports whatever behaviour change there is; it cannot test the paper's accuracy/token claims.
@@ -106,7 +106,8 @@ def main():
         "SEAL-style": lambda: SEALSteerer(model, seal, strength=args.seal_strength),
         "ban Wait tokens": lambda: "ban",
     }
-    rows = {name: {"correct": 0, "tokens": [], "nonlinear": [], "steered": 0, "seconds": 0.0} for name in arms}
+    rows = {name: {"correct": 0, "tokens": [], "nonlinear": [], "steered": 0, "seconds": 0.0, "samples": []}
+            for name in arms}
     for b in range(0, len(items), args.batch):
         batch = items[b:b + args.batch]
         for name, make in arms.items():
@@ -126,16 +127,21 @@ def main():
                 rows[name]["correct"] += int(extract_answer(text) == extract_answer(x["answer"]))
                 rows[name]["tokens"].append(n)
                 rows[name]["nonlinear"].append(sum(cal.is_nonlinear(s) for s in text.split(args.delimiter)))
+                if len(rows[name]["samples"]) < 3:
+                    rows[name]["samples"].append(text)
         print(f"items {b + len(batch)}/{len(items)} done, {time.time() - t0:.0f} s", flush=True)
 
     summary = {name: {"accuracy": r["correct"] / len(items), "correct": r["correct"],
                       "mean_tokens": statistics.mean(r["tokens"]),
                       "nonlinear_steps_per_answer": statistics.mean(r["nonlinear"]),
-                      "steered_boundaries": r["steered"], "seconds": r["seconds"]} for name, r in rows.items()}
-    print("\n| arm | accuracy | mean new tokens | non-linear steps / answer | steered boundary tokens | seconds |")
-    print("|---|---|---|---|---|---|")
+                      "at_token_cap": sum(n >= args.max_new_tokens for n in r["tokens"]),
+                      "steered_boundaries": r["steered"], "seconds": r["seconds"], "samples": r["samples"]}
+               for name, r in rows.items()}
+    print("\n| arm | accuracy | mean new tokens | answers at the token cap | non-linear steps / answer "
+          "| steered boundary tokens | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for name, s in summary.items():
-        print(f"| {name} | {s['correct']}/{len(items)} | {s['mean_tokens']:.1f} | "
+        print(f"| {name} | {s['correct']}/{len(items)} | {s['mean_tokens']:.1f} | {s['at_token_cap']} | "
               f"{s['nonlinear_steps_per_answer']:.2f} | {s['steered_boundaries']} | {s['seconds']:.0f} |")
     p, c = calib["probe_accuracy"], calib["control_accuracy"]
     print(f"\ncalibration: {calib['traces']} traces, {calib['steps']} steps, {calib['nonlinear_steps']} non-linear; "

@@ -387,7 +387,8 @@ class CRESTSteerer(SteeringHooks):
     `strength`: how far to rotate (0: no change; 1: remove the direction's component; 4, the default, the reference
     code's coefficient -4: flip it to -3x). `top_ratio` / `top_k`: share / number of heads steered, best probe
     accuracy first (default 38 %, the paper's). `probe_gate`: "hard" (steer where the head's probe says non-linear),
-    "soft" (weight by its probability) or "off" (always). `boundary_steps` counts the (row, step) pairs steered.
+    "soft" (weight by its probability) or "off" (always). `boundary_steps` counts the (row, step) pairs at
+    boundaries (the hard gate may still leave some of them unchanged).
 
         with CRESTSteerer(model, vectors):
             out = model.generate(**enc, max_new_tokens=256)
@@ -403,28 +404,23 @@ class CRESTSteerer(SteeringHooks):
         super().__init__(model, vectors.boundary)
         self.vectors, self.strength, self.probe_gate = vectors, float(strength), probe_gate
         self.heads = vectors.top_heads(top_ratio, top_k)
-        self.boundary_steps = 0
         self._layers: dict[int, list[int]] = {}
         for layer, head in self.heads:
             self._layers.setdefault(layer, []).append(head)
 
     def _install(self) -> None:
-        self.boundary_steps = 0
-        first = min(self._layers) if self._layers else None
         for layer, heads in self._layers.items():
             proj = self.sites.projections[layer]
             idx = torch.tensor(heads)
             params = [t[layer, idx].to(proj.weight.device, torch.float32)
                       for t in (self.vectors.probe_weight, self.vectors.probe_bias, self.vectors.directions)]
-            self._handles.append(proj.register_forward_hook(self._hook(*params, count=layer == first)))
+            self._handles.append(proj.register_forward_hook(self._hook(*params)))
 
-    def _hook(self, weight, bias, direction, count: bool):
+    def _hook(self, weight, bias, direction):
         def hook(module, args, output):
             flag = self.trigger.flag
             if flag is None:
                 return None
-            if count:
-                self.boundary_steps += int(flag.sum())
             steered = rotate_away(output.float(), weight, bias, direction, self.strength, self.probe_gate)
             mask = flag.view(-1, *([1] * (output.dim() - 1)))
             return torch.where(mask, steered.to(output.dtype), output)  # masked, not branched: graph-friendly

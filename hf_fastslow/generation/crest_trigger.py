@@ -116,6 +116,7 @@ class StepTrigger:
         self.boundary = boundary
         self.flag: torch.Tensor | None = None
         self._prev_ends: torch.Tensor | None = None
+        self.flagged = 0  # (row, decode step) pairs flagged since the steerer was entered
 
     def reset(self) -> None:
         self.flag, self._prev_ends = None, None
@@ -133,7 +134,9 @@ class StepTrigger:
         if prev is None or prev.shape[0] != ids.shape[0]:
             prev = torch.zeros(ids.shape[0], dtype=torch.bool)
         token = ids[:, 0]
-        self.flag = self.boundary.flags(token, prev).to(ids.device)
+        flag = self.boundary.flags(token, prev)
+        self.flagged += int(flag.sum())  # flags are computed on the CPU: counting adds no device sync
+        self.flag = flag.to(ids.device)
         self._prev_ends = self.boundary.ends_first_of(token)
         return None
 
@@ -151,6 +154,11 @@ class SteeringHooks:
     def active(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def boundary_steps(self) -> int:
+        """(row, decode step) pairs steered since the last `__enter__` (kept after exit, for reporting)."""
+        return self.trigger.flagged
+
     def _install(self) -> None:  # pragma: no cover - implemented by subclasses
         raise NotImplementedError
 
@@ -158,6 +166,7 @@ class SteeringHooks:
         if self.active:
             raise RuntimeError(f"{type(self).__name__} is already active on this model.")
         self.trigger.reset()
+        self.trigger.flagged = 0
         try:
             self._handles.append(self.model.register_forward_pre_hook(self.trigger.pre_hook, with_kwargs=True))
             self._install()

@@ -46,7 +46,7 @@ def test_seal_adds_only_on_boundary_rows_and_leaves_no_hooks(seal):
         probe.remove()
     assert torch.equal(pre, plain_pre)
     assert torch.equal(steered[1], plain[1]) and (steered[0] - plain[0]).abs().max() > 1e-4
-    assert hook_counts(model) == count and not steerer.active
+    assert hook_counts(model) == count and not steerer.active and steerer.boundary_steps == 1
     with SEALSteerer(model, vec, strength=0.0):
         assert torch.equal(step_logits(model, prefix, mask, nxt)[1], plain)
     with pytest.raises(KeyError), SEALSteerer(model, vec):
