@@ -38,6 +38,17 @@ def test_density_one_logits_equal_sdpa_and_low_density_really_runs_ear():
 
 
 @torch.no_grad()
+def test_bf16_model_keeps_its_dtype_and_stays_close_to_sdpa():
+    model = tiny_llama(attn_implementation="sdpa").to(torch.bfloat16)
+    ids = _ids()
+    expected = model(ids).logits
+    enable_ear_attention(model, EARConfig(density=1.0, **SMALL))
+    got = model(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
 def test_left_padding_goes_through_the_registered_mask():
     model = tiny_llama(attn_implementation="sdpa")
     ids = _ids()
