@@ -235,11 +235,14 @@ def main(argv=None):
                   "Latent Attention (ICLR 2026, arXiv 2603.17946)",
             tags=["kv-cache", "mla", "low-rank"],
             description=(f"SmolLM2-135M-Instruct with K/V replaced by CARE latent factors at 50% of the KV width "
-                         f"({default_rule} rank allocation), healed {args.heal_steps} steps with KVHealingTrainer. "
+                         f"({default_rule} rank allocation), calibrated on {moments.n_tokens} tokens of GSM8K "
+                         f"questions, healed {args.heal_steps} steps x {args.heal_batch} x <= {args.heal_len} tokens "
+                         "(latent factors only) with KVHealingTrainer. "
                          "The cache stores only the latents. Reload with "
                          "`hf_fastslow.modeling.care.from_pretrained_care(path)`."),
             figures={
-                "perplexity, original (bundled text, 1024 tokens)": base["ppl"],
+                f"perplexity, original (bundled text, first {ids.shape[1]} tokens, chunks of {args.chunk})":
+                    base["ppl"],
                 "perplexity, plain SVD at 50% KV width": svd["ppl"],
                 "perplexity, CARE one-shot at 50%": one_shot["ppl"],
                 "perplexity, CARE healed at 50% (this checkpoint)": healed_res["ppl"],
