@@ -71,7 +71,7 @@ class AuroraConfig:
             "target_num_layers": config.num_hidden_layers,
             "rms_norm_eps": getattr(config, "rms_norm_eps", 1e-5),
             "rope_theta": float(theta or getattr(config, "rope_theta", 10000.0)),
-            "base_model": getattr(config, "_name_or_path", None) or None,
+            "base_model": getattr(config, "name_or_path", None) or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
