@@ -22,6 +22,7 @@ one token's forward with the cache at the end of the text, QVG and DynamicCache 
     python benchmarks/qvg.py                     # everything (~20-30 min on a busy 2-core box)
     python benchmarks/qvg.py --skip-hqq          # without the slow HQQ rows
     python benchmarks/qvg.py --only QVG --skip-timing   # a subset of rows (the DynamicCache row is always kept)
+    python benchmarks/qvg.py --skip-table        # the overheads only
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--skip-hqq", action="store_true", help="leave out the (slow) HQQ QuantizedCache rows")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-table", action="store_true", help="only the overheads")
     p.add_argument("--only", default=None, help="run only the rows whose name contains this text")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,6 +117,8 @@ def main(argv=None):
     ]
     if args.only:
         rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]
+    if args.skip_table:
+        rows = []
 
     print(f"# QVG benchmark: SmolLM2-135M-Instruct ({model_dtype}), {n_tokens} tokens of the bundled text, chunks of "
           f"{args.chunk}, window {R}, group {G}, k-means iters {args.kmeans_iters}, torch {torch.__version__}, "

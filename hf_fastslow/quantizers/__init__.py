@@ -1,7 +1,7 @@
 """Cache classes that quantize what they hold."""
 
 from .qvg import QVGCache, QVGLayer, attach_qvg, detach_qvg, qvg_cache_factory
-from .qvg_codec import PackedPRQ, prq_compress, prq_decompress
+from .qvg_codec import PackedPRQ, prq_compress, prq_decompress, prq_decompress_many
 from .qvg_config import QVGConfig
 from .xquant import (
     XQuantCache,
@@ -32,6 +32,7 @@ __all__ = [
     "detach_xquant",
     "prq_compress",
     "prq_decompress",
+    "prq_decompress_many",
     "release_xquant_factors",
     "xquant_cache_factory",
     "xquant_cl_cache_factory",

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..evaluation.memory import storage_bytes
 from ..integrations import apply_rotary_fn, cache_from_kwargs, decoder_layers, rotary_embeddings
-from .qvg_codec import PackedPRQ, prq_compress, prq_decompress
+from .qvg_codec import PackedPRQ, prq_compress, prq_decompress_many
 from .qvg_config import QVGConfig
 
 __all__ = ["QVGCache", "QVGConfig", "QVGLayer", "attach_qvg", "detach_qvg", "qvg_cache_factory"]
@@ -62,8 +62,11 @@ class _ExactChunk:
         return _ExactChunk(self.x.index_select(dim, index.to(self.x.device)))
 
 
-def _decompress(chunk, dtype: torch.dtype) -> torch.Tensor:
-    return chunk.x.to(dtype) if isinstance(chunk, _ExactChunk) else prq_decompress(chunk, dtype)
+def _decompress_all(chunks: list, dtype: torch.dtype) -> torch.Tensor:
+    """The chunks of a layer decompressed and joined along tokens (equal-layout chunks in one kernel call)."""
+    if isinstance(chunks[0], _ExactChunk):
+        return torch.cat([c.x.to(dtype) for c in chunks], dim=-2)
+    return prq_decompress_many(chunks, dtype)
 
 
 class _Span:
@@ -283,11 +286,11 @@ class QVGLayer(DynamicLayer):
             vs.append(self.sink_v)
         if self.spans:
             start = self.n_sink
-            k = torch.cat([_decompress(s.k, torch.float32) for s in self.spans], dim=-2)
+            k = _decompress_all([s.k for s in self.spans], torch.float32)
             if self._shared.config.pre_rope_keys:
                 k = self._rotate(k, start, start + k.shape[-2], inverse=False)
             ks.append(k.to(dtype))
-            vs.append(torch.cat([_decompress(s.v, dtype) for s in self.spans], dim=-2))
+            vs.append(_decompress_all([s.v for s in self.spans], dtype))
         if self.tail_k is not None:
             ks.append(self.tail_k)
             vs.append(self.tail_v)

@@ -27,7 +27,7 @@ import torch
 from ..kernels.kmeans import kmeans
 from ..kernels.prq import PRQ_BITS, check_prq_args, prq_decode, prq_encode
 
-__all__ = ["MAX_CENTROIDS", "PRQ_BITS", "PackedPRQ", "prq_compress", "prq_decompress"]
+__all__ = ["MAX_CENTROIDS", "PRQ_BITS", "PackedPRQ", "prq_compress", "prq_decompress", "prq_decompress_many"]
 
 MAX_CENTROIDS = 256  # ids are stored as uint8
 
@@ -201,3 +201,41 @@ def prq_decompress(packed: PackedPRQ, dtype: torch.dtype = torch.float32) -> tor
         dtype,
     )
     return out.reshape(shape)
+
+
+def _same_layout(packs: list[PackedPRQ]) -> bool:
+    first = packs[0]
+    key = (first.shape, first.num_stages, first.num_centroids, first.nbits, first.block_size, first.asymmetric,
+           first.centroids.dtype)
+    return all((p.shape, p.num_stages, p.num_centroids, p.nbits, p.block_size, p.asymmetric, p.centroids.dtype) == key
+               for p in packs[1:])
+
+
+def prq_decompress_many(packs: list[PackedPRQ], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decompress consecutive chunks and join them along the token axis: (..., sum of N, D).
+
+    Chunks of one layout (same shape, stages, centroids, bits) are decoded in one kernel call, each chunk's rows
+    becoming extra rows of the batch; otherwise each is decoded on its own. Same values as decoding one by one."""
+    if not packs:
+        raise ValueError("prq_decompress_many needs at least one chunk.")
+    if len(packs) == 1 or not _same_layout(packs):
+        return torch.cat([prq_decompress(p, dtype) for p in packs], dim=-2)
+    first, n_packs = packs[0], len(packs)
+    lead, n, d = first.shape[:-2], first.num_tokens, first.dim
+    rows = n_packs
+    for v in lead:
+        rows *= v
+    s = first.num_stages
+
+    def stacked(name, stage_first=False):
+        t = torch.stack([getattr(p, name) for p in packs], dim=1 if stage_first else 0)
+        return t.reshape(s, rows, *t.shape[-2 if name == "centroids" else -1:]) if stage_first else \
+            t.reshape(rows, *t.shape[-2:])
+
+    out = prq_decode(
+        stacked("codes"), stacked("scales"), None if first.zeros is None else stacked("zeros"),
+        stacked("centroids", stage_first=True), stacked("labels", stage_first=True), first.nbits, dtype,
+    )
+    # (packs, *lead, N, D) -> (*lead, packs * N, D)
+    out = out.reshape(n_packs, *lead, n, d).movedim(0, -3)
+    return out.reshape(*lead, n_packs * n, d)

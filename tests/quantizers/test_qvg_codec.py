@@ -8,7 +8,7 @@ from hf_fastslow.evaluation.memory import storage_bytes
 from hf_fastslow.kernels.kmeans import gather_centroids
 from hf_fastslow.kernels.prq import prq_residual_reference, quantize_residual
 from hf_fastslow.kernels.quantize import unpack_bits
-from hf_fastslow.quantizers.qvg_codec import PackedPRQ, prq_compress, prq_decompress
+from hf_fastslow.quantizers.qvg_codec import PackedPRQ, prq_compress, prq_decompress, prq_decompress_many
 
 
 def _mixture(b=1, h=2, n=256, d=64, clusters=8, spread=0.15, seed=0):
@@ -191,3 +191,15 @@ def test_slicing_errors():
     with pytest.raises(ValueError):
         packed.index_select(1, torch.tensor([0]))  # the token axis is not a leading dim
     assert isinstance(packed.first_tokens(8), PackedPRQ)
+
+
+@pytest.mark.parametrize("asymmetric, stages", [(False, 2), (True, 1), (False, 0)])
+def test_decompress_many_equals_one_by_one(asymmetric, stages):
+    chunks = [_compress(_mixture(b=2, h=3, n=16, d=32, seed=s), num_stages=stages, asymmetric=asymmetric, seed=s)
+              for s in range(3)]
+    one_by_one = torch.cat([prq_decompress(c) for c in chunks], dim=-2)
+    assert torch.equal(prq_decompress_many(chunks), one_by_one)  # one call: equal layouts
+    mixed = chunks[:2] + [chunks[2].first_tokens(5)]  # a cropped chunk: decoded on its own
+    assert torch.equal(prq_decompress_many(mixed), torch.cat([prq_decompress(c) for c in mixed], dim=-2))
+    with pytest.raises(ValueError):
+        prq_decompress_many([])
