@@ -108,6 +108,8 @@ def main(argv=None):
             ("QVG S=3", bits, qvg(nbits=bits, num_stages=3)),
         ]
     rows += [
+        ("XQuant latent (first 3 layers 4-bit)", 3, xq(nbits=3, mode="latent")),
+        ("XQuant-CL (latent deltas, first 3 layers 4-bit)", 3, xq(nbits=3, mode="cl")),
         ("QVG S=1, no sinks", 2, qvg(nbits=2, num_stages=1, sink_tokens=0)),
         ("QVG S=1, asymmetric", 2, qvg(nbits=2, num_stages=1, asymmetric=True)),
         ("QVG S=2, asymmetric", 2, qvg(nbits=2, num_stages=2, asymmetric=True)),
