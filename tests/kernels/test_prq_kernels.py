@@ -87,3 +87,22 @@ def test_shape_errors():
         prq_encode.triton()(x, c, lab, 2, 12, False)
     with pytest.raises(ValueError, match="nbits"):
         prq_encode.triton()(x, c, lab, 5, 8, False)
+
+
+def test_cache_forward_with_triton_kernels_equals_the_torch_path():
+    from hf_fastslow import QVGCache, QVGConfig
+    from hf_fastslow.integrations import cache_kwargs
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(num_layers=2, hidden=64, heads=4, kv_heads=2, seed=0).to(DEVICE)
+    ids = torch.randint(3, 128, (1, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    config = QVGConfig(nbits=2, block_size=16, num_stages=2, num_centroids=3, chunk_tokens=8, sink_tokens=1,
+                       kmeans_iters=2)
+    logits = {}
+    for backend in ("torch", "triton"):
+        cache = QVGCache(model, config)
+        with force_backend(backend), torch.no_grad():
+            model(ids[:, :17], **cache_kwargs(model, cache))
+            logits[backend] = model(ids[:, 17:], **cache_kwargs(model, cache)).logits
+    assert len(cache.layers[0].spans) == 2
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=0, rtol=0)
