@@ -4,7 +4,7 @@ the original and the converted model, print the KV bytes per token each caches, 
     python examples/care.py
 
 CARE (arXiv 2603.17946) factorises each layer's K and V projections through a low-rank latent chosen on calibration
-activations (here: 64 GSM8K questions, not the text the model is asked about); the converted model's cache holds only
+activations (here: 128 GSM8K questions, not the text the model is asked about); the converted model's cache holds only
 the latents. Without healing (`hf_fastslow.trainers.KVHealingTrainer`) a 135M model loses some quality at 50%.
 """
 
@@ -36,7 +36,7 @@ enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tenso
 def answer(name, m):
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = m.generate(**enc, max_new_tokens=20, do_sample=False)
+        out = m.generate(**enc, max_new_tokens=24, do_sample=False)
     text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print(f"[{name}] {time.perf_counter() - t0:.1f} s\n  {text}")
     return out
@@ -46,7 +46,9 @@ original = answer("original", model)
 original_bytes = care_kv_bytes_per_token(model)["bytes_per_token"]
 
 t0 = time.perf_counter()
-calibration = [tok(row["question"], return_tensors="pt").input_ids[:, :32] for row in gsm8k_rows(64)]
+questions = [tok(row["question"], return_tensors="pt").input_ids[0] for row in gsm8k_rows(160)]
+slices = torch.stack([q[:32] for q in questions if len(q) >= 32][:128])  # 128 x 32 tokens, as a few batches
+calibration = list(slices.split(32))
 moments = collect_kv_second_moments(model, calibration)
 model = convert_gqa_to_mla(model, moments, CAREConfig(rank=kv_width(model) // 2))  # in place
 k_ranks, v_ranks = latent_widths(model)
@@ -61,5 +63,5 @@ with tempfile.TemporaryDirectory() as path:
     model.save_pretrained(path)
     reloaded = from_pretrained_care(path)  # no trust_remote_code
     with torch.no_grad():
-        again = reloaded.generate(**enc, max_new_tokens=20, do_sample=False)
+        again = reloaded.generate(**enc, max_new_tokens=24, do_sample=False)
     print(f"reloaded: same tokens: {torch.equal(again, converted)}")
