@@ -203,7 +203,7 @@ def evaluate(top, hidden_list, batch_list):
     return accuracy_and_nll([answer_logits(top, h, b[1], b[2]) for h, b in zip(hidden_list, batch_list)], batch_list)
 
 
-def finetune(top, hidden_list, batch_list, epochs, lr, mixer_lr, seed):
+def finetune(top, hidden_list, batch_list, epochs, lr, mixer_lr, seed, mixers_only=False):
     from hf_fastslow.modeling.iha import iha_param_group, is_iha_model
 
     mixer_ids = set()
@@ -213,12 +213,16 @@ def finetune(top, hidden_list, batch_list, epochs, lr, mixer_lr, seed):
         mixer_ids = {id(p) for p in group["params"]}
         groups.append(group)
     layer_params = [p for n, p in top.named_parameters() if n.startswith("model.layers.") and id(p) not in mixer_ids]
+    if mixers_only:
+        layer_params = []
     for p in top.parameters():
         p.requires_grad_(False)
     for g in groups + [{"params": layer_params}]:
         for p in g["params"]:
             p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups + [{"params": layer_params, "lr": lr, "weight_decay": 0.0}])
+    if layer_params:
+        groups.append({"params": layer_params, "lr": lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
     order = list(range(len(batch_list)))
     rng = random.Random(seed)
     top.train()
@@ -260,6 +264,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (interleaved stock / IHA)")
     p.add_argument("--skip-finetune", action="store_true")
     p.add_argument("--skip-exactness", action="store_true")
+    p.add_argument("--mixers-only-arm", action="store_true",
+                   help="a third arm: the same IHA conversion with only the mixers trained (layers frozen)")
     p.add_argument("--pairs", type=int, default=6, help="key-value pairs per retrieval context")
     p.add_argument("--train", type=int, default=64, help="training examples")
     p.add_argument("--eval", type=int, default=48, help="held-out evaluation examples")
@@ -307,14 +313,16 @@ def main(argv=None):
 
     ft_cfg = IHAConfig(num_pseudo_heads=args.ft_pseudo_heads, init_noise=1e-3, seed=args.seed)
     results = {}
-    for arm in ("stock", "IHA"):
+    arms = ("stock", "IHA") + (("IHA, mixers only",) if args.mixers_only_arm else ())
+    for arm in arms:
         top = top_model(model, args.layers)
-        if arm == "IHA":
+        if arm != "stock":
             apply_iha(top, ft_cfg)
         acc0, nll0 = evaluate(top, eval_h, eval_b)
         if arm == "stock" and abs(nll0 - base_nll) > 1e-3:
             raise RuntimeError(f"split model != full model (answer NLL {nll0:.5f} vs {base_nll:.5f})")
-        losses, seconds, trainable = finetune(top, train_h, train_b, args.epochs, args.lr, args.mixer_lr, args.seed)
+        losses, seconds, trainable = finetune(top, train_h, train_b, args.epochs, args.lr, args.mixer_lr, args.seed,
+                                              mixers_only=arm == "IHA, mixers only")
         acc, nll = evaluate(top, eval_h, eval_b)
         mixers = sum(t.numel() for n, t in top.named_parameters() if ".iha." in n)
         results[arm] = dict(acc0=acc0, nll0=nll0, acc=acc, nll=nll, seconds=seconds, trainable=trainable,
