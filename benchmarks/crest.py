@@ -10,6 +10,7 @@
    steered boundary tokens, seconds (arms interleaved batch by batch on the same process).
 
     python benchmarks/crest.py --calib 16 --items 16 --max-new-tokens 96 --batch 16 --out crest.json
+    python benchmarks/crest.py --calib 16 --items 16 --max-new-tokens 96 --batch 16 --crest-extra 1:0.38,1:0.1,4:0.1
 
 SmolLM2-135M is not a reasoning model: it rarely verifies or backtracks, so the table measures the plumbing and the
 cost, and reports whatever behaviour change there is; it cannot test the paper's accuracy/token claims.
@@ -57,6 +58,10 @@ def generate(model, tok, questions, max_new_tokens, seed, sample=False, processo
     return [tok.decode(r, skip_special_tokens=True) for r in ids], [len(r) for r in ids]
 
 
+def _settings(text: str) -> list[tuple[float, float]]:
+    return [(float(a), float(b)) for a, b in (pair.split(":") for pair in text.split(",") if pair)]
+
+
 def probe_summary(acc: torch.Tensor, ratio: float) -> dict:
     flat = acc.flatten().sort(descending=True).values
     k = max(1, round(ratio * flat.numel()))
@@ -72,6 +77,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strength", type=float, default=4.0)
     ap.add_argument("--top-ratio", type=float, default=0.38)
+    ap.add_argument("--crest-extra", type=_settings, default=[],
+                    help="more CREST arms as strength:top_ratio pairs, e.g. 1:0.1,4:0.1")
     ap.add_argument("--seal-strength", type=float, default=1.0)
     ap.add_argument("--delimiter", default="\n", help="step delimiter (SmolLM2 writes one step per line)")
     ap.add_argument("--out", default=None)
@@ -103,6 +110,8 @@ def main():
     arms = {
         "plain": lambda: None,
         "CREST": lambda: CRESTSteerer(model, vectors, strength=args.strength, top_ratio=args.top_ratio),
+        **{f"CREST strength {s:g}, top {r:.0%}":
+           (lambda s=s, r=r: CRESTSteerer(model, vectors, strength=s, top_ratio=r)) for s, r in args.crest_extra},
         "SEAL-style": lambda: SEALSteerer(model, seal, strength=args.seal_strength),
         "ban Wait tokens": lambda: "ban",
     }

@@ -13,7 +13,7 @@ per-token tables over the vocabulary, so the decode-time check is two lookups pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,14 +63,20 @@ class BoundaryTokens:
     def vocab_size(self) -> int:
         return int(self.whole.numel())
 
+    def to(self, device: torch.device | str) -> BoundaryTokens:
+        """The same tables on `device` (lookups then run where the token ids are, without a host round trip)."""
+        return replace(self, whole=self.whole.to(device), ends_first=self.ends_first.to(device),
+                       starts_second=self.starts_second.to(device))
+
     def _lookup(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.cpu()
+        ids = ids.to(table.device)
         inside = (ids >= 0) & (ids < self.vocab_size)  # ids past the tokenizer (padded embeddings) never match
         return table[ids.clamp(0, self.vocab_size - 1)] & inside
 
     def flags(self, ids: torch.Tensor, prev_ends_first: torch.Tensor) -> torch.Tensor:
         """Boundary flag of tokens `ids` (any shape) whose predecessors' `ends_first` entries are `prev_ends_first`."""
-        return self._lookup(self.whole, ids) | (prev_ends_first.cpu() & self._lookup(self.starts_second, ids))
+        prev = prev_ends_first.to(self.whole.device)
+        return self._lookup(self.whole, ids) | (prev & self._lookup(self.starts_second, ids))
 
     def ends_first_of(self, ids: torch.Tensor) -> torch.Tensor:
         return self._lookup(self.ends_first, ids)
@@ -116,28 +122,42 @@ class StepTrigger:
         self.boundary = boundary
         self.flag: torch.Tensor | None = None
         self._prev_ends: torch.Tensor | None = None
-        self.flagged = 0  # (row, decode step) pairs flagged since the steerer was entered
+        self._on_device: dict[torch.device, BoundaryTokens] = {}
+        self._flagged: torch.Tensor | int = 0
+
+    @property
+    def flagged(self) -> int:
+        """(row, decode step) pairs flagged since `reset_count` (reading it is the only device sync)."""
+        return int(self._flagged)
+
+    def reset_count(self) -> None:
+        self._flagged = 0
 
     def reset(self) -> None:
         self.flag, self._prev_ends = None, None
+
+    def _tables(self, device: torch.device) -> BoundaryTokens:
+        if device not in self._on_device:
+            self._on_device[device] = self.boundary.to(device)
+        return self._on_device[device]
 
     def pre_hook(self, module, args, kwargs):
         ids = call_input_ids(args, kwargs)
         if ids is None or ids.dim() != 2:
             self.reset()
             return None
+        tables = self._tables(ids.device)
         if ids.shape[1] > 1 or call_cache_length(kwargs) == 0:  # prefill: never steered, remembers the last token
             self.flag = None
-            self._prev_ends = self.boundary.ends_first_of(ids[:, -1])
+            self._prev_ends = tables.ends_first_of(ids[:, -1])
             return None
         prev = self._prev_ends
         if prev is None or prev.shape[0] != ids.shape[0]:
-            prev = torch.zeros(ids.shape[0], dtype=torch.bool)
+            prev = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         token = ids[:, 0]
-        flag = self.boundary.flags(token, prev)
-        self.flagged += int(flag.sum())  # flags are computed on the CPU: counting adds no device sync
-        self.flag = flag.to(ids.device)
-        self._prev_ends = self.boundary.ends_first_of(token)
+        self.flag = tables.flags(token, prev)
+        self._flagged = self._flagged + self.flag.sum()  # a tensor sum: no host sync per step
+        self._prev_ends = tables.ends_first_of(token)
         return None
 
 
@@ -166,7 +186,7 @@ class SteeringHooks:
         if self.active:
             raise RuntimeError(f"{type(self).__name__} is already active on this model.")
         self.trigger.reset()
-        self.trigger.flagged = 0
+        self.trigger.reset_count()
         try:
             self._handles.append(self.model.register_forward_pre_hook(self.trigger.pre_hook, with_kwargs=True))
             self._install()
