@@ -300,3 +300,18 @@ def test_unsupported_architecture_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=260)).eval()
     with pytest.raises(NotImplementedError, match="o_proj|decoder layers"):
         CRESTCalibrator(model, crest_tokenizer())
+
+
+def test_bf16_model_steers_in_its_dtype(calibrated):
+    import copy
+
+    model, tok, _, vectors = calibrated
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prefix, mask = _batch(tok)
+    nxt = torch.tensor([NL, NL])
+    _, plain = step_logits(half, prefix, mask, nxt)
+    with CRESTSteerer(half, vectors, strength=0.0, top_ratio=1.0, probe_gate="off"):
+        assert torch.equal(step_logits(half, prefix, mask, nxt)[1], plain)
+    with CRESTSteerer(half, vectors, top_ratio=1.0, probe_gate="off"):
+        steered = step_logits(half, prefix, mask, nxt)[1]
+    assert steered.dtype == torch.bfloat16 and not torch.equal(steered, plain)
