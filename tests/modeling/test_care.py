@@ -270,9 +270,11 @@ def test_save_pretrained_and_reload_round_trip(tmp_path, arch, method):
 def test_default_model_half_kv_width_one_shot_care_beats_svd(default_model):
     model, tok = default_model
     from hf_fastslow.evaluation.kv_ppl import cache_perplexity
-    from hf_fastslow.evaluation.prompts import bundled_text_ids, gsm8k_prompts
+    from hf_fastslow.evaluation.prompts import bundled_text_ids, gsm8k_rows
 
-    calib = [tok(q, return_tensors="pt").input_ids[:, :32] for q in gsm8k_prompts(64)]
+    # the benchmark's calibration: 256 GSM8K questions x 32 tokens (never the evaluation text)
+    questions = [tok(row["question"], return_tensors="pt").input_ids[0] for row in gsm8k_rows(320)]
+    calib = list(torch.stack([q[:32] for q in questions if len(q) >= 32][:256]).split(32))
     ids = bundled_text_ids(tok, 512)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -281,7 +283,8 @@ def test_default_model_half_kv_width_one_shot_care_beats_svd(default_model):
         care_ppl = cache_perplexity(care_model := convert_gqa_to_mla(
             copy.deepcopy(model), collect_kv_second_moments(model, calib), CAREConfig(rank=half)), ids, None)["ppl"]
         svd_ppl = cache_perplexity(svd_baseline(copy.deepcopy(model), half), ids, None)["ppl"]
-    assert care_ppl < 1.6 * base and svd_ppl > 20 * care_ppl
+    # measured (docs/care.md): 28.99 -> CARE 44.30 (x1.53), SVD 26,642
+    assert care_ppl < 1.6 * base and svd_ppl > 100 * care_ppl
     del care_model
 
 
