@@ -31,16 +31,6 @@ import time
 import torch
 
 
-def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
-    """Least-squares (slope, intercept) of bytes against tokens."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return slope, my - slope * mx
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the bundled text used for perplexity")
@@ -64,6 +54,7 @@ def main(argv=None):
     from transformers import DynamicCache, QuantizedCache
 
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
+    from hf_fastslow.evaluation.kv_bench import fit_line
     from hf_fastslow.evaluation.kv_ppl import cache_perplexity
     from hf_fastslow.evaluation.memory import storage_bytes
     from hf_fastslow.evaluation.prompts import bundled_text_ids
