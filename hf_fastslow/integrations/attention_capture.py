@@ -9,30 +9,18 @@ registered attention function (it records, then runs transformers' SDPA), instal
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 
-from hf_fastslow.integrations.attention import register_attention
+from hf_fastslow.integrations.attention import (
+    attention_implementation,
+    register_attention,
+    sdpa_attention_function,
+    set_attention_implementation,
+)
 from hf_fastslow.integrations.modeling import decoder_layers
 
 CAPTURE_ATTENTION = "hf_fastslow_capture"
-
-
-def sdpa_attention_function() -> Callable:
-    """transformers' `sdpa_attention_forward(module, q, k, v, attention_mask, dropout, scaling, **kw)`."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward
-
-
-def attention_implementation(model: torch.nn.Module) -> str:
-    return model.config._attn_implementation
-
-
-def set_attention_implementation(model: torch.nn.Module, name: str) -> None:
-    """Switch the model (and its sub-models) to the registered attention function `name`."""
-    model.set_attn_implementation(name)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

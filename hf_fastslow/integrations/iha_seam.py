@@ -31,13 +31,6 @@ def register_iha_attention(name: str, fn: Callable) -> None:
     register_attention(name, fn, iha_mask)
 
 
-def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """Stock SDPA attention (for decoder layers left unconverted)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
 def iha_unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why IHA cannot convert `model` (None if it can)."""
     config = getattr(model, "config", None)
@@ -65,12 +58,6 @@ def iha_unsupported_reason(model: torch.nn.Module) -> str | None:
         if attn is None or missing:
             return f"{name}: decoder layer {i} has no `self_attn` with {', '.join(missing or ['q/k/v/o projections'])}."
     return None
-
-
-def set_attention_implementation(model: torch.nn.Module, name: str) -> None:
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise RuntimeError(f"{type(model).__name__} refused attn_implementation={name!r}.")
 
 
 def causal_lm_class(config) -> type:

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_fastslow.integrations.attention import register_attention
-from hf_fastslow.integrations.attention_capture import (
+from hf_fastslow.integrations.attention import (
     attention_implementation,
-    attention_modules,
+    register_attention,
     sdpa_attention_function,
     set_attention_implementation,
 )
+from hf_fastslow.integrations.attention_capture import attention_modules
 from hf_fastslow.integrations.diffusers import (
     WanSelfAttentionProcessor,
     check_wan_transformer,

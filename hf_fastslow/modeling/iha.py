@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from hf_fastslow.integrations import decoder_layers
+from hf_fastslow.integrations.attention import sdpa_attention_function, set_attention_implementation
 from hf_fastslow.integrations.iha_seam import (
     from_pretrained_with_modules,
     iha_unsupported_reason,
     register_iha_attention,
-    sdpa_attention,
-    set_attention_implementation,
 )
 from hf_fastslow.kernels.iha import iha_attend, iha_attend_reference
 
@@ -122,7 +121,7 @@ def iha_attention_forward(module, query, key, value, attention_mask, dropout: fl
     """`attn_implementation="iha"`: layers with an `iha` mixer run IHA, the others stock SDPA."""
     mixer = getattr(module, "iha", None)
     if mixer is None:
-        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return sdpa_attention_function()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               softcap=softcap, **kwargs)
     if softcap is not None:
         raise NotImplementedError(f"IHA attention has no logit soft-capping (got softcap={softcap}).")
