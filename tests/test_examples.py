@@ -31,6 +31,18 @@ CASES = {
     "fst_trainer.py": ([r"step 2: mean reward", r"best fast context", r"saved and reloaded the context"], 1200,
                        (slow,)),
     "pairrl_trainer.py": ([r"step 2: solver reward [\d.]+, judge rows \d+"], 1800, (slow,)),
+    "qvg_cache.py": ([r"\[qvg, 4-bit, 1 stage\]", r"\[QVG, 2-bit, 2 stages\]",
+                      r"an fp16 K/V cache would hold [\d,]+ \([\d.]+x more\)"], 600, (slow,)),
+    "qvg_video.py": ([r"\[QVG int2\] latents \(1, 16, 8, 16, 16\), cache [\d,]+ bytes",
+                      r"\[KIVI-style int2\] .*latent error vs exact"], 300, (slow,)),
+    "ear_attention.py": ([r"layer 15, density 0\.2: EAR relative attention error [\d.]+",
+                          r"SVG2-style relative attention error [\d.]+", r"below min_q_len is plain SDPA: True"],
+                         300, (slow,)),
+    "iha.py": ([r"identity conversion: max \|delta logit\| = \S+, same greedy tokens: True",
+                r"trained 12,960 IHA parameters",
+                r"saved and reloaded with from_pretrained_iha: logits identical: True"], 300, (slow,)),
+    "crest.py": ([r"calibrated on \d+ steps \(\d+ non-linear\)", r"identical up to the first step boundary: True"],
+                 300, (slow,)),
 }
 
 

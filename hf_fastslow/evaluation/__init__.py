@@ -1,6 +1,9 @@
 """Measurement helpers shared by benchmarks, tests and examples: storage-walk memory (`memory`), perplexity through a
-cache (`kv_ppl`), prompt and data loaders (`prompts`), interleaved wall-clock timing (`timing`)."""
+cache (`kv_ppl`), prompt and data loaders (`prompts`), interleaved wall-clock timing (`timing`), cache
+tables (`kv_bench`), attention-output error vs dense (`attn_error`)."""
 
+from .attn_error import attention_error_by_layer, capture_qkv, dense_attention, relative_error
+from .kv_bench import cache_table_row, fit_line
 from .prompts import (
     GSM8K_INSTRUCTION,
     HUMANEVAL_INSTRUCTION,
@@ -30,6 +33,12 @@ from .timing import (
 )
 
 __all__ = [
+    "attention_error_by_layer",
+    "cache_table_row",
+    "capture_qkv",
+    "dense_attention",
+    "fit_line",
+    "relative_error",
     "GSM8K_INSTRUCTION",
     "HUMANEVAL_INSTRUCTION",
     "ArmTimes",

@@ -1,9 +1,11 @@
-"""Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models) and
-V1-Infer pairwise tournaments."""
+"""Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models),
+V1-Infer pairwise tournaments, and CREST test-time head steering (with the SEAL-style and token-ban peers)."""
 
 import importlib
 
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
+from .crest import CRESTCalibrator, CRESTSteerer, CRESTVectors
+from .crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
 from .das import DASDrafter, LengthAwareBudget, SuffixHistory, SuffixTrie
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
 from .speculative import speculative_generate
@@ -22,6 +24,9 @@ __all__ = [
     "AuroraDrafter",
     "AuroraHead",
     "AuroraTrainer",
+    "CRESTCalibrator",
+    "CRESTSteerer",
+    "CRESTVectors",
     "DASDrafter",
     "DASWindowCallback",
     "DraftContext",
@@ -34,10 +39,13 @@ __all__ = [
     "LengthAwareBudget",
     "PairwiseTournament",
     "PointwiseSelector",
+    "SEALSteerer",
     "SpeculativeStats",
     "SuffixHistory",
     "SuffixTrie",
+    "TokenBanLogitsProcessor",
     "das_rollout_func",
+    "fit_seal_vector",
     "majority_vote",
     "problem_id_for",
     "round_robin",

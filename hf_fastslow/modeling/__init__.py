@@ -1,0 +1,53 @@
+"""Attention functions and model surgery: IHA (interleaved head attention), CARE (GQA -> latent K/V), SVG-EAR sparse
+attention, and the QVG video KV cache for autoregressive Wan transformers (with its chunk-by-chunk driver).
+
+Nothing here imports diffusers at import time: the video pieces need it (`pip install 'hf_fastslow[video]'`) only when
+they are called."""
+
+from .ear import EARConfig, EARWanProcessor, apply_ear, disable_ear_attention, enable_ear_attention, remove_ear
+from .iha import (
+    IHA_MODULES_TO_SAVE,
+    IHAConfig,
+    IHAMixer,
+    apply_iha,
+    from_pretrained_iha,
+    iha_param_group,
+    iha_parameters,
+    is_iha_model,
+    mark_only_iha_trainable,
+)
+from .video_kv import (
+    VideoKVAttnProcessor,
+    VideoKVCache,
+    VideoKVConfig,
+    apply_qvg,
+    remove_qvg,
+    video_kv_cache_of,
+)
+from .wan_autoregressive import flow_sigmas, wan_autoregressive_rollout
+
+__all__ = [
+    "IHA_MODULES_TO_SAVE",
+    "EARConfig",
+    "EARWanProcessor",
+    "IHAConfig",
+    "IHAMixer",
+    "VideoKVAttnProcessor",
+    "VideoKVCache",
+    "VideoKVConfig",
+    "apply_ear",
+    "apply_iha",
+    "apply_qvg",
+    "disable_ear_attention",
+    "enable_ear_attention",
+    "flow_sigmas",
+    "from_pretrained_iha",
+    "iha_param_group",
+    "iha_parameters",
+    "is_iha_model",
+    "mark_only_iha_trainable",
+    "remove_ear",
+    "remove_qvg",
+    "video_kv_cache_of",
+    "wan_autoregressive_rollout",
+]
