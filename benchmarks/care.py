@@ -13,6 +13,7 @@ the cache holds, walked) after every chunk; "fixed" its intercept.
     python benchmarks/care.py --stretch                # full table + healing + quantized rows (~20 min, loaded box)
     python benchmarks/care.py --heal-steps 0           # one-shot rows only
     python benchmarks/care.py --save /tmp/care_50      # also save the healed 50% model with its model card
+    python benchmarks/care.py --checkpoint /tmp/care_50 --stretch   # a saved model, its quantized rows, the peers
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main(argv=None):
                    help="healed CARE latents stored 4/2-bit by quanto's QuantizedCache, beside XQuant-CL and quanto on "
                         "the original model, same text and rule")
     p.add_argument("--save", default=None, help="save the healed 50%% model + model card here")
+    p.add_argument("--checkpoint", default=None,
+                   help="a saved CARE model (e.g. from --save): evaluate it, with --stretch its quantized rows, "
+                        "instead of converting and healing (the original and the peers are measured again)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,9 +105,10 @@ def main(argv=None):
     print(f"KV width per layer {width} (K) + {width} (V), {cfg.num_hidden_layers} layers; fp16 K/V reference "
           f"{fp16_per_token} bytes/token\n")
 
-    t0 = time.perf_counter()
-    moments = collect_kv_second_moments(model, calibration_batches(tok, args.calib, args.calib_len))
-    print(f"calibration: {moments.n_tokens} tokens, {time.perf_counter() - t0:.1f} s\n")
+    if args.checkpoint is None:
+        t0 = time.perf_counter()
+        moments = collect_kv_second_moments(model, calibration_batches(tok, args.calib, args.calib_len))
+        print(f"calibration: {moments.n_tokens} tokens, {time.perf_counter() - t0:.1f} s\n")
 
     def evaluate(m, factory=None):
         points = []
@@ -128,7 +133,7 @@ def main(argv=None):
 
     with torch.no_grad():
         report("original", 1.0, model, evaluate(model))
-    fractions = [float(f) for f in args.fractions.split(",") if f]
+    fractions = [float(f) for f in args.fractions.split(",") if f] if args.checkpoint is None else []
     converted = {}
     for frac in fractions:
         rank = max(1, round(frac * width))
@@ -148,6 +153,15 @@ def main(argv=None):
     heal_fracs = [float(f) for f in args.heal_fractions.split(",") if f] if args.heal_steps > 0 else []
     default_rule = CAREConfig(rank=1).allocation
     healed = {}
+    if args.checkpoint is not None:
+        from hf_fastslow.modeling.care import from_pretrained_care
+
+        loaded = from_pretrained_care(args.checkpoint)
+        frac = sum(sum(w) for w in latent_widths(loaded)) / (2 * width * cfg.num_hidden_layers)
+        with torch.no_grad():
+            report(f"checkpoint {args.checkpoint}", frac, loaded, evaluate(loaded))
+        healed[frac] = loaded
+        heal_fracs = []
     for frac in heal_fracs:
         if (f"CARE {default_rule}", frac) not in converted:
             continue
@@ -219,7 +233,7 @@ def main(argv=None):
                 report(name, 1.0, model, evaluate(model, factory))
             release_xquant_factors(model)
 
-    if args.save and 0.5 in healed:
+    if args.save and args.checkpoint is None and 0.5 in healed:
         from hf_fastslow import save_model_card
 
         m = healed[0.5]
