@@ -1,10 +1,12 @@
-"""The one seam between hf_fastslow and transformers/trl internals: registries, patches, version gates.
+"""The one seam between hf_fastslow and transformers/trl/diffusers internals: registries, patches, version gates.
 
 Everything here is version-gated and tested against every transformers release we support (5.17 → <6).
 Other modules never reach into private transformers/trl APIs; they call the helpers re-exported below.
 One module per seam: `caches` (the cache keyword, `generate(cache_implementation=...)`), `attention`
 (attention registrations), `modeling` (decoder layers, rotary, GGUF loading), `generation` (what custom
-decoding loops need from `generate`), `trl` (the GRPOTrainer internals our trainers and rollout hooks use).
+decoding loops need from `generate`), `trl` (the GRPOTrainer internals our trainers and rollout hooks use),
+`diffusers` (Wan video transformers; diffusers is imported only when called), `attention_capture` (post-RoPE q/k/v of
+any layer), and one small seam per method that needs its own: `iha_seam`, `care_seam`, `steering_seam`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ if not (MIN_TRANSFORMERS <= Version(TRANSFORMERS_VERSION.base_version) < MAX_TRA
     )
 
 # The gate above runs before any seam module is imported. noqa: E402 (on purpose).
-from hf_fastslow.integrations.attention import register_attention  # noqa: E402
+from hf_fastslow.integrations.attention import (  # noqa: E402
+    attention_implementation,
+    register_attention,
+    sdpa_attention_function,
+    set_attention_implementation,
+)
+from hf_fastslow.integrations.attention_capture import (  # noqa: E402
+    CAPTURE_ATTENTION,
+    attention_modules,
+    capture_attention_inputs,
+)
 from hf_fastslow.integrations.caches import (  # noqa: E402
     CacheFactory,
     cache_from_kwargs,
@@ -36,6 +48,26 @@ from hf_fastslow.integrations.caches import (  # noqa: E402
     register_cache_implementation,
     registered_cache_implementations,
     unregister_cache_implementation,
+)
+from hf_fastslow.integrations.diffusers import (  # noqa: E402
+    VIDEO_EXTRA_HINT,
+    WanSelfAttentionProcessor,
+    check_wan_transformer,
+    diffusers_available,
+    require_diffusers,
+    restore_wan_self_attention_processors,
+    sdpa_bshd,
+    set_wan_self_attention_mask,
+    set_wan_self_attention_processors,
+    wan_apply_rotary,
+    wan_attention_output,
+    wan_frame_offset,
+    wan_patch_grid,
+    wan_qkv,
+    wan_rotary,
+    wan_self_attention_modules,
+    wan_to_dtype,
+    watch_wan_input_grid,
 )
 from hf_fastslow.integrations.generation import (  # noqa: E402
     GenerateSpecialTokens,
@@ -52,12 +84,28 @@ from hf_fastslow.integrations.generation import (  # noqa: E402
     speculative_processor_shift_safe,
     split_stopping_criteria,
 )
+from hf_fastslow.integrations.iha_seam import (  # noqa: E402
+    IHA_MODEL_TYPES,
+    causal_lm_class,
+    from_pretrained_with_modules,
+    iha_mask,
+    iha_unsupported_reason,
+    register_iha_attention,
+)
 from hf_fastslow.integrations.modeling import (  # noqa: E402
     apply_rotary_fn,
     decoder_layers,
     rotary_embeddings,
     rotary_module,
     strip_gguf_quantization,
+)
+from hf_fastslow.integrations.steering_seam import (  # noqa: E402
+    AttentionOutputSites,
+    attention_output_sites,
+    call_cache_length,
+    call_input_ids,
+    layer_hidden_output,
+    with_layer_hidden_output,
 )
 from hf_fastslow.integrations.trl import (  # noqa: E402
     FST_GRPO_HOOKS,
@@ -75,33 +123,59 @@ from hf_fastslow.integrations.trl import (  # noqa: E402
 )
 
 __all__ = [
+    "CAPTURE_ATTENTION",
     "FST_GRPO_HOOKS",
+    "IHA_MODEL_TYPES",
     "MAX_TRANSFORMERS",
     "MIN_TRANSFORMERS",
     "PAIRRL_GRPO_HOOKS",
     "TRANSFORMERS_VERSION",
+    "VIDEO_EXTRA_HINT",
+    "AttentionOutputSites",
     "CacheFactory",
     "GenerateSpecialTokens",
+    "WanSelfAttentionProcessor",
     "apply_rotary_fn",
+    "attention_implementation",
+    "attention_modules",
+    "attention_output_sites",
     "cache_from_kwargs",
     "cache_kwarg_name",
     "cache_kwargs",
+    "call_cache_length",
+    "call_input_ids",
+    "capture_attention_inputs",
+    "causal_lm_class",
     "check_grpo_hooks",
+    "check_wan_transformer",
     "decoder_layers",
     "decoder_only_generate_output",
+    "diffusers_available",
+    "from_pretrained_with_modules",
     "fst_generation_model",
     "fst_log_metric",
     "generate_special_tokens",
     "grpo_loss_types",
     "grpo_metric_buffer",
+    "iha_mask",
+    "iha_unsupported_reason",
+    "layer_hidden_output",
     "model_is_stateful",
     "output_cache",
     "pairrl_merge_generation_batches",
     "register_attention",
     "register_cache_implementation",
+    "register_iha_attention",
     "registered_cache_implementations",
+    "require_diffusers",
+    "restore_wan_self_attention_processors",
     "rotary_embeddings",
     "rotary_module",
+    "sdpa_attention_function",
+    "sdpa_bshd",
+    "set_attention_implementation",
+    "set_wan_self_attention_mask",
+    "set_wan_self_attention_processors",
     "speculative_cache_check",
     "speculative_cache_compactable",
     "speculative_call_shifted",
@@ -117,4 +191,14 @@ __all__ = [
     "trl_tokenize_prompts",
     "trl_tokenizer",
     "unregister_cache_implementation",
+    "wan_apply_rotary",
+    "wan_attention_output",
+    "wan_frame_offset",
+    "wan_patch_grid",
+    "wan_qkv",
+    "wan_rotary",
+    "wan_self_attention_modules",
+    "wan_to_dtype",
+    "watch_wan_input_grid",
+    "with_layer_hidden_output",
 ]
