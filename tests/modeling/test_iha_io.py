@@ -178,7 +178,7 @@ def test_helpers_refuse_an_unconverted_model():
 
 
 def test_hf_trainer_trains_only_the_mixers(tmp_path):
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset  # the [train] extra; CI's transformers-5.17 venv lacks it
     from transformers import Trainer, TrainingArguments
 
     model = apply_iha(tiny(), IHAConfig(num_pseudo_heads=2, init_noise=1e-3))
