@@ -45,6 +45,16 @@ def tiny_llama(num_layers=3, hidden=64, heads=4, kv_heads=2, vocab=128, seed=0, 
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Small-op tests run far slower with two threads on a loaded 2-core box (a QVG crop test: 69 s with two threads,
+    # 1.3 s with one, under a load of ~4), and the figures tests compare do not depend on the thread count.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     # Random tiny models have near-tied logits; a fixed seed per test keeps greedy comparisons reproducible.
     torch.manual_seed(0)

@@ -14,13 +14,6 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _inputs(b, h, g, n, s, d, p, collapse="per_head", mask="causal", seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)

@@ -14,13 +14,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("shape, clusters, dtype", [
     ((2, 3, 70, 64), 20, torch.float32),   # several point tiles, two centroid tiles

@@ -16,13 +16,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _stages(rows, n, d, stages, clusters, seed):
     g = torch.Generator().manual_seed(seed)

@@ -20,13 +20,6 @@ from tests.modeling.iha_helpers import (
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
 @pytest.mark.parametrize("num_pseudo_heads", [1, 2, 3, None], ids=["P1", "P2", "P3", "PH"])

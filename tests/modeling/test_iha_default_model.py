@@ -10,15 +10,6 @@ from hf_fastslow.modeling.iha import IHAConfig, apply_iha
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.mark.usefixtures("_one_thread")
 def test_identity_conversion_of_the_default_model(default_model):
     model, tok = default_model
     prompts = ["Write one sentence about the sea.", "List three prime numbers and explain why each is prime."]

@@ -27,14 +27,6 @@ from tests.modeling.iha_helpers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, model.config._attn_implementation
 

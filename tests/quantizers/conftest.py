@@ -28,12 +28,3 @@ def gqa_model():
     # d = 64, d_kv = 16: latent mode is 4x narrower than X, CL deltas live in a 32-dim subspace
     return tiny_llama(num_layers=4, hidden=64, heads=4, kv_heads=1, seed=0)
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # These tests run many small ops: with two threads on a shared 2-core box, OpenMP's spinning made them ~50x slower
-    # (a crop test: 69 s with two threads, 1.3 s with one, under a load of ~4).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

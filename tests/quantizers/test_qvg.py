@@ -13,14 +13,6 @@ from hf_fastslow.integrations import cache_kwargs
 from tests.conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     # head_dim 16, 2 KV heads, 3 layers

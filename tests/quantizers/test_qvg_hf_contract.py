@@ -15,13 +15,6 @@ pytestmark = pytest.mark.integration
 OFF = {"nbits": 16, "chunk_tokens": 4, "sink_tokens": 2}  # chunks of 4: the prompts are read back from spans
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def greedy(model, inputs, max_new_tokens=8, **kw):
     with torch.no_grad():
