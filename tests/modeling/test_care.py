@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from hf_fastslow.integrations import cache_kwargs
 from hf_fastslow.modeling.care import (
     CAREConfig,
     KVMoments,
@@ -112,15 +113,15 @@ def test_latent_cache_holds_only_latents_and_decoding_matches_the_full_forward()
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :12], cache=cache).logits]
+        out = [model(ids[:, :12], **cache_kwargs(model, cache)).logits]
         for t in range(12, 20):
-            out.append(model(ids[:, t : t + 1], cache=cache).logits)
+            out.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
         assert (torch.cat(out, 1) - full).abs().max() < 1e-4
         for layer, (r_k, r_v) in enumerate(zip(k_ranks, v_ranks)):
             assert tuple(cache.layers[layer].keys.shape) == (2, 1, 20, r_k)
             assert tuple(cache.layers[layer].values.shape) == (2, 1, 20, r_v)
         cache.crop(-5)  # drop 5 tokens, re-feed them: same logits
-        again = model(ids[:, 15:], cache=cache).logits
+        again = model(ids[:, 15:], **cache_kwargs(model, cache)).logits
         assert (again - full[:, 15:]).abs().max() < 1e-4
         cache.crop(0)
         assert cache.get_seq_length() == 20
