@@ -41,6 +41,7 @@ CASES = {
     "iha.py": ([r"identity conversion: max \|delta logit\| = \S+, same greedy tokens: True",
                 r"trained 12,960 IHA parameters",
                 r"saved and reloaded with from_pretrained_iha: logits identical: True"], 300, (slow,)),
+    "care.py": ([r"\[CARE 50% KV\]", r"original 46080, CARE 23040", r"reloaded: same tokens: True"], 300, (slow,)),
     "crest.py": ([r"calibrated on \d+ steps \(\d+ non-linear\)", r"identical up to the first step boundary: True"],
                  300, (slow,)),
 }

@@ -81,10 +81,15 @@ def check_grpo_hooks(hooks: dict[str, list[str]], trainer_name: str) -> None:
             )
 
 
+def trl_metric_buffer(trainer, mode: str) -> dict:
+    """A trl trainer's per-logging-step metric lists for `mode` ("train" or "eval"; name -> list of floats), averaged
+    and logged at the next logging step (GRPOTrainer, SFTTrainer and their subclasses keep them the same way)."""
+    return trainer._metrics[mode]
+
+
 def grpo_metric_buffer(trainer) -> dict:
-    """GRPOTrainer's per-logging-step metric lists for the current mode (name -> list of floats), averaged and
-    logged with `reward`, `kl`, ..."""
-    return trainer._metrics["train" if trainer.model.training else "eval"]
+    """GRPOTrainer's metric lists for the current mode (logged with `reward`, `kl`, ...)."""
+    return trl_metric_buffer(trainer, "train" if trainer.model.training else "eval")
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,6 +4,17 @@ attention, and the QVG video KV cache for autoregressive Wan transformers (with 
 Nothing here imports diffusers at import time: the video pieces need it (`pip install 'hf_fastslow[video]'`) only when
 they are called."""
 
+from .care import (
+    KVMoments,
+    care_kv_bytes_per_token,
+    collect_kv_second_moments,
+    convert_gqa_to_mla,
+    from_pretrained_care,
+    kv_width,
+    latent_widths,
+    svd_baseline,
+)
+from .care_config import CAREConfig, allocate_ranks
 from .ear import EARConfig, EARWanProcessor, apply_ear, disable_ear_attention, enable_ear_attention, remove_ear
 from .iha import (
     IHA_MODULES_TO_SAVE,
@@ -27,6 +38,16 @@ from .video_kv import (
 from .wan_autoregressive import flow_sigmas, wan_autoregressive_rollout
 
 __all__ = [
+    "CAREConfig",
+    "KVMoments",
+    "allocate_ranks",
+    "care_kv_bytes_per_token",
+    "collect_kv_second_moments",
+    "convert_gqa_to_mla",
+    "from_pretrained_care",
+    "kv_width",
+    "latent_widths",
+    "svd_baseline",
     "IHA_MODULES_TO_SAVE",
     "EARConfig",
     "EARWanProcessor",

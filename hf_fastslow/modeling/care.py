@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..evaluation.memory import storage_bytes
-from ..integrations import cache_kwargs
-from .care_attention import attention_modules, check_supported, install_latent_attention, latent_widths
+from ..integrations import attention_modules, cache_kwargs
+from .care_attention import check_supported, install_latent_attention, latent_widths
 from .care_config import CAREConfig, allocate_ranks, clamp_rank
 
 __all__ = [

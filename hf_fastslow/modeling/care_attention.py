@@ -19,7 +19,7 @@ import types
 import torch
 from torch import nn
 
-from ..integrations import apply_rotary_fn, decoder_layers, rotary_embeddings, rotary_module
+from ..integrations import apply_rotary_fn, attention_modules, rotary_embeddings, rotary_module
 from ..integrations.care_seam import attention_function, cache_layer_length, cache_update, query_offset
 
 # model_type -> stock attention class name the latent forward reproduces (q/k/v/o projections, optional per-head
@@ -80,10 +80,6 @@ def _latent_class(stock: type) -> type:
         _SUBCLASSES[stock] = type(f"CARE{stock.__name__}", (CARELatentAttentionMixin, stock),
                                   {"__module__": stock.__module__, "_care_stock_class": stock})
     return _SUBCLASSES[stock]
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def check_supported(model: nn.Module) -> list[nn.Module]:

@@ -22,6 +22,8 @@ _LAZY = {
     "ReplayBuffer": "replay_buffer",
     "das_rollout_func": "das_rollout",
     "DASWindowCallback": "das_rollout",
+    "KVHealingConfig": "kv_healing_config",
+    "KVHealingTrainer": "kv_healing_trainer",
 }
 
 __all__ = list(_LAZY)

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 from trl import SFTTrainer
 
+from ..integrations import trl_metric_buffer
 from .config_checks import trainer_owned_copy
 from .kv_healing_config import KVHealingConfig
 
@@ -81,6 +82,7 @@ class KVHealingTrainer(SFTTrainer):
             loss = ce + self.args.kl_weight * tau**2 * kl
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        self._metrics[mode]["ce"].append(self.accelerator.gather_for_metrics(ce.detach()).mean().item())
-        self._metrics[mode]["kl"].append(self.accelerator.gather_for_metrics(kl.detach()).mean().item())
+        metrics = trl_metric_buffer(self, mode)
+        metrics["ce"].append(self.accelerator.gather_for_metrics(ce.detach()).mean().item())
+        metrics["kl"].append(self.accelerator.gather_for_metrics(kl.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
