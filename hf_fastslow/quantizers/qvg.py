@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..evaluation.memory import storage_bytes
 from ..integrations import apply_rotary_fn, cache_from_kwargs, decoder_layers, rotary_embeddings
+from .attention_hooks import attach_pre_hooks, detach_pre_hooks
 from .qvg_codec import PackedPRQ, prq_compress, prq_decompress_many
 from .qvg_config import QVGConfig
 
@@ -471,22 +472,12 @@ def _qvg_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def attach_qvg(model: nn.Module) -> list:
     """Register (once) the pre-hooks that hand each attention call's position ids to a `QVGCache` (idempotent; the
     hooks do nothing when a forward runs with any other cache)."""
-    handles = getattr(model, _HOOKS_ATTR, None)
-    if handles:
-        return handles
-    handles = [
-        layer.self_attn.register_forward_pre_hook(_qvg_pre_hook, with_kwargs=True) for layer in decoder_layers(model)
-    ]
-    setattr(model, _HOOKS_ATTR, handles)
-    return handles
+    return attach_pre_hooks(model, _HOOKS_ATTR, _qvg_pre_hook, (layer.self_attn for layer in decoder_layers(model)))
 
 
 def detach_qvg(model: nn.Module) -> None:
     """Remove the hooks added by `attach_qvg`."""
-    for handle in getattr(model, _HOOKS_ATTR, None) or []:
-        handle.remove()
-    if hasattr(model, _HOOKS_ATTR):
-        delattr(model, _HOOKS_ATTR)
+    detach_pre_hooks(model, _HOOKS_ATTR)
 
 
 def qvg_cache_factory(model: nn.Module, cache_config: dict) -> QVGCache:

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..evaluation.memory import storage_bytes
 from ..integrations import cache_from_kwargs, rotary_embeddings
+from .attention_hooks import attach_pre_hooks, detach_pre_hooks
 from .xquant_config import XQuantConfig
 from .xquant_plan import (
     _build_plans,
@@ -543,21 +544,14 @@ def _xquant_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 def attach_xquant(model: nn.Module) -> list:
     """Register (once) the pre-hooks that hand each attention input X to an `XQuantCache`. Idempotent; the hooks do
     nothing when a forward runs with any other cache (or none)."""
-    handles = getattr(model, _HOOKS_ATTR, None)
-    if handles:
-        return handles
-    attns = _check_supported(model)
-    handles = [attn.register_forward_pre_hook(_xquant_pre_hook, with_kwargs=True) for attn in attns]
-    setattr(model, _HOOKS_ATTR, handles)
-    return handles
+    if getattr(model, _HOOKS_ATTR, None):
+        return getattr(model, _HOOKS_ATTR)
+    return attach_pre_hooks(model, _HOOKS_ATTR, _xquant_pre_hook, _check_supported(model))
 
 
 def detach_xquant(model: nn.Module) -> None:
     """Remove the hooks added by `attach_xquant`."""
-    for handle in getattr(model, _HOOKS_ATTR, None) or []:
-        handle.remove()
-    if hasattr(model, _HOOKS_ATTR):
-        delattr(model, _HOOKS_ATTR)
+    detach_pre_hooks(model, _HOOKS_ATTR)
 
 
 def xquant_cache_factory(model: nn.Module, cache_config: dict) -> XQuantCache:
