@@ -27,12 +27,12 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.answers import extract_answer
 from hf_fastslow.evaluation.prompts import chat_text, encode_chat, gsm8k_rows
 from hf_fastslow.evaluation.timing import load_average
 from hf_fastslow.generation.crest import CRESTCalibrator, CRESTSteerer
 from hf_fastslow.generation.crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
 from hf_fastslow.generation.padding import cut_at_eos
-from hf_fastslow.generation.v1_baselines import extract_answer
 
 INSTRUCTION = ("Solve the problem step by step, one step per line. Then verify your answer: write \"Let me verify:\" "
                "and check each step again; if a step is wrong, write \"Wait,\" and fix it. End with the line: The "

@@ -31,6 +31,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from hf_fastslow import load_default_model  # noqa: E402
+from hf_fastslow.evaluation.answers import answers_match, extract_answer  # noqa: E402
 from hf_fastslow.evaluation.memory import storage_bytes  # noqa: E402
 from hf_fastslow.evaluation.prompts import arithmetic_problems, chat_messages, encode_chat  # noqa: E402
 from hf_fastslow.trainers import FSTConfig, FSTTrainer, FunctionReflector, VerifiableTask  # noqa: E402
@@ -61,10 +62,10 @@ class ArithmeticTask(VerifiableTask):
     def score(self, prompt, completion, answer=None, expected_reply=None, **columns):
         if answer is None:
             return None, "not applicable"
-        numbers = re.findall(r"-?\d+", completion)
-        if numbers and numbers[-1] == answer:
+        found = extract_answer(completion)
+        if answers_match(completion, answer):
             return 1.0, f"Correct: {answer}."
-        got = f"ended with the number {numbers[-1]}" if numbers else "gave no number"
+        got = f"ended with the number {found}" if found is not None else "gave no number"
         return 0.0, (f"Wrong: expected {answer}; the reply {got} (replies are cut after 16 tokens). "
                      f"Expected reply: '{expected_reply}'")
 

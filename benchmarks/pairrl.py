@@ -18,13 +18,13 @@ import argparse
 import gc
 import json
 import random
-import re
 import time
 
 import torch
 from datasets import Dataset
 
 from hf_fastslow import load_default_model
+from hf_fastslow.evaluation.answers import answers_match, extract_answer
 from hf_fastslow.evaluation.prompts import arithmetic_problems, chat_messages, encode_chat
 from hf_fastslow.generation.v1_infer import MATH_JUDGE_TEMPLATE, HFJudge, parse_pair_ratings, v1_generate
 from hf_fastslow.trainers import PairRLConfig, PairRLTrainer, VerifiableTask
@@ -39,11 +39,10 @@ class ArithmeticTask(VerifiableTask):
     """1.0 when the last number in the completion equals the answer."""
 
     def score(self, prompt, completion, answer=None, **columns):
-        nums = re.findall(r"-?\d+", completion.replace(",", ""))
-        if not nums:
+        got = extract_answer(completion)
+        if got is None:
             return 0.0, "no number in the answer"
-        got = nums[-1]
-        return (1.0, "correct") if got == answer else (0.0, f"answered {got}, expected {answer}")
+        return (1.0, "correct") if answers_match(completion, answer) else (0.0, f"answered {got}, expected {answer}")
 
 
 TASK = ArithmeticTask()

@@ -2,6 +2,7 @@
 cache (`kv_ppl`), prompt and data loaders (`prompts`), interleaved wall-clock timing (`timing`), cache
 tables (`kv_bench`), attention-output error vs dense (`attn_error`)."""
 
+from .answers import answers_match, extract_answer, normalize_number
 from .attn_error import attention_error_by_layer, capture_qkv, dense_attention, relative_error
 from .kv_bench import cache_table_row, fit_line
 from .prompts import (
@@ -33,6 +34,9 @@ from .timing import (
 )
 
 __all__ = [
+    "answers_match",
+    "extract_answer",
+    "normalize_number",
     "attention_error_by_layer",
     "cache_table_row",
     "capture_qkv",

@@ -4,38 +4,13 @@ self-rating per candidate), `majority_vote` (self-consistency over `extract_answ
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from ..evaluation.answers import extract_answer
 from .v1_judges import Judge
 from .v1_tournament import Selection, _check_candidates
 from .v1_verdicts import MATH_POINTWISE_TEMPLATE, parse_rating
-
-_NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _normalize_number(s: str) -> str:
-    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = float(s)
-    except ValueError:
-        return s
-    return str(int(value)) if value == int(value) else repr(value)
-
-
-def extract_answer(text: str) -> str | None:
-    """Final numeric answer of a math solution: `#### x`, `\\boxed{x}`, "answer is x", else the last number."""
-    if not isinstance(text, str):
-        return None
-    for pattern in (r"####\s*([^\n]+)", r"\\boxed\{([^}]*)\}", r"answer\s*(?:is|:)\s*\$?\s*(-?[\d,]+(?:\.\d+)?)"):
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
-        if found:
-            nums = _NUM_RE.findall(found[-1])
-            if nums:
-                return _normalize_number(nums[-1])
-    nums = _NUM_RE.findall(text)
-    return _normalize_number(nums[-1]) if nums else None
 
 
 class PointwiseSelector:
