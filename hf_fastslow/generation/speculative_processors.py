@@ -58,6 +58,12 @@ class RoundProcessors:
         self._aligned = tokens.gather(1, src.clamp(min=0, max=tokens.shape[1] - 1))
         self._filler_mask = src < 0
 
+    def write(self, j: int, token: torch.Tensor) -> None:
+        """The draft token at position j became known after `begin_round` (a loop that drafts while it processes, as
+        ISD does): the caller wrote `token[i]` at `tokens[i, lengths[i] + j]`; later positions must see it too."""
+        if self._aligned is not None and self._aligned_width + j < self._aligned.shape[1]:
+            self._aligned[:, self._aligned_width + j] = token
+
     def position(self, j: int, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Processed scores (B, V) of draft position j (its prefix: committed tokens + j drafts) for the `rows` used."""
         aligned = None
