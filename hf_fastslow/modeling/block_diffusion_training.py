@@ -26,6 +26,7 @@ __all__ = [
     "noisy_inputs",
     "sequence_positions",
     "single_sequence_mask",
+    "split_block_first_targets",
     "training_mask_2l",
     "two_half_position_ids",
 ]
@@ -175,3 +176,18 @@ def diffusion_targets(
         clean[:, :-1] = labels[:, 1:]
         return noisy, clean
     return input_ids.masked_fill(~masked, -100), torch.full_like(labels, -100)
+
+
+def split_block_first_targets(
+    noisy_targets: torch.Tensor, block_size: int, padding_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split shifted noisy targets [B, L] into (inside-block, block-first) ones, for a shifted block decoder.
+
+    A shifted block decoder (`block_diffusion_generate`) reads slot j's distribution from hidden j-1 inside the
+    block, but a block's FIRST slot from the last committed token, i.e. from the clean prefix. So a masked block-first
+    token is scored on the clean hidden j-1 (the second tensor, to be placed on the clean half), not on the noisy
+    hidden j-1 of the previous block (I-DLM keeps that one: its last mask slot drafts the next block's first token).
+    """
+    pos = sequence_positions(noisy_targets.shape[1], padding_mask, noisy_targets.device)
+    starts_next = ((pos + 1) % block_size == 0).expand_as(noisy_targets)  # hidden i's target i+1 opens a block
+    return noisy_targets.masked_fill(starts_next, -100), noisy_targets.masked_fill(~starts_next, -100)

@@ -7,6 +7,7 @@ from hf_fastslow.modeling.block_diffusion_training import (
     noisy_inputs,
     sequence_positions,
     single_sequence_mask,
+    split_block_first_targets,
     training_mask_2l,
     two_half_position_ids,
 )
@@ -170,3 +171,14 @@ def test_a_later_clean_token_changes_only_what_the_pattern_allows():
     changed = (base - other).abs().amax(-1) > 1e-6
     # noisy queries of blocks 0..2 (positions 0..5) and clean queries < 5 must not move; noisy block 3 and clean >= 5 do
     assert changed.nonzero().flatten().tolist() == [6, 7] + [length + i for i in range(5, length)]
+
+
+def test_block_first_targets_move_to_the_clean_half():
+    noisy = torch.tensor([[10, 11, 12, 13, 14, -100]])  # hidden i scored on token i+1
+    inside, first = split_block_first_targets(noisy, 2)
+    # b = 2: tokens 2 and 4 open blocks, i.e. the targets of hidden 1 and 3
+    assert inside.tolist() == [[10, -100, 12, -100, 14, -100]]
+    assert first.tolist() == [[-100, 11, -100, 13, -100, -100]]
+    left = torch.tensor([[0, 1, 1, 1, 1, 1]])  # left padding: blocks follow the real tokens
+    inside, first = split_block_first_targets(noisy, 2, left)
+    assert first.tolist() == [[-100, -100, 12, -100, 14, -100]]
