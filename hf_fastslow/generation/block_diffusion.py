@@ -1,0 +1,462 @@
+"""Block-diffusion decoding (LLaDA / Fast-dLLM / SDAR style) as a `generate(custom_generate=...)` callable.
+
+    out = model.generate(ids, custom_generate=block_diffusion_generate, block_size=4, mask_token_id=m, steps=4,
+                         threshold=0.9, max_new_tokens=64, return_dict_in_generate=True)
+    out.sequences, out.tokens_per_forward
+
+The prompt is prefilled once into a `BlockDiffusionCache`; then, block after block, `block_size` `[MASK]` slots are
+denoised in at most `steps` forwards that see the cached prefix plus the whole block (its KV is not stored); each step
+commits the masked slots whose confidence passes `threshold` (Fast-dLLM) and at least k_s of them (the at-least-k
+schedule: the block's slots spread evenly over the steps); a final KV-commit pass feeds the block's tokens and stores
+their keys/values (skipped after the last block). With `logit_shift` (a converted AR model, I-DLM) slot j reads the
+output at slot j-1 and slot 0 reads the last prefix output, so with block_size=1, steps=1, causal attention and greedy
+picks the loop is plain greedy decoding, forward for forward.
+
+`BlockDiffusionDecoder` holds one call's state; RCD and others subclass its hooks (`start_block`, `block_inputs`,
+`after_step`, `select`) and pass `decoder_cls=`.
+
+Tokens per forward (`.tokens_per_forward`, per row) = the row's generated tokens (up to and including its EOS) divided
+by the forwards run while the row was still generating: the prefill, every denoising forward and every commit pass
+(a row that stopped in a block does not count that block's commit pass). Plain greedy `generate` scores 1.0 on this
+count (one forward per token, the prefill giving the first), and so does this loop at block_size=1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..integrations.block_diffusion_seam import generate_call_arguments
+from ..integrations.caches import cache_from_kwargs, cache_kwargs
+from ..integrations.generation import decoder_only_generate_output, generate_special_tokens, split_stopping_criteria
+from ..modeling.block_diffusion import (
+    BlockDiffusionCache,
+    block_attention_mask,
+    block_diffusion_config,
+    model_attention_mask,
+)
+from .padding import pad_token_id
+
+__all__ = ["REMASKING_MODES", "BlockDiffusionDecoder", "block_diffusion_generate"]
+
+REMASKING_MODES = ("low_confidence", "random", "entropy", "margin")
+# model_kwargs that generate() prepares and this loop rebuilds itself.
+_HANDLED_KWARGS = {
+    "attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "cache_position",
+}
+
+
+def commit_schedule(block_len: int, steps: int) -> list[int]:
+    """k_s: the at-least-k commits of each step, `block_len` slots spread evenly over `min(steps, block_len)` steps
+    (earlier steps take the remainder, as LLaDA's `get_num_transfer_tokens`)."""
+    steps = max(1, min(steps, block_len))
+    base, extra = divmod(block_len, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+
+class BlockDiffusionDecoder:
+    """The state of one block-diffusion `generate` call; subclasses override the hooks.
+
+    Settings (all validated by `block_diffusion_generate` before anything runs): `block_size`, `mask_token_id`,
+    `steps` (denoising forwards per block at most), `threshold` (commit every masked slot whose confidence exceeds it;
+    None: the schedule alone), `remasking` (the confidence: "low_confidence" = probability of the picked token,
+    "margin" = top-1 minus top-2 probability, "entropy" = minus the entropy (threshold then is a negative number),
+    "random" = uniform noise, LLaDA's random remasking), `logit_shift`, `attention` (the in-block pattern).
+    """
+
+    def __init__(self, model, *, block_size: int, mask_token_id: int, steps: int, threshold: float | None,
+                 remasking: str, logit_shift: bool, attention: str):
+        self.model = model
+        self.block_size, self.mask_token_id, self.steps = block_size, mask_token_id, steps
+        self.threshold, self.remasking = threshold, remasking
+        self.logit_shift, self.attention = logit_shift, attention
+        self.schedule: list[int] = commit_schedule(block_size, steps)
+        self.block_index = 0
+
+    # ---- hooks ------------------------------------------------------------------------------------------------------
+    def start_block(self, block_index: int) -> None:
+        """Called before a block's first denoising step (`self.schedule` already holds the block's k_s)."""
+
+    def block_inputs(self, block_ids: torch.Tensor, masked: torch.Tensor) -> dict:
+        """Forward kwargs feeding the block (denoising passes and the commit pass, where `masked` is all False)."""
+        return {"input_ids": block_ids}
+
+    def after_step(self, logits: torch.Tensor, block_ids: torch.Tensor, masked: torch.Tensor) -> None:
+        """After each denoising step: `logits` [B, b, V] aligned (logits[:, j] is slot j's raw distribution, shift
+        applied); `block_ids` / `masked` as they are after this step's commits."""
+
+    def select(self, confidence: torch.Tensor, masked: torch.Tensor, step: int) -> torch.BoolTensor:
+        """The commit rule: every masked slot whose confidence exceeds `threshold`, and at least
+        min(k_s, masked slots) per row, the most confident first (ties: the leftmost)."""
+        chosen = torch.zeros_like(masked)
+        if self.threshold is not None:
+            chosen = masked & (confidence > self.threshold)
+        k = self.schedule[min(step, len(self.schedule) - 1)]
+        if step >= len(self.schedule) - 1:
+            k = masked.shape[-1]  # the last scheduled step commits whatever is left
+        need = masked.sum(dim=-1).clamp(max=k)
+        ranked = confidence.masked_fill(~masked, -math.inf)
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return chosen | (masked & (rank < need[:, None]))
+
+    # ---- helpers ----------------------------------------------------------------------------------------------------
+    def confidence(self, scores: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """Per-slot confidence [B, b] of the picked tokens under the processed `scores` [B, b, V]."""
+        if self.remasking == "random":
+            return torch.rand(picked.shape, device=picked.device, dtype=torch.float32).to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        if self.remasking == "low_confidence":
+            return probs.gather(-1, picked[..., None]).squeeze(-1)
+        if self.remasking == "margin":
+            top = probs.topk(2, dim=-1).values
+            return top[..., 0] - top[..., 1]
+        logp = torch.log_softmax(scores, dim=-1)
+        return (probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)  # minus the entropy
+
+    def forward(self, inputs: dict, position_ids, attention_mask, cache, logits_to_keep: int, extra: dict):
+        kwargs = dict(extra)
+        kwargs.update(cache_kwargs(self.model, cache))
+        if self.losa_state is not None:
+            kwargs["losa_state"] = self.losa_state
+        return self.model(
+            **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            logits_to_keep=logits_to_keep, return_dict=True, **kwargs,
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask, cache: BlockDiffusionCache, logits_processor, stopping_criteria,
+                 generation_config, streamer=None, losa_state=None, extra_kwargs: dict | None = None):
+        model, device = self.model, input_ids.device
+        self.losa_state, extra = losa_state, dict(extra_kwargs or {})
+        self._mask_index = torch.tensor([self.mask_token_id], device=device)
+        batch, width = input_ids.shape
+        special = generate_special_tokens(generation_config)
+        eos_ids = torch.tensor(special.eos_token_id or (-1,), device=device)
+        pad_id = pad_token_id(special, default=0)
+        max_length, other_criteria = split_stopping_criteria(stopping_criteria)
+        max_length = max_length if max_length is not None else generation_config.max_length
+        max_new = max(0, max_length - width)
+        do_sample = bool(generation_config.do_sample)
+        return_dict = bool(generation_config.return_dict_in_generate)
+        keep_scores = return_dict and bool(generation_config.output_scores)
+        keep_logits = return_dict and bool(generation_config.output_logits)
+        dtype = next(model.parameters()).dtype
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        padding = attention_mask.to(device=device, dtype=torch.long)
+        has_padding = not bool(padding.all())
+        positions_next = padding.sum(-1)  # the position id of each row's next token
+
+        # Prefill: the uncached prompt tail, one pass, stored.
+        past = cache.get_seq_length()
+        if past >= width:
+            raise ValueError(
+                f"The cache already holds {past} tokens but the prompt has {width}: pass the whole conversation "
+                "(cached tokens + at least one new token) as `input_ids`."
+            )
+        prompt_pos = (padding.cumsum(-1) - 1).clamp(min=0)
+        allowed = block_attention_mask(
+            width - past, width, self.block_size, q_offset=past, pattern=self.attention,
+            padding_mask=padding if has_padding else None, block_start=width, device=device,
+        )
+        with cache.committing():
+            out = self.forward({"input_ids": input_ids[:, past:]}, prompt_pos[:, past:],
+                               model_attention_mask(model, allowed, dtype), cache, 1, extra)
+        last_logits = _float(out.logits[:, -1])
+        forwards = torch.ones(batch, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        kept = torch.zeros(batch, dtype=torch.long, device=device)
+        sequences = input_ids
+        step_scores: list[torch.Tensor] = []
+        step_logits: list[torch.Tensor] = []
+        generated = 0
+        self.block_index = 0
+
+        while generated < max_new and not bool(finished.all()):
+            b = min(self.block_size, max_new - generated)
+            start = width + generated
+            active = ~finished
+            block_ids = torch.full((batch, b), self.mask_token_id, dtype=torch.long, device=device)
+            block_ids[finished] = pad_id
+            masked = active[:, None].expand(batch, b).clone()
+            position_ids = positions_next[:, None] + torch.arange(b, device=device)
+            kv_padding = torch.cat([padding, torch.ones(batch, b, dtype=torch.long, device=device)], dim=1)
+            allowed = block_attention_mask(
+                b, start + b, self.block_size, q_offset=start, pattern=self.attention,
+                padding_mask=kv_padding if has_padding else None, block_start=start, device=device,
+            )
+            mask = model_attention_mask(model, allowed, dtype)
+            self.schedule = commit_schedule(b, self.steps)
+            block_scores = torch.zeros(batch, b, last_logits.shape[-1], dtype=last_logits.dtype, device=device) \
+                if (keep_scores or keep_logits) else None
+            block_raw = torch.zeros_like(block_scores) if keep_logits else None
+            self.start_block(self.block_index)
+            if losa_state is not None:
+                losa_state.start_block()
+            aligned = None
+            for step in range(len(self.schedule)):
+                if not bool(masked.any()):
+                    break
+                # With the shift, slot 0 reads the last prefix output: no forward needed when only it is masked.
+                if self.logit_shift and not bool(masked[:, 1:].any()):
+                    aligned = last_logits[:, None] if aligned is None else torch.cat(
+                        [last_logits[:, None], aligned[:, 1:]], dim=1)
+                else:
+                    with cache.peeking():
+                        out = self.forward(self.block_inputs(block_ids, masked), position_ids, mask, cache, 0, extra)
+                    forwards += active.long()
+                    raw = _float(out.logits[:, -b:])
+                    aligned = torch.cat([last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
+                scores = self._process(logits_processor, sequences, block_ids, aligned)
+                # The mask id is never an answer: a committed [MASK] would read as still masked to later passes.
+                scores = scores.index_fill(-1, self._mask_index, -math.inf)
+                picked = _pick(scores, do_sample)
+                confidence = self.confidence(scores, picked).masked_fill(~masked, -math.inf)
+                chosen = self.select(confidence, masked, step)
+                block_ids = torch.where(chosen, picked, block_ids)
+                if block_scores is not None:
+                    block_scores = torch.where(chosen[..., None], scores, block_scores)
+                if block_raw is not None:
+                    block_raw = torch.where(chosen[..., None], aligned, block_raw)
+                masked = masked & ~chosen
+                self.after_step(aligned, block_ids, masked)
+            if losa_state is not None:
+                losa_state.end_block()
+
+            # Stops inside the block: EOS, other criteria; what follows a row's stop becomes padding.
+            stop_at = self._stop_positions(block_ids, sequences, eos_ids, other_criteria, active)
+            slots = torch.arange(b, device=device)[None, :]
+            after_stop = slots > stop_at[:, None]
+            block_ids = block_ids.masked_fill(after_stop | finished[:, None], pad_id)
+            new_kept = torch.where(active, torch.clamp(stop_at + 1, max=b), 0)
+            kept += new_kept
+            if keep_scores or keep_logits:
+                for j in range(b):
+                    live = (active & (j <= stop_at))[:, None]
+                    if keep_scores:
+                        step_scores.append(torch.where(live, block_scores[:, j], -math.inf))
+                    if keep_logits:
+                        step_logits.append(torch.where(live, block_raw[:, j], -math.inf))
+            finished = finished | (active & (stop_at < b))
+            sequences = torch.cat([sequences, block_ids], dim=1)
+            generated += b
+            self.block_index += 1
+            if streamer is not None:
+                streamer.put(block_ids[0, : int(new_kept[0])].cpu())
+
+            # KV commit: the block's final tokens, stored (not needed after the last block).
+            if generated < max_new and not bool(finished.all()):
+                with cache.committing():
+                    out = self.forward(self.block_inputs(block_ids, torch.zeros_like(masked)), position_ids, mask,
+                                       cache, 1, extra)
+                forwards += (~finished).long()
+                last_logits = _float(out.logits[:, -1])
+                padding = kv_padding
+                positions_next = positions_next + b
+
+        if streamer is not None:
+            streamer.end()
+        longest = int(kept.max()) if batch else 0
+        sequences = sequences[:, : width + longest]
+        if not return_dict:
+            return sequences
+        output = decoder_only_generate_output(
+            sequences,
+            scores=tuple(step_scores[:longest]) if keep_scores else None,
+            logits=tuple(step_logits[:longest]) if keep_logits else None,
+            cache=cache,
+        )
+        output.tokens_per_forward = kept.to(torch.float32) / forwards.to(torch.float32)
+        output.forwards = forwards
+        return output
+
+    def _process(self, logits_processor, sequences, block_ids, aligned):
+        """Logits processors, slot by slot: slot j is scored after the row so far plus the block's slots < j (mask
+        ids where still masked), so length- and content-dependent processors see each slot at its own position."""
+        if not logits_processor:
+            return aligned
+        columns = []
+        for j in range(aligned.shape[1]):
+            context = torch.cat([sequences, block_ids[:, :j]], dim=1)
+            columns.append(logits_processor(context, aligned[:, j].clone()))
+        return torch.stack(columns, dim=1)
+
+    def _stop_positions(self, block_ids, sequences, eos_ids, other_criteria, active):
+        """Per row, the slot of its first stop in this block (b when none)."""
+        b = block_ids.shape[1]
+        is_stop = torch.isin(block_ids, eos_ids)
+        if other_criteria:
+            for j in range(b):
+                context = torch.cat([sequences, block_ids[:, : j + 1]], dim=1)
+                for criterion in other_criteria:
+                    is_stop[:, j] |= torch.as_tensor(criterion(context, None), device=block_ids.device).reshape(-1)
+        slots = torch.arange(b, device=block_ids.device).expand_as(block_ids)
+        first = torch.where(is_stop, slots, b).min(dim=-1).values
+        return torch.where(active, first, b)
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _pick(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores.reshape(-1, scores.shape[-1]).float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1).reshape(scores.shape[:-1])
+
+
+def _resolve_settings(model, input_ids, generation_config, *, block_size, mask_token_id, steps, threshold, remasking,
+                      assistant_model, streamer) -> dict:
+    """Every setting of the call, checked before anything runs (bad input changes nothing)."""
+    attached = block_diffusion_config(model)
+    if mask_token_id is None:
+        mask_token_id = attached.mask_token_id if attached is not None else None
+    if mask_token_id is None:
+        raise ValueError(
+            "block_diffusion_generate needs a mask token: pass `mask_token_id=` or attach a BlockDiffusionConfig "
+            "(hf_fastslow.modeling.block_diffusion.attach_block_diffusion; ensure_mask_token finds or adds one)."
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
+        raise ValueError(f"mask_token_id {mask_token_id!r} is not an id of the model's vocabulary (0..{vocab - 1}).")
+    special = generate_special_tokens(generation_config)
+    if mask_token_id in special.eos_token_id:
+        raise ValueError(
+            f"mask_token_id {mask_token_id} is also an EOS id: every masked slot would read as a stop. Use another "
+            "token as the mask (ensure_mask_token)."
+        )
+    if block_size is None:
+        block_size = attached.block_size if attached is not None else None
+    if block_size is None:
+        raise ValueError("block_diffusion_generate needs `block_size=` (or an attached BlockDiffusionConfig).")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}.")
+    attention = attached.attention if attached is not None else "block"
+    logit_shift = attached.logit_shift if attached is not None else True
+    if attached is not None and attention == "block" and attached.block_size % block_size:
+        raise ValueError(
+            f"block_size={block_size} does not divide the model's trained block size {attached.block_size}: with "
+            "in-block bidirectional attention, blocks larger than or straddling the trained blocks show the model "
+            "attention patterns it never saw. Use a divisor of the trained block size."
+        )
+    if steps is None:
+        steps = block_size
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
+    if steps > block_size and threshold is None:
+        raise ValueError(
+            f"steps={steps} > block_size={block_size} with threshold=None: the schedule commits at least one slot "
+            "per step, so a block never takes more than block_size steps. Use steps <= block_size, or set a "
+            "threshold (steps is then capped at the block size)."
+        )
+    if remasking not in REMASKING_MODES:
+        raise ValueError(f"remasking must be one of {REMASKING_MODES}, got {remasking!r}.")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a number or None, got {threshold!r}.")
+        if remasking == "random":
+            raise ValueError("remasking='random' ranks slots by noise: a confidence threshold has no meaning there.")
+    if generation_config.num_beams not in (None, 1):
+        raise ValueError("block_diffusion_generate does not support beam search (`num_beams > 1`).")
+    if assistant_model is not None:
+        raise ValueError("block_diffusion_generate does not take an `assistant_model` (the model drafts itself).")
+    if getattr(generation_config, "output_attentions", False) or getattr(
+            generation_config, "output_hidden_states", False):
+        raise ValueError("block_diffusion_generate does not return attentions or hidden states.")
+    if model.config.is_encoder_decoder:
+        raise ValueError("block_diffusion_generate supports decoder-only models only.")
+    if streamer is not None and input_ids.shape[0] > 1:
+        raise ValueError("Streaming is only supported for batch size 1.")
+    model_attention_mask(model, torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.float32)  # refuses flash attention
+    return dict(block_size=block_size, mask_token_id=mask_token_id, steps=steps, threshold=threshold,
+                remasking=remasking, logit_shift=logit_shift, attention=attention)
+
+
+def _direct_generation_config(model, model_kwargs: dict):
+    """A call made without `generate`: the model's generation config updated with generation keys of `model_kwargs`."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    unused = config.update(**model_kwargs)
+    for key in set(model_kwargs) - set(unused):
+        model_kwargs.pop(key)
+    if config.max_new_tokens is not None:
+        config.max_length = None
+    return config
+
+
+@torch.no_grad()
+def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                             streamer=None, *, block_size=None, mask_token_id=None, steps=None, threshold=None,
+                             remasking="low_confidence", losa=None, decoder_cls=None, **model_kwargs):
+    r"""Block-diffusion decoding as a `generate(custom_generate=...)` callable (see the module docstring).
+
+    Args:
+        block_size, mask_token_id: default to the model's attached `BlockDiffusionConfig` (which also gives the logit
+            shift and the attention pattern; without one: shift on, "block" attention).
+        steps: denoising forwards per block at most (default: block_size, i.e. at least one slot per step).
+        threshold: commit every masked slot whose confidence exceeds it (Fast-dLLM uses 0.9); None: the schedule only.
+        remasking: "low_confidence" (default), "margin", "entropy" or "random".
+        losa: a `hf_fastslow.modeling.losa.LosaConfig`: LOSA sparse prefix attention inside blocks (batch 1).
+        decoder_cls: a `BlockDiffusionDecoder` subclass (or a factory taking the same arguments).
+
+    Returns:
+        `generate`'s result: the sequences, or with `return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` with
+        `.tokens_per_forward` (per row, float) and `.forwards` (per row) attached.
+    """
+    call = generate_call_arguments(model)
+    streamer = call.get("streamer") if streamer is None else streamer
+    if generation_config is None:
+        generation_config = _direct_generation_config(model, model_kwargs)
+        if generation_config.max_length is None or generation_config.max_new_tokens is not None:
+            generation_config.max_length = input_ids.shape[1] + (generation_config.max_new_tokens or 20)
+        if logits_processor is None and generation_config.do_sample:
+            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+            logits_processor = LogitsProcessorList()
+            if generation_config.temperature not in (None, 1.0):
+                logits_processor.append(TemperatureLogitsWarper(generation_config.temperature))
+            if generation_config.top_k:
+                logits_processor.append(TopKLogitsWarper(generation_config.top_k))
+            if generation_config.top_p not in (None, 1.0):
+                logits_processor.append(TopPLogitsWarper(generation_config.top_p))
+    settings = _resolve_settings(
+        model, input_ids, generation_config, block_size=block_size, mask_token_id=mask_token_id, steps=steps,
+        threshold=threshold, remasking=remasking, assistant_model=call.get("assistant_model"), streamer=streamer,
+    )
+    cache = cache_from_kwargs(model_kwargs)
+    if cache is not None and not isinstance(cache, BlockDiffusionCache):
+        from transformers.cache_utils import DynamicCache
+
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(f"block_diffusion_generate needs a DynamicCache, got a {type(cache).__name__}.")
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"block_diffusion_generate needs `input_ids` to hold the whole sequence its attention mask covers (got "
+            f"ids {tuple(input_ids.shape)}, mask {tuple(attention_mask.shape)})."
+        )
+    if attention_mask is not None and input_ids.shape[1]:
+        valid = attention_mask.bool()
+        starts = valid.long().argmax(-1)
+        if bool((valid.long().cumsum(-1) != (torch.arange(valid.shape[1], device=valid.device) - starts[:, None] + 1)
+                 .clamp(min=0)).any()):
+            raise ValueError("block_diffusion_generate expects left padding (pad tokens only at the start of rows).")
+    losa_state = None
+    if losa is not None:
+        from hf_fastslow.modeling.losa import LosaState
+
+        losa_state = LosaState(losa, model)
+    cache = BlockDiffusionCache.from_cache(cache)
+    cache.check_supported()
+    decoder = (decoder_cls or BlockDiffusionDecoder)(model, **settings)
+    extra = {k: v for k, v in model_kwargs.items() if k not in _HANDLED_KWARGS and v is not None}
+    return decoder.generate(
+        input_ids, attention_mask, cache, logits_processor, stopping_criteria, generation_config, streamer,
+        losa_state=losa_state, extra_kwargs=extra,
+    )

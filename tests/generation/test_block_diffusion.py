@@ -1,0 +1,315 @@
+"""block_diffusion_generate: degenerates to greedy AR decoding, equals a no-cache reference loop, commit rule, stops,
+processors, outputs, errors (nothing mutated), the LOSA call protocol and the 5.17 cache keyword."""
+
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+from hf_fastslow.generation.block_diffusion import BlockDiffusionDecoder, block_diffusion_generate, commit_schedule
+from hf_fastslow.generation.padding import left_pad
+from hf_fastslow.integrations.caches import cache_kwargs
+from hf_fastslow.modeling.block_diffusion import (
+    BlockDiffusionConfig,
+    attach_block_diffusion,
+    block_attention_mask,
+    model_attention_mask,
+)
+from tests.conftest import tiny_llama
+
+MASK = 127
+ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+
+
+def model_with(attention="causal", block_size=4, logit_shift=True, dtype=torch.float64, **kw):
+    model = tiny_llama(num_layers=2, **kw).to(dtype)
+    return attach_block_diffusion(model, BlockDiffusionConfig(MASK, block_size, logit_shift, attention))
+
+
+def bd_generate(model, ids, mask=None, **kw):
+    kw.setdefault("max_new_tokens", 10)
+    return model.generate(ids, attention_mask=mask, custom_generate=block_diffusion_generate, do_sample=False, **kw)
+
+
+# ---- B=1, T=1: plain greedy decoding -------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["causal", "block"])
+def test_block_one_step_one_is_greedy_generate(attention):
+    model = model_with(attention, block_size=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    ref = model.generate(ids, do_sample=False, max_new_tokens=12)
+    out = bd_generate(model, ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.tokens_per_forward.tolist() == [1.0]  # one forward per token, like greedy generate
+
+    ids, mask = left_pad(ROWS, 0)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=9)
+    assert torch.equal(bd_generate(model, ids, mask, max_new_tokens=9), ref)
+
+
+# ---- equality with a no-cache reference loop -----------------------------------------------------------------------
+@torch.no_grad()
+def reference_loop(model, ids, padding, max_new, block, steps, pattern, shift):
+    """The decoding loop written the slow way: every step recomputes the whole sequence under the block mask."""
+    width = ids.shape[1]
+    seq, pad = ids, padding
+    while seq.shape[1] - width < max_new:
+        b = min(block, max_new - (seq.shape[1] - width))
+        start = seq.shape[1]
+        seq = torch.cat([seq, torch.full((ids.shape[0], b), MASK)], dim=1)
+        pad = torch.cat([pad, torch.ones(ids.shape[0], b, dtype=torch.long)], dim=1)
+        positions = (pad.cumsum(-1) - 1).clamp(min=0)
+        allowed = block_attention_mask(seq.shape[1], seq.shape[1], block, q_offset=0, pattern=pattern,
+                                       padding_mask=pad, block_start=width)
+        schedule = commit_schedule(b, steps)
+        for s, k in enumerate(schedule):
+            logits = model(input_ids=seq, attention_mask=model_attention_mask(model, allowed, logits_dtype(model)),
+                           position_ids=positions).logits
+            logits = logits[:, start - 1:-1] if shift else logits[:, start:]
+            logits[..., MASK] = -math.inf
+            probs = logits.softmax(-1)
+            conf, pick = probs.max(-1)
+            masked = seq[:, start:] == MASK
+            conf = conf.masked_fill(~masked, -math.inf)
+            if s == len(schedule) - 1:
+                k = b
+            for r in range(seq.shape[0]):
+                order = sorted(range(b), key=lambda j: (-float(conf[r, j]), j))
+                for j in order[: min(k, int(masked[r].sum()))]:
+                    seq[r, start + j] = pick[r, j]
+    return seq
+
+
+def logits_dtype(model):
+    return next(model.parameters()).dtype
+
+
+@pytest.mark.parametrize("pattern", ["causal", "block", "bidirectional"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_cached_loop_equals_full_recompute_loop(pattern, shift):
+    model = model_with(pattern, block_size=4, logit_shift=shift)
+    ids, mask = left_pad(ROWS, 0)
+    for block, steps, max_new in [(4, 4, 10), (4, 2, 7), (2, 1, 5)]:
+        want = reference_loop(model, ids, mask, max_new, block, steps, pattern, shift)
+        got = bd_generate(model, ids, mask, block_size=block, steps=steps, max_new_tokens=max_new,
+                          eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got, want), (pattern, shift, block, steps)
+
+
+# ---- the commit rule -----------------------------------------------------------------------------------------------
+class RecordingDecoder(BlockDiffusionDecoder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+        RecordingDecoder.last = self
+
+    def select(self, confidence, masked, step):
+        chosen = super().select(confidence, masked, step)
+        self.log.append((step, list(self.schedule), chosen.sum(-1).tolist(), masked.sum(-1).tolist()))
+        return chosen
+
+
+def test_threshold_one_commits_exactly_k_per_step():
+    model = model_with("block", block_size=8, dtype=torch.float32)
+    ids, mask = left_pad(ROWS, 0)
+    bd_generate(model, ids, mask, block_size=8, steps=3, threshold=1.0, max_new_tokens=16, decoder_cls=RecordingDecoder,
+                eos_token_id=None, pad_token_id=0)
+    log = RecordingDecoder.last.log
+    assert [entry[0] for entry in log] == [0, 1, 2, 0, 1, 2]
+    for step, schedule, chosen, _ in log:
+        assert schedule == [3, 3, 2] and chosen == [schedule[step]] * 3
+
+
+def test_threshold_zero_commits_a_block_in_one_forward():
+    model = model_with("block", block_size=4, dtype=torch.float32)
+    out = bd_generate(model, torch.tensor([ROWS[0]]), block_size=4, threshold=0.0, max_new_tokens=8,
+                      return_dict_in_generate=True, eos_token_id=None)
+    # prefill + (1 denoising forward + 1 commit) for block 1 + 1 denoising forward for block 2 (no commit after)
+    assert out.forwards.tolist() == [4] and out.tokens_per_forward.tolist() == [2.0]
+
+
+def test_commit_schedule():
+    assert commit_schedule(4, 4) == [1, 1, 1, 1]
+    assert commit_schedule(7, 3) == [3, 2, 2]
+    assert commit_schedule(2, 4) == [1, 1]  # a short last block never takes more steps than slots
+
+
+# ---- stops, lengths, outputs ---------------------------------------------------------------------------------------
+def test_eos_stops_each_row_and_pads_after_it():
+    model = model_with("block", block_size=4)
+    ids, mask = left_pad(ROWS, 0)
+    free = bd_generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    width = ids.shape[1]
+    eos = int(free[0, width + 5])  # row 0 writes it at its 6th new token (in the second block)
+    out = bd_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+                      return_dict_in_generate=True)
+    for r in range(len(ROWS)):
+        new = out.sequences[r, width:].tolist()
+        if eos in free[r, width:].tolist():
+            cut = free[r, width:].tolist().index(eos)
+            assert new[: cut + 1] == free[r, width: width + cut + 1].tolist()
+            assert all(t == 0 for t in new[cut + 1:])
+    assert out.sequences.shape[1] <= free.shape[1]
+
+
+def test_max_new_tokens_not_a_multiple_of_block():
+    model = model_with("block", block_size=4)
+    out = bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=7, eos_token_id=None)
+    assert out.shape[1] == len(ROWS[0]) + 7 and MASK not in out[0].tolist()
+
+
+def test_scores_streamer_and_stopping_criteria():
+    model = model_with("block", block_size=4)
+    ids = torch.tensor([ROWS[0]])
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = bd_generate(model, ids, max_new_tokens=9, eos_token_id=None, streamer=streamer, output_scores=True,
+                      output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    assert streamer.chunks[0] == ids[0].tolist()  # generate streams the prompt itself
+    assert sum(streamer.chunks[1:], []) == new and streamer.ended
+    assert len(out.scores) == len(out.logits) == 9
+    assert [int(s.argmax()) for s in out.scores] == new  # greedy: each token is its slot's argmax when committed
+
+    stop_token = new[5]
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    cut = bd_generate(model, ids, max_new_tokens=9, eos_token_id=None,
+                      stopping_criteria=StoppingCriteriaList([StopOn()]))
+    assert cut[0, ids.shape[1]:].tolist() == new[: new.index(stop_token) + 1]
+
+
+def test_logits_processor_sees_each_slot_at_its_position():
+    model = model_with("block", block_size=4)
+    seen = []
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape[1])
+            scores[:, 40:] = -math.inf
+            return scores
+
+    ids = torch.tensor([ROWS[0]])
+    out = bd_generate(model, ids, max_new_tokens=8, eos_token_id=None, logits_processor=LogitsProcessorList([Ban()]))
+    assert max(out[0, ids.shape[1]:].tolist()) < 40
+    assert set(seen) == set(range(ids.shape[1], ids.shape[1] + 8))
+
+
+def test_sampling_is_seeded_and_valid():
+    model = model_with("block", block_size=4, dtype=torch.float32)
+    ids = torch.tensor([ROWS[0]])
+    torch.manual_seed(1)
+    a = model.generate(ids, custom_generate=block_diffusion_generate, do_sample=True, temperature=0.7,
+                       max_new_tokens=8, threshold=0.9)
+    torch.manual_seed(1)
+    b = model.generate(ids, custom_generate=block_diffusion_generate, do_sample=True, temperature=0.7,
+                       max_new_tokens=8, threshold=0.9)
+    assert torch.equal(a, b) and MASK not in a[0].tolist()
+
+
+@pytest.mark.parametrize("remasking", ["random", "entropy", "margin"])
+def test_other_remasking_modes_fill_every_slot(remasking):
+    model = model_with("block", block_size=4, dtype=torch.float32)
+    out = bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=6, eos_token_id=None, remasking=remasking)
+    assert out.shape[1] == len(ROWS[0]) + 6 and MASK not in out[0].tolist()
+
+
+# ---- errors: clear, and nothing changes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mask_token_id=128), "vocabulary"),
+    (dict(mask_token_id=1), "EOS"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=4, steps=5), "steps=5 > block_size=4"),
+    (dict(steps=0), "steps"),
+    (dict(num_beams=2), "beam"),
+    (dict(remasking="loud"), "remasking"),
+    (dict(remasking="random", threshold=0.9), "random"),
+    (dict(block_size=3), "does not divide"),
+    (dict(output_hidden_states=True), "hidden states"),
+])
+def test_bad_input_is_refused_and_changes_nothing(kwargs, match):
+    model = model_with("block", block_size=4)
+    before = model.config.to_dict()
+    cache = DynamicCache()
+    ids = torch.tensor([ROWS[0]])
+    with pytest.raises(ValueError, match=match):
+        bd_generate(model, ids, **cache_kwargs(model, cache), **kwargs)
+    assert cache.get_seq_length() == 0 and model.config.to_dict() == before
+
+
+def test_missing_mask_token_and_assistant_model_are_refused():
+    model = tiny_llama(num_layers=1)
+    ids = torch.tensor([ROWS[0]])
+    with pytest.raises(ValueError, match="mask token"):
+        bd_generate(model, ids)
+    with pytest.raises(ValueError, match="assistant_model"):
+        bd_generate(model, ids, mask_token_id=MASK, block_size=2, assistant_model=tiny_llama(num_layers=1))
+
+
+# ---- LOSA protocol and the 5.17 cache keyword ----------------------------------------------------------------------
+class FakeLosaState:
+    events: list = []
+
+    def __init__(self, config, model):
+        FakeLosaState.events = ["init"]
+
+    def start_block(self):
+        self.events.append("start")
+
+    def end_block(self):
+        self.events.append("end")
+
+
+def test_losa_protocol(monkeypatch):
+    import hf_fastslow.modeling.losa as losa_module
+
+    monkeypatch.setattr(losa_module, "LosaState", FakeLosaState)
+    model = model_with("block", block_size=4, dtype=torch.float32)
+    seen = []
+
+    def record(module, args, kwargs):
+        state = kwargs.get("losa_state")
+        seen.append(state is not None)
+        FakeLosaState.events.append("forward")
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=8, steps=2, losa=object(), eos_token_id=None)
+    assert all(seen) and len(seen) == 1 + 2 + 1 + 2
+    assert FakeLosaState.events == ["init", "forward", "start", "forward", "forward", "end", "forward",
+                                    "start", "forward", "forward", "end"]
+
+
+def test_past_key_values_keyword_path(monkeypatch):
+    """transformers 5.17 only knows `past_key_values=`: the loop must work when that is the cache keyword."""
+    import hf_fastslow.integrations.caches as caches
+
+    model = model_with("block", block_size=1)
+    ids = torch.tensor([ROWS[0]])
+    want = bd_generate(model, ids, max_new_tokens=6)
+    monkeypatch.setattr(caches, "cache_kwarg_name", lambda model=None: "past_key_values")
+    assert torch.equal(bd_generate(model, ids, max_new_tokens=6), want)
+
+
+def test_direct_call_and_a_prefilled_cache():
+    model = model_with("block", block_size=2)
+    ids = torch.tensor([ROWS[0]])
+    want = bd_generate(model, ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(block_diffusion_generate(model, ids, max_new_tokens=6, eos_token_id=None), want)
+    cache = DynamicCache()
+    model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache))
+    assert torch.equal(bd_generate(model, ids, max_new_tokens=6, eos_token_id=None, **cache_kwargs(model, cache)), want)
