@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .isd_verify import check_isd_verify_args
+
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
@@ -75,19 +77,9 @@ def _isd_verify_kernel(
             tl.store(out + cols, tl.zeros((BLOCK_V,), tl.float32), mask=cols < V)
 
 
-def _check_args(anchor_probs, draft_tokens, draft_probs, num_drafts, uniforms):
-    if anchor_probs.dim() != 3 or draft_probs.shape != anchor_probs.shape:
-        raise ValueError(f"isd_verify: anchor_probs and draft_probs must both be [R, K, V]; got "
-                         f"{tuple(anchor_probs.shape)} and {tuple(draft_probs.shape)}.")
-    rows, k, _ = anchor_probs.shape
-    if draft_tokens.shape != (rows, k) or uniforms.shape != (rows, k) or num_drafts.shape != (rows,):
-        raise ValueError(f"isd_verify: draft_tokens and uniforms must be [R, K] = [{rows}, {k}] and num_drafts [R]; "
-                         f"got {tuple(draft_tokens.shape)}, {tuple(uniforms.shape)}, {tuple(num_drafts.shape)}.")
-
-
 def isd_verify_triton(anchor_probs, draft_tokens, draft_probs, num_drafts, uniforms, verify_alpha=1.0):
     """Triton twin of `hf_fastslow.kernels.isd_verify.isd_verify` (same arguments, same outputs)."""
-    _check_args(anchor_probs, draft_tokens, draft_probs, num_drafts, uniforms)
+    check_isd_verify_args(anchor_probs, draft_tokens, draft_probs, num_drafts, uniforms, verify_alpha)
     rows, k, vocab = anchor_probs.shape
     device = anchor_probs.device
     accepted = torch.empty(rows, dtype=torch.long, device=device)
@@ -101,8 +93,8 @@ def isd_verify_triton(anchor_probs, draft_tokens, draft_probs, num_drafts, unifo
     guard = torch.cuda.device(device) if anchor_probs.is_cuda else contextlib.nullcontext()
     with guard:
         _isd_verify_kernel[(rows,)](
-            anchor_probs.float().contiguous(), draft_tokens.long().contiguous(), draft_probs.float().contiguous(),
-            num_drafts.long().contiguous(), uniforms.float().contiguous(), accepted, residual,
+            anchor_probs.float().contiguous(), draft_tokens.contiguous(), draft_probs.float().contiguous(),
+            num_drafts.contiguous(), uniforms.float().contiguous(), accepted, residual,
             k, vocab, float(verify_alpha),
             BLOCK_K=max(2, _next_pow2(k)), BLOCK_V=min(2048, max(16, _next_pow2(vocab))),
         )

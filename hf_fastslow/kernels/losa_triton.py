@@ -9,7 +9,8 @@ the program writes the output and the natural-log LSE of scale * q.k over the se
 lse -inf for a row that saw none), ready for `lse_merge` with the block part.
 
 fp32 inputs use IEEE dot products (the interpreter and the GPU agree with the reference to ~1e-6); half inputs use
-the tensor cores with fp32 accumulation. Runs natively on CUDA and on the CPU under `TRITON_INTERPRET=1`.
+the tensor cores with fp32 accumulation; fp64 inputs are computed in fp32 (outputs keep the reference's dtypes).
+Runs natively on CUDA and on the CPU under `TRITON_INTERPRET=1`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+
+from .losa import _check_page_size, _check_qkv
 
 NEG_INF = float("-inf")
 
@@ -73,7 +76,7 @@ def _union_sparse_kernel(
     lse = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), NEG_INF)
     tl.store(out_ptr + q_rows[:, None] * dim + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + q_rows, lse, mask=r_ok)
+    tl.store(lse_ptr + q_rows, lse.to(lse_ptr.dtype.element_ty), mask=r_ok)
 
 
 def union_sparse_prefix_attention_triton(query, key, value, page_index, page_size, scale, key_valid=None):
@@ -82,18 +85,19 @@ def union_sparse_prefix_attention_triton(query, key, value, page_index, page_siz
     hq, active, dim = query.shape
     hkv, num_keys, _ = key.shape
     out = torch.empty(hq, active, dim, dtype=query.dtype, device=query.device)
-    lse = torch.empty(hq, active, dtype=torch.float32, device=query.device)
+    # The reference's lse dtype: fp32, fp64 for fp64 inputs (computed here in fp32 all the same).
+    lse = torch.empty(hq, active, dtype=torch.promote_types(query.dtype, torch.float32), device=query.device)
     n_rows = (hq // hkv) * active
     if n_rows == 0:
         return out, lse
-    dtype = key.dtype
+    dtype = torch.float32 if key.dtype == torch.float64 else key.dtype
     precision = "ieee" if dtype == torch.float32 else "tf32"
     block_m = 16 if n_rows <= 16 else (32 if n_rows <= 32 else 64)
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else page_index  # unread when None
     guard = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with guard:
         _union_sparse_kernel[(hkv, triton.cdiv(n_rows, block_m))](
-            query.to(dtype).contiguous(), key.contiguous(), value.to(dtype).contiguous(),
+            query.to(dtype).contiguous(), key.to(dtype).contiguous(), value.to(dtype).contiguous(),
             page_index.long().contiguous(), valid, out, lse,
             n_rows, num_keys, page_index.shape[1], int(page_size), dim, float(scale),
             HAS_VALID=key_valid is not None, BLOCK_M=block_m,
@@ -103,15 +107,13 @@ def union_sparse_prefix_attention_triton(query, key, value, page_index, page_siz
 
 
 def _check_args(query, key, value, page_index, page_size, key_valid):
-    if query.dim() != 3 or key.dim() != 3 or value.shape != key.shape:
-        raise ValueError(f"union_sparse_prefix_attention: query [Hq, A, d], key and value [Hkv, P, d] expected; got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}.")
-    if query.shape[-1] != key.shape[-1] or query.shape[0] % key.shape[0]:
-        raise ValueError(f"union_sparse_prefix_attention: query {tuple(query.shape)} does not fit key "
-                         f"{tuple(key.shape)} (head dim, or Hq not a multiple of Hkv).")
-    if page_index.dim() != 2 or page_index.shape[0] != key.shape[0]:
-        raise ValueError(f"union_sparse_prefix_attention: page_index must be [Hkv, M]; got {tuple(page_index.shape)}.")
-    if int(page_size) < 1:
-        raise ValueError(f"union_sparse_prefix_attention: page_size must be >= 1; got {page_size}.")
-    if key_valid is not None and key_valid.shape != (key.shape[1],):
-        raise ValueError(f"union_sparse_prefix_attention: key_valid must be [P]; got {tuple(key_valid.shape)}.")
+    # Shape checks shared with the reference; the page list's range and uniqueness are checked there too (they cost a
+    # device sync, so only the cheap ones are repeated here).
+    _check_qkv("union_sparse_prefix_attention", query, key, value)
+    _check_page_size("union_sparse_prefix_attention", page_size)
+    if page_index.dim() != 2 or page_index.shape[0] != key.shape[0] or page_index.dtype != torch.long:
+        raise ValueError(f"union_sparse_prefix_attention: page_index must be ({key.shape[0]}, M) long; got "
+                         f"{tuple(page_index.shape)} {page_index.dtype}.")
+    if key_valid is not None and (key_valid.shape != (key.shape[1],) or key_valid.dtype != torch.bool):
+        raise ValueError(f"union_sparse_prefix_attention: key_valid must be ({key.shape[1]},) bool; got "
+                         f"{tuple(key_valid.shape)} {key_valid.dtype}.")

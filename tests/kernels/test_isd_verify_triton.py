@@ -8,7 +8,9 @@ shapes stay small.
 import pytest
 import torch
 
-from hf_fastslow.kernels.testing import triton_runnable
+from hf_fastslow.kernels.dispatch import force_backend
+from hf_fastslow.kernels.isd_verify import isd_verify
+from hf_fastslow.kernels.testing import assert_matches_reference, triton_runnable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,8 +64,10 @@ def _inputs(rows=6, k=4, vocab=50, seed=0, one_hot=False, closeness=0.5):
 
 
 def _check(p, tokens, q, num_drafts, uniforms, alpha=1.0):
+    """Triton == the PyTorch reference (kernels/isd_verify.py) == the contract oracle above."""
     args = [t.to(DEVICE) for t in (p, tokens, q, num_drafts, uniforms)]
     got_acc, got_res = _triton()(*args, verify_alpha=alpha)
+    assert_matches_reference(isd_verify, *args, verify_alpha=alpha, atol=1e-6, rtol=1e-5)
     exp_acc, exp_res = contract_oracle(p, tokens, q, num_drafts, uniforms, alpha)
     assert got_acc.dtype == torch.long and got_res.dtype == torch.float32
     assert torch.equal(got_acc.cpu(), exp_acc)
@@ -95,9 +99,11 @@ def test_fewer_drafts_than_positions_ignores_the_tail():
     p, tokens, q, _, u = _inputs(rows=5, k=6, vocab=30, seed=5)
     nd = torch.tensor([0, 1, 2, 6, 3])
     u[:, 3:] = 0.999999  # would reject everywhere past the live drafts
-    tokens[0] = -1  # positions past num_drafts are never read (a caller may pad them)
+    tokens[0] = 0  # what a caller pads with past num_drafts does not matter
+    u[4] = 1.0  # outside [0, 1): min(1, ratio) <= 1 never accepts it, as in the reference, even where p[x] > q[x]
+    tokens[4, 0] = (p[4, 0] / q[4, 0]).argmax()
     acc, res = _check(p, tokens, q, nd, u)
-    assert acc[0] == 0 and (res[0] == 0).all()
+    assert acc[0] == 0 and (res[0] == 0).all() and acc[4] == 0
     assert (acc <= nd).all()
 
 
@@ -147,3 +153,29 @@ def test_empty_rows():
     p, tokens, q, nd, u = _inputs(rows=0, k=3, vocab=10)
     acc, res = _triton()(*(t.to(DEVICE) for t in (p, tokens, q, nd, u)))
     assert acc.shape == (0,) and res.shape == (0, 10)
+
+
+def test_dispatcher_takes_the_triton_path_when_forced(monkeypatch):
+    import hf_fastslow.kernels.isd_verify_triton as twin
+
+    calls = []
+    real = twin.isd_verify_triton
+    monkeypatch.setattr(twin, "isd_verify_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = [t.to(DEVICE) for t in _inputs(rows=2, k=2, vocab=9)]
+    with force_backend("triton"):
+        got = isd_verify(*args)
+    with force_backend("torch"):
+        expected = isd_verify(*args)
+    assert calls == [1]
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_raise_like_the_reference():
+    p, tokens, q, nd, u = _inputs(rows=2, k=3, vocab=9)
+    with pytest.raises(ValueError, match="verify_alpha"):
+        _triton()(p, tokens, q, nd, u, verify_alpha=0.0)
+    with pytest.raises(ValueError, match="num_drafts"):
+        _triton()(p, tokens, q, nd[:1], u)
+    with pytest.raises(TypeError, match="long"):
+        _triton()(p, tokens.int(), q, nd, u)

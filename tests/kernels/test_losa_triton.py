@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from hf_fastslow.kernels.testing import triton_runnable
+from hf_fastslow.kernels.dispatch import force_backend
+from hf_fastslow.kernels.losa import union_sparse_prefix_attention
+from hf_fastslow.kernels.testing import assert_matches_reference, triton_runnable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,12 +60,14 @@ def _inputs(hq=4, hkv=2, active=3, num_keys=37, dim=16, page_size=8, slots=3, se
 
 
 def _check(q, k, v, pages, page_size, key_valid=None, atol=1e-5):
+    """Triton == the PyTorch reference (kernels/losa.py) == a dense softmax over the gathered keys (fp64)."""
     scale = q.shape[-1] ** -0.5
     to = [t.to(DEVICE) for t in (q, k, v, pages)]
     valid = key_valid.to(DEVICE) if key_valid is not None else None
     out, lse = _triton()(*to, page_size, scale, valid)
+    assert_matches_reference(union_sparse_prefix_attention, *to, page_size, scale, valid, atol=atol, rtol=1e-4)
     exp_out, exp_lse = gathered_dense(q.float(), k.float(), v.float(), pages, page_size, scale, key_valid)
-    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert out.dtype == q.dtype and lse.dtype == torch.promote_types(q.dtype, torch.float32)
     assert out.shape == q.shape and lse.shape == q.shape[:2]
     torch.testing.assert_close(out.cpu().double(), exp_out, atol=atol, rtol=1e-4)
     torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=atol, rtol=1e-5)
@@ -96,7 +100,7 @@ def test_key_valid_mask():
     valid[16:24] = False  # page 2 wholly invalid
     _check(q, k, v, pages, 8, key_valid=valid)
     # Only invalid keys selected: nothing to attend to.
-    only_invalid = torch.tensor([[2, -1], [2, 2]])
+    only_invalid = torch.tensor([[2, -1], [-1, 2]])
     out, lse = _check(q, k, v, only_invalid, 8, key_valid=valid)
     assert (out == 0).all() and torch.isinf(lse).all()
 
@@ -116,6 +120,27 @@ def test_half_precision_inputs():
     _check(q, k, v, pages, 8, atol=3e-3)
 
 
+def test_fp64_inputs_keep_the_reference_dtypes():
+    q, k, v, pages = _inputs(seed=9, dtype=torch.float64)
+    _check(q, k, v, pages, 8)
+
+
+def test_dispatcher_takes_the_triton_path_when_forced(monkeypatch):
+    import hf_fastslow.kernels.losa_triton as twin
+
+    calls = []
+    real = twin.union_sparse_prefix_attention_triton
+    monkeypatch.setattr(twin, "union_sparse_prefix_attention_triton",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, pages = (t.to(DEVICE) for t in _inputs(seed=10))
+    with force_backend("triton"):
+        got = union_sparse_prefix_attention(q, k, v, pages, 8, 0.25)
+    with force_backend("torch"):
+        expected = union_sparse_prefix_attention(q, k, v, pages, 8, 0.25)
+    assert calls == [1]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_shapes_raise():
     q, k, v, pages = _inputs()
     with pytest.raises(ValueError, match="multiple"):
@@ -124,3 +149,5 @@ def test_bad_shapes_raise():
         _triton()(q, k, v, pages[:1], 8, 0.25)
     with pytest.raises(ValueError, match="page_size"):
         _triton()(q, k, v, pages, 0, 0.25)
+    with pytest.raises(ValueError, match="key_valid"):
+        _triton()(q, k, v, pages, 8, 0.25, torch.ones(37, dtype=torch.int8))
