@@ -24,6 +24,10 @@ _LAZY = {
     "DASWindowCallback": "das_rollout",
     "KVHealingConfig": "kv_healing_config",
     "KVHealingTrainer": "kv_healing_trainer",
+    "EarlyReadoutDistillationConfig": "early_readout_config",
+    "EarlyReadoutDistillationTrainer": "early_readout_trainer",
+    "EarlyReadoutGKDConfig": "early_readout_gkd_config",
+    "EarlyReadoutGKDTrainer": "early_readout_gkd_trainer",
 }
 
 __all__ = list(_LAZY)
