@@ -24,6 +24,7 @@ count (one forward per token, the prefill giving the first), and so does this lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -66,11 +67,11 @@ class BlockDiffusionDecoder:
     """
 
     def __init__(self, model, *, block_size: int, mask_token_id: int, steps: int, threshold: float | None,
-                 remasking: str, logit_shift: bool, attention: str):
+                 remasking: str, logit_shift: bool, attention: str, fuse_commit: bool = True):
         self.model = model
         self.block_size, self.mask_token_id, self.steps = block_size, mask_token_id, steps
         self.threshold, self.remasking = threshold, remasking
-        self.logit_shift, self.attention = logit_shift, attention
+        self.logit_shift, self.attention, self.fuse_commit = logit_shift, attention, fuse_commit
         self.schedule: list[int] = commit_schedule(block_size, steps)
         self.block_index = 0
 
@@ -130,12 +131,13 @@ class BlockDiffusionDecoder:
     def generate(self, input_ids, attention_mask, cache: BlockDiffusionCache, logits_processor, stopping_criteria,
                  generation_config, streamer=None, losa_state=None, extra_kwargs: dict | None = None):
         model, device = self.model, input_ids.device
-        self.losa_state, extra = losa_state, dict(extra_kwargs or {})
+        self.losa_state, self.extra = losa_state, dict(extra_kwargs or {})
+        self.cache, self.device, self.dtype = cache, device, next(model.parameters()).dtype
         self._mask_index = torch.tensor([self.mask_token_id], device=device)
         batch, width = input_ids.shape
         special = generate_special_tokens(generation_config)
         eos_ids = torch.tensor(special.eos_token_id or (-1,), device=device)
-        pad_id = pad_token_id(special, default=0)
+        self.pad_id = pad_token_id(special, default=0)
         max_length, other_criteria = split_stopping_criteria(stopping_criteria)
         max_length = max_length if max_length is not None else generation_config.max_length
         max_new = max(0, max_length - width)
@@ -143,13 +145,14 @@ class BlockDiffusionDecoder:
         return_dict = bool(generation_config.return_dict_in_generate)
         keep_scores = return_dict and bool(generation_config.output_scores)
         keep_logits = return_dict and bool(generation_config.output_logits)
-        dtype = next(model.parameters()).dtype
+        # One forward can commit a block and run the next block's first denoising step (same tokens, same masks,
+        # one forward fewer per block); LOSA's protocol wants the commit pass dense and alone.
+        fuse = self.fuse_commit and losa_state is None
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         padding = attention_mask.to(device=device, dtype=torch.long)
-        has_padding = not bool(padding.all())
-        positions_next = padding.sum(-1)  # the position id of each row's next token
+        self.has_padding = not bool(padding.all())
 
         # Prefill: the uncached prompt tail, one pass, stored.
         past = cache.get_seq_length()
@@ -161,11 +164,11 @@ class BlockDiffusionDecoder:
         prompt_pos = (padding.cumsum(-1) - 1).clamp(min=0)
         allowed = block_attention_mask(
             width - past, width, self.block_size, q_offset=past, pattern=self.attention,
-            padding_mask=padding if has_padding else None, block_start=width, device=device,
+            padding_mask=padding if self.has_padding else None, block_start=width, device=device,
         )
         with cache.committing():
             out = self.forward({"input_ids": input_ids[:, past:]}, prompt_pos[:, past:],
-                               model_attention_mask(model, allowed, dtype), cache, 1, extra)
+                               model_attention_mask(model, allowed, self.dtype), cache, 1, self.extra)
         last_logits = _float(out.logits[:, -1])
         forwards = torch.ones(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -174,40 +177,31 @@ class BlockDiffusionDecoder:
         step_scores: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
         generated = 0
-        self.block_index = 0
+        block = None
+        if max_new > 0:
+            block = self._open_block(0, width, min(self.block_size, max_new), padding, padding.sum(-1), finished)
+            self._enter_block(block)
 
-        while generated < max_new and not bool(finished.all()):
-            b = min(self.block_size, max_new - generated)
-            start = width + generated
-            active = ~finished
-            block_ids = torch.full((batch, b), self.mask_token_id, dtype=torch.long, device=device)
-            block_ids[finished] = pad_id
-            masked = active[:, None].expand(batch, b).clone()
-            position_ids = positions_next[:, None] + torch.arange(b, device=device)
-            kv_padding = torch.cat([padding, torch.ones(batch, b, dtype=torch.long, device=device)], dim=1)
-            allowed = block_attention_mask(
-                b, start + b, self.block_size, q_offset=start, pattern=self.attention,
-                padding_mask=kv_padding if has_padding else None, block_start=start, device=device,
-            )
-            mask = model_attention_mask(model, allowed, dtype)
-            self.schedule = commit_schedule(b, self.steps)
+        while block is not None:
+            b, active, masked, block_ids = block.length, block.active, block.masked, block.ids
             block_scores = torch.zeros(batch, b, last_logits.shape[-1], dtype=last_logits.dtype, device=device) \
                 if (keep_scores or keep_logits) else None
             block_raw = torch.zeros_like(block_scores) if keep_logits else None
-            self.start_block(self.block_index)
-            if losa_state is not None:
-                losa_state.start_block()
             aligned = None
             for step in range(len(self.schedule)):
                 if not bool(masked.any()):
                     break
-                # With the shift, slot 0 reads the last prefix output: no forward needed when only it is masked.
-                if self.logit_shift and not bool(masked[:, 1:].any()):
+                if step == 0 and block.first_raw is not None:  # computed by the previous block's fused commit pass
+                    raw = block.first_raw
+                    aligned = torch.cat([last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
+                elif self.logit_shift and not bool(masked[:, 1:].any()):
+                    # With the shift, slot 0 reads the last prefix output: no forward needed when only it is masked.
                     aligned = last_logits[:, None] if aligned is None else torch.cat(
                         [last_logits[:, None], aligned[:, 1:]], dim=1)
                 else:
                     with cache.peeking():
-                        out = self.forward(self.block_inputs(block_ids, masked), position_ids, mask, cache, 0, extra)
+                        out = self.forward(self.block_inputs(block_ids, masked), block.position_ids, block.mask,
+                                           cache, 0, self.extra)
                     forwards += active.long()
                     raw = _float(out.logits[:, -b:])
                     aligned = torch.cat([last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
@@ -230,8 +224,7 @@ class BlockDiffusionDecoder:
             # Stops inside the block: EOS, other criteria; what follows a row's stop becomes padding.
             stop_at = self._stop_positions(block_ids, sequences, eos_ids, other_criteria, active)
             slots = torch.arange(b, device=device)[None, :]
-            after_stop = slots > stop_at[:, None]
-            block_ids = block_ids.masked_fill(after_stop | finished[:, None], pad_id)
+            block_ids = block_ids.masked_fill((slots > stop_at[:, None]) | finished[:, None], self.pad_id)
             new_kept = torch.where(active, torch.clamp(stop_at + 1, max=b), 0)
             kept += new_kept
             if keep_scores or keep_logits:
@@ -244,19 +237,37 @@ class BlockDiffusionDecoder:
             finished = finished | (active & (stop_at < b))
             sequences = torch.cat([sequences, block_ids], dim=1)
             generated += b
-            self.block_index += 1
             if streamer is not None:
                 streamer.put(block_ids[0, : int(new_kept[0])].cpu())
+            if generated >= max_new or bool(finished.all()):
+                break  # no commit pass after the last block: nothing reads its KV
 
-            # KV commit: the block's final tokens, stored (not needed after the last block).
-            if generated < max_new and not bool(finished.all()):
+            # KV commit: the block's final tokens, stored; fused with the next block's first step when possible.
+            following = self._open_block(block.index + 1, width + generated, min(self.block_size, max_new - generated),
+                                         block.kv_padding, block.position_ids[:, -1] + 1, finished)
+            fused = fuse and not (self.logit_shift and following.length == 1)
+            commit_inputs = self.block_inputs(block_ids, torch.zeros_like(masked))
+            if fused:
+                self._enter_block(following)
+                inputs = _cat_inputs(commit_inputs, self.block_inputs(following.ids, following.masked))
+                position_ids = torch.cat([block.position_ids, following.position_ids], dim=1)
+                allowed = block_attention_mask(
+                    b + following.length, following.start + following.length, self.block_size, q_offset=block.start,
+                    pattern=self.attention, padding_mask=following.kv_padding if self.has_padding else None,
+                    block_start=block.start, device=device,
+                )
+                with cache.committing(keep=b):
+                    out = self.forward(inputs, position_ids, model_attention_mask(model, allowed, self.dtype), cache,
+                                       following.length + 1, self.extra)
+                raw = _float(out.logits[:, -(following.length + 1):])
+                last_logits, following.first_raw = raw[:, 0], raw[:, 1:]
+            else:
                 with cache.committing():
-                    out = self.forward(self.block_inputs(block_ids, torch.zeros_like(masked)), position_ids, mask,
-                                       cache, 1, extra)
-                forwards += (~finished).long()
+                    out = self.forward(commit_inputs, block.position_ids, block.mask, cache, 1, self.extra)
                 last_logits = _float(out.logits[:, -1])
-                padding = kv_padding
-                positions_next = positions_next + b
+                self._enter_block(following)
+            forwards += (~finished).long()
+            block = following
 
         if streamer is not None:
             streamer.end()
@@ -273,6 +284,31 @@ class BlockDiffusionDecoder:
         output.tokens_per_forward = kept.to(torch.float32) / forwards.to(torch.float32)
         output.forwards = forwards
         return output
+
+    def _open_block(self, index, start, length, padding, first_position, finished) -> _Block:
+        """A fresh block of `length` masked slots at kv slot `start` (finished rows hold padding, nothing masked)."""
+        batch, device = finished.shape[0], finished.device
+        ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long, device=device)
+        ids[finished] = self.pad_id
+        kv_padding = torch.cat([padding, torch.ones(batch, length, dtype=torch.long, device=device)], dim=1)
+        allowed = block_attention_mask(
+            length, start + length, self.block_size, q_offset=start, pattern=self.attention,
+            padding_mask=kv_padding if self.has_padding else None, block_start=start, device=device,
+        )
+        return _Block(
+            index=index, start=start, length=length, ids=ids, active=~finished,
+            masked=(~finished)[:, None].expand(batch, length).clone(),
+            position_ids=first_position[:, None] + torch.arange(length, device=device), kv_padding=kv_padding,
+            mask=model_attention_mask(self.model, allowed, self.dtype),
+        )
+
+    def _enter_block(self, block: _Block) -> None:
+        """The block's schedule, then the hooks that run before its first denoising forward."""
+        self.block_index = block.index
+        self.schedule = commit_schedule(block.length, self.steps)
+        self.start_block(block.index)
+        if self.losa_state is not None:
+            self.losa_state.start_block()
 
     def _process(self, logits_processor, sequences, block_ids, aligned):
         """Logits processors, slot by slot: slot j is scored after the row so far plus the block's slots < j (mask
@@ -297,6 +333,28 @@ class BlockDiffusionDecoder:
         slots = torch.arange(b, device=block_ids.device).expand_as(block_ids)
         first = torch.where(is_stop, slots, b).min(dim=-1).values
         return torch.where(active, first, b)
+
+
+@dataclass
+class _Block:
+    """One block being decoded: its slots, who is still generating, its positions and its attention mask."""
+
+    index: int
+    start: int  # kv slot of the block's first token
+    length: int
+    ids: torch.Tensor  # [B, length]
+    active: torch.Tensor  # [B] rows still generating when the block opened
+    masked: torch.Tensor  # [B, length]
+    position_ids: torch.Tensor  # [B, length]
+    kv_padding: torch.Tensor  # [B, start + length], 1 = real token
+    mask: torch.Tensor  # the model's 4D mask for a pass over the block
+    first_raw: torch.Tensor | None = None  # raw logits of the first denoising step, from a fused commit pass
+
+
+def _cat_inputs(first: dict, second: dict) -> dict:
+    if set(first) != set(second):
+        raise ValueError(f"block_inputs returned different keys for two blocks: {sorted(first)} vs {sorted(second)}.")
+    return {key: torch.cat([first[key], second[key]], dim=1) for key in first}
 
 
 def _float(logits: torch.Tensor) -> torch.Tensor:
@@ -393,7 +451,8 @@ def _direct_generation_config(model, model_kwargs: dict):
 @torch.no_grad()
 def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
                              streamer=None, *, block_size=None, mask_token_id=None, steps=None, threshold=None,
-                             remasking="low_confidence", losa=None, decoder_cls=None, **model_kwargs):
+                             remasking="low_confidence", losa=None, decoder_cls=None, fuse_commit=True,
+                             **model_kwargs):
     r"""Block-diffusion decoding as a `generate(custom_generate=...)` callable (see the module docstring).
 
     Args:
@@ -404,6 +463,9 @@ def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_c
         remasking: "low_confidence" (default), "margin", "entropy" or "random".
         losa: a `hf_fastslow.modeling.losa.LosaConfig`: LOSA sparse prefix attention inside blocks (batch 1).
         decoder_cls: a `BlockDiffusionDecoder` subclass (or a factory taking the same arguments).
+        fuse_commit: run a block's KV-commit pass and the next block's first denoising step as one forward (the
+            finished block's rows cannot see the next block, so tokens are unchanged; one forward fewer per block).
+            False: a separate commit pass, as SDAR; LOSA always uses a separate one.
 
     Returns:
         `generate`'s result: the sequences, or with `return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` with
@@ -454,7 +516,7 @@ def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_c
         losa_state = LosaState(losa, model)
     cache = BlockDiffusionCache.from_cache(cache)
     cache.check_supported()
-    decoder = (decoder_cls or BlockDiffusionDecoder)(model, **settings)
+    decoder = (decoder_cls or BlockDiffusionDecoder)(model, fuse_commit=bool(fuse_commit), **settings)
     extra = {k: v for k, v in model_kwargs.items() if k not in _HANDLED_KWARGS and v is not None}
     return decoder.generate(
         input_ids, attention_mask, cache, logits_processor, stopping_criteria, generation_config, streamer,

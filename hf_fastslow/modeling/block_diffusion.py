@@ -197,6 +197,7 @@ class BlockDiffusionCache(DynamicCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.persist = True  # ordinary DynamicCache behaviour until a decoder switches it off
+        self.keep: int | None = None  # while committing: store only the first `keep` new tokens (None: all)
 
     @classmethod
     def from_cache(cls, cache: DynamicCache | None) -> BlockDiffusionCache:
@@ -223,28 +224,38 @@ class BlockDiffusionCache(DynamicCache):
             )
 
     @contextlib.contextmanager
-    def committing(self):
-        """Passes run inside this block store their keys/values (the KV-commit pass of a finished block)."""
-        previous = self.persist
-        self.persist = True
+    def committing(self, keep: int | None = None):
+        """Passes run inside this block store their keys/values (the KV-commit pass of a finished block). With `keep`,
+        only the first `keep` new tokens are stored and the rest are seen but not kept: one forward that commits a
+        block and runs the next block's first denoising step."""
+        if keep is not None and keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}.")
+        previous = (self.persist, self.keep)
+        self.persist, self.keep = True, keep
         try:
             yield self
         finally:
-            self.persist = previous
+            self.persist, self.keep = previous
 
     @contextlib.contextmanager
     def peeking(self):
         """Passes run inside this block read the cache and store nothing (the denoising passes)."""
-        previous = self.persist
-        self.persist = False
+        previous = (self.persist, self.keep)
+        self.persist, self.keep = False, None
         try:
             yield self
         finally:
-            self.persist = previous
+            self.persist, self.keep = previous
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.persist:
+        if self.persist and self.keep is None:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.persist:
+            keep = self.keep
+            keys, values = super().update(key_states[..., :keep, :], value_states[..., :keep, :], layer_idx, *args,
+                                          **kwargs)
+            return (torch.cat([keys, key_states[..., keep:, :]], dim=-2),
+                    torch.cat([values, value_states[..., keep:, :]], dim=-2))
         if self.layer_class_to_replicate is not None:
             while len(self.layers) <= layer_idx:
                 self.layers.append(self.layer_class_to_replicate())

@@ -93,9 +93,10 @@ def test_cached_loop_equals_full_recompute_loop(pattern, shift):
     ids, mask = left_pad(ROWS, 0)
     for block, steps, max_new in [(4, 4, 10), (4, 2, 7), (2, 1, 5)]:
         want = reference_loop(model, ids, mask, max_new, block, steps, pattern, shift)
-        got = bd_generate(model, ids, mask, block_size=block, steps=steps, max_new_tokens=max_new,
-                          eos_token_id=None, pad_token_id=0)
-        assert torch.equal(got, want), (pattern, shift, block, steps)
+        for fuse_commit in (True, False):
+            got = bd_generate(model, ids, mask, block_size=block, steps=steps, max_new_tokens=max_new,
+                              eos_token_id=None, pad_token_id=0, fuse_commit=fuse_commit)
+            assert torch.equal(got, want), (pattern, shift, block, steps, fuse_commit)
 
 
 # ---- the commit rule -----------------------------------------------------------------------------------------------
@@ -122,12 +123,14 @@ def test_threshold_one_commits_exactly_k_per_step():
         assert schedule == [3, 3, 2] and chosen == [schedule[step]] * 3
 
 
-def test_threshold_zero_commits_a_block_in_one_forward():
+@pytest.mark.parametrize("fuse_commit, forwards", [(False, 4), (True, 3)])
+def test_threshold_zero_commits_a_block_in_one_forward(fuse_commit, forwards):
     model = model_with("block", block_size=4, dtype=torch.float32)
     out = bd_generate(model, torch.tensor([ROWS[0]]), block_size=4, threshold=0.0, max_new_tokens=8,
-                      return_dict_in_generate=True, eos_token_id=None)
-    # prefill + (1 denoising forward + 1 commit) for block 1 + 1 denoising forward for block 2 (no commit after)
-    assert out.forwards.tolist() == [4] and out.tokens_per_forward.tolist() == [2.0]
+                      return_dict_in_generate=True, eos_token_id=None, fuse_commit=fuse_commit)
+    # unfused: prefill + (1 denoising forward + 1 commit) for block 1 + 1 denoising forward for block 2 (no commit
+    # after the last block); fused: the commit pass of block 1 is block 2's only denoising forward
+    assert out.forwards.tolist() == [forwards] and out.tokens_per_forward.tolist() == [pytest.approx(8 / forwards)]
 
 
 def test_commit_schedule():

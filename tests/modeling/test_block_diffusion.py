@@ -185,6 +185,10 @@ def test_cache_update_without_kwargs_stores_only_when_committing():
         torch.testing.assert_close(keys[:, :, 3:], k[:, :, :2])
     keys, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)  # outside any block: an ordinary DynamicCache
     assert cache.get_seq_length() == 4 and keys.shape[2] == 4
+    with cache.committing(keep=1):  # a fused commit: the first new token is stored, the rest only seen
+        keys, _ = cache.update(k, k, 0)
+        assert keys.shape[2] == 7 and cache.get_seq_length() == 5
+        torch.testing.assert_close(keys[:, :, 4:], k)
     with cache.peeking():
         fresh_keys, _ = cache.update(k, k, 1)  # a layer with no prefix yet: no concatenation, nothing stored
         assert fresh_keys is k and cache.layers[1].keys is None or cache.layers[1].keys.numel() == 0
