@@ -16,19 +16,25 @@ With `alpha_mode="fixed", fixed_alpha=0` (or `t_res=0`) RCD is the baseline toke
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.nn import functional as F
 
+from ..modeling.block_diffusion import block_attention_mask, block_diffusion_config, model_attention_mask
+from .block_diffusion import BlockDiffusionDecoder, block_diffusion_generate
+
 __all__ = [
     "ALPHA_MODES",
     "INITS",
     "RCDConfig",
+    "RCDDecoder",
     "entropy_weighted_residual",
     "input_embedding_scale",
     "inject_residual",
+    "rcd_generate",
     "residual_weight",
     "soft_token_embedding",
 ]
@@ -155,3 +161,173 @@ def inject_residual(embeds: torch.Tensor, delta: torch.Tensor, alpha: torch.Tens
     a = alpha.to(torch.float32).unsqueeze(-1)
     blended = ((1.0 - a) * embeds.float() + a * delta.float()).to(embeds.dtype)
     return torch.where(masked.unsqueeze(-1), blended, embeds)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding: the baseline loop with RCD's hooks
+# --------------------------------------------------------------------------------------------------------------------
+class RCDDecoder(BlockDiffusionDecoder):
+    """`BlockDiffusionDecoder` feeding each still-masked slot its residual from the previous step.
+
+    Per block and row the residual state (delta [B, b, D], alpha [B, b]) starts from `config.init` and is replaced
+    after every denoising step by the residual of that step's distributions (`after_step`); only the masked slots of
+    the next denoising pass receive it (`block_inputs`), so committed tokens, the prompt, finished rows and the
+    KV-commit pass are fed exactly as the baseline feeds them. The commit rule is the baseline's `select`.
+    """
+
+    def __init__(self, model, *, rcd: RCDConfig, ref_model=None, **settings):
+        super().__init__(model, **settings)
+        self.rcd = rcd
+        self.ref_model = ref_model
+        self.embedding = model.get_input_embeddings()
+        self.embed_scale = input_embedding_scale(self.embedding)
+        self.delta: torch.Tensor | None = None
+        self.alpha: torch.Tensor | None = None
+        self.init_forwards: torch.Tensor | None = None  # per row: the extra passes of "self"/"ref" initialization
+        self._fresh = False
+        self._init_pending = False
+        self._last_logits: torch.Tensor | None = None  # the last prefix output (slot 0's distribution with the shift)
+
+    # ---- residual state ---------------------------------------------------------------------------------------------
+    def _set_state(self, logits: torch.Tensor, masked: torch.Tensor) -> None:
+        """Residuals of the `masked` slots from their distributions `logits` [B, b, V]; zero elsewhere."""
+        rows, width = masked.shape
+        cfg = self.rcd
+        delta, alpha = entropy_weighted_residual(
+            logits[masked], self.embedding.weight, cfg.t_res, cfg.residual_topk, alpha_mode=cfg.alpha_mode,
+            fixed_alpha=cfg.fixed_alpha, temper_delta=cfg.temper_delta, embed_scale=self.embed_scale)
+        self.delta = self.embedding.weight.new_zeros(rows, width, self.embedding.weight.shape[-1])
+        self.delta[masked] = delta.to(self.delta.dtype)
+        self.alpha = torch.zeros(rows, width, dtype=torch.float32, device=masked.device)
+        self.alpha[masked] = alpha
+
+    def _dirichlet_logits(self, masked: torch.Tensor) -> torch.Tensor:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        concentration = torch.full((*masked.shape, vocab), float(self.rcd.dirichlet_concentration),
+                                   device=masked.device)
+        return torch.distributions.Dirichlet(concentration).sample().clamp_min(1e-30).log()
+
+    # ---- hooks ------------------------------------------------------------------------------------------------------
+    def start_block(self, block_index: int) -> None:
+        super().start_block(block_index)
+        self.delta = self.alpha = None  # every block (and every row in it) starts from the init, never from the last
+        self._fresh = True
+
+    def block_inputs(self, block_ids: torch.Tensor, masked: torch.Tensor) -> dict:
+        if not bool(masked.any()):
+            if self.rcd.init == "ref":
+                self._sequence = torch.cat([self._sequence, block_ids], dim=1)  # the KV-commit pass: final tokens
+                self._padding = torch.cat([self._padding, torch.ones_like(block_ids)], dim=1)
+            return super().block_inputs(block_ids, masked)
+        if self._fresh:  # the block's first denoising pass
+            self._fresh = False
+            if self.rcd.init == "dirichlet":
+                self._set_state(self._dirichlet_logits(masked), masked)
+            elif self.rcd.init in ("self", "ref"):
+                self._init_pending, self._init_ids, self._init_masked = True, block_ids, masked
+        if self.alpha is None:  # zero residual: e = E(m), the baseline's input
+            return super().block_inputs(block_ids, masked)
+        return {"inputs_embeds": inject_residual(self.embedding(block_ids), self.delta, self.alpha, masked)}
+
+    def after_step(self, logits: torch.Tensor, block_ids: torch.Tensor, masked: torch.Tensor) -> None:
+        super().after_step(logits, block_ids, masked)
+        self._set_state(logits, masked)
+
+    # ---- forwards ---------------------------------------------------------------------------------------------------
+    def forward(self, inputs: dict, position_ids, attention_mask, cache, logits_to_keep: int, extra: dict):
+        if self._init_pending:
+            self._init_pending = False
+            logits = self._initial_logits(inputs, position_ids, attention_mask, cache, extra)
+            self._set_state(logits, self._init_masked)
+            active = self._init_masked.any(-1).long()
+            self.init_forwards = active if self.init_forwards is None else self.init_forwards + active
+            inputs = self.block_inputs(self._init_ids, self._init_masked)
+        out = super().forward(inputs, position_ids, attention_mask, cache, logits_to_keep, extra)
+        if logits_to_keep == 1:  # prefill / KV commit
+            self._last_logits = out.logits[:, -1].float()
+        return out
+
+    def _initial_logits(self, inputs, position_ids, attention_mask, cache, extra) -> torch.Tensor:
+        """Aligned distributions [B, b, V] of the all-mask block: one target pass ("self") or one reference pass
+        ("ref")."""
+        width = self._init_ids.shape[1]
+        if self.rcd.init == "self":
+            raw = super().forward(inputs, position_ids, attention_mask, cache, 0, extra).logits[:, -width:].float()
+            return torch.cat([self._last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
+        # The reference has no cache of its own: it reads the whole sequence so far plus the masked block.
+        ref = self.ref_model
+        ref_config = block_diffusion_config(ref)
+        ids = torch.cat([self._sequence, self._init_ids], dim=1)
+        padding = torch.cat([self._padding, torch.ones_like(self._init_ids)], dim=1)
+        total = ids.shape[1]
+        allowed = block_attention_mask(
+            total, total, self.block_size, q_offset=0,
+            pattern=ref_config.attention if ref_config is not None else self.attention,
+            padding_mask=None if bool(padding.all()) else padding, block_start=self._prompt_width,
+            device=ids.device)
+        positions = (padding.cumsum(-1) - 1).clamp(min=0)
+        mask = model_attention_mask(ref, allowed, next(ref.parameters()).dtype)
+        logits = ref(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
+        shift = ref_config.logit_shift if ref_config is not None else self.logit_shift
+        return logits[:, total - width - 1: total - 1] if shift else logits[:, total - width:]
+
+    def generate(self, input_ids, attention_mask, cache, *args, **kwargs):
+        if self.rcd.init == "ref":
+            self._sequence = input_ids
+            self._padding = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            self._prompt_width = input_ids.shape[1]
+        output = super().generate(input_ids, attention_mask, cache, *args, **kwargs)
+        if self.init_forwards is not None and hasattr(output, "forwards"):
+            # The initialization passes are forwards too: tokens per forward counts them.
+            kept = torch.round(output.tokens_per_forward.double() * output.forwards.double())
+            output.forwards = output.forwards + self.init_forwards
+            output.tokens_per_forward = (kept / output.forwards.double()).float()
+        return output
+
+
+def _check_reference(model, ref_model, mask_token_id) -> None:
+    if ref_model is None:
+        raise ValueError("rcd_generate: init='ref' needs `ref_model=` (a block-diffusion model of the same tokenizer).")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ref_vocab = ref_model.get_output_embeddings().weight.shape[0]
+    if vocab != ref_vocab:
+        raise ValueError(f"rcd_generate: the reference model's vocabulary ({ref_vocab}) differs from the target's "
+                         f"({vocab}); its distributions index the target's embedding table.")
+    ref_config = block_diffusion_config(ref_model)
+    if ref_config is not None and mask_token_id is not None and ref_config.mask_token_id != mask_token_id:
+        raise ValueError(f"rcd_generate: the reference model's mask token ({ref_config.mask_token_id}) differs from "
+                         f"the target's ({mask_token_id}).")
+
+
+@torch.no_grad()
+def rcd_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                 streamer=None, *, block_size=None, mask_token_id=None, steps=None, threshold=None,
+                 remasking="low_confidence", rcd_config: RCDConfig | None = None, ref_model=None, t_res=None,
+                 init=None, alpha_mode=None, fixed_alpha=None, temper_delta=None, residual_topk=None,
+                 dirichlet_concentration=None, fuse_commit=True, **model_kwargs):
+    r"""RCD decoding as a `generate(custom_generate=...)` callable: `block_diffusion_generate` (same arguments, same
+    commit rule, same outputs: `.tokens_per_forward` counts the initialization passes of init="self"/"ref") with
+    residual inputs on the masked slots.
+
+    Args:
+        rcd_config: an `RCDConfig`; or its fields as keywords (`t_res`, `init`, `alpha_mode`, `fixed_alpha`,
+            `temper_delta`, `residual_topk`, `dirichlet_concentration`), which override it.
+        ref_model: the reference model of init="ref" (same vocabulary and mask token); it re-reads the whole
+            sequence once per block (no cache of its own), so keep it small.
+    """
+    overrides = {k: v for k, v in dict(t_res=t_res, init=init, alpha_mode=alpha_mode, fixed_alpha=fixed_alpha,
+                                       temper_delta=temper_delta, residual_topk=residual_topk,
+                                       dirichlet_concentration=dirichlet_concentration).items() if v is not None}
+    config = RCDConfig(**{**(rcd_config.to_dict() if rcd_config is not None else {}), **overrides})
+    if config.init == "ref":
+        attached = block_diffusion_config(model)
+        _check_reference(model, ref_model, mask_token_id if mask_token_id is not None else
+                         (attached.mask_token_id if attached is not None else None))
+    # A zero-init block's first pass is the baseline's, so it may ride on the previous block's KV-commit pass (the
+    # baseline's fused commit); the other inits need that first pass alone, after their initialization.
+    fuse_commit = bool(fuse_commit) and config.init == "zero"
+    decoder = functools.partial(RCDDecoder, rcd=config, ref_model=ref_model)
+    return block_diffusion_generate(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, block_size=block_size,
+        mask_token_id=mask_token_id, steps=steps, threshold=threshold, remasking=remasking, decoder_cls=decoder,
+        fuse_commit=fuse_commit, **model_kwargs)
