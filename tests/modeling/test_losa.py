@@ -274,6 +274,12 @@ def test_state_resets_at_block_boundaries_and_appends_committed_pages():
     assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)  # the partial page 4 (32..36) was recomputed
     with pytest.raises(ValueError, match="changed shape inside a block"):
         losa_attention(_module(3), q, k, v, None, losa_state=state)
+    # start_block alone (no end_block in between) also forgets the cached outputs: a fresh dense first step
+    losa_attention(_module(3), q2 + 0.1, k2, v2, None, losa_state=state)
+    state.start_block()
+    assert state.layer_cache(0) is None
+    losa_attention(_module(3), q2, k2, v2, None, losa_state=state)
+    assert state.layer_cache(0).steps == 1 and state.counters["dense_first"].calls == 3
 
 
 def test_dense_fallback_below_min_prefix_is_sdpa_exactly():
