@@ -338,3 +338,56 @@ def test_refusals_at_run_time():
         losa_attention(_module(3), q, k, v, mask, losa_state=state)
     with pytest.raises(TypeError, match="LosaState"):
         losa_attention(_module(3), q, k, v, None, losa_state=object())
+
+
+# -- end to end through the block-diffusion decoder -----------------------------------------------------------------
+def _bd_model(heads=6, kv_heads=2, attention="block"):
+    from hf_fastslow.modeling.block_diffusion import BlockDiffusionConfig, attach_block_diffusion
+
+    model = _model(heads, kv_heads)
+    return attach_block_diffusion(model, BlockDiffusionConfig(MASK_ID, 4, True, attention))
+
+
+def _bd_generate(model, impl, ids, pad=None, losa=None, **kw):
+    from hf_fastslow.generation.block_diffusion import block_diffusion_generate
+
+    model.set_attn_implementation(impl)
+    try:
+        return model.generate(ids, attention_mask=pad, custom_generate=block_diffusion_generate, do_sample=False,
+                              max_new_tokens=16, steps=2, eos_token_id=None, losa=losa, **kw)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("heads,kv_heads,attention,padded", [(4, 4, "block", False), (6, 2, "block", True),
+                                                             (9, 3, "causal", False)])
+def test_block_diffusion_generate_with_full_budget_returns_the_dense_decoders_tokens(heads, kv_heads, attention,
+                                                                                      padded, monkeypatch):
+    from hf_fastslow.generation import block_diffusion as bd
+
+    model = _bd_model(heads, kv_heads, attention)
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(11))
+    pad = torch.ones_like(ids)
+    if padded:
+        pad[0, :6] = 0
+    dense = _bd_generate(model, "sdpa", ids, pad)
+    states, original = [], bd.BlockDiffusionDecoder.generate
+
+    def keep_state(self, *args, **kwargs):
+        states.append(kwargs.get("losa_state"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bd.BlockDiffusionDecoder, "generate", keep_state)
+    losa = _bd_generate(model, "losa", ids, pad, losa=LosaConfig(budget=64, page_size=8, active_k=4, min_prefix=0))
+    assert torch.equal(losa, dense)
+    density = kv_density(states[0])  # the LOSA path ran: sparse steps, every page loaded
+    assert density["calls"]["sparse"] > 0 and density["losa"] == pytest.approx(1.0)
+
+
+def test_block_diffusion_generate_with_a_small_budget_loads_less_and_still_decodes():
+    model = _bd_model()
+    ids = torch.randint(3, 120, (1, 64), generator=torch.Generator().manual_seed(12))
+    out = _bd_generate(model, "losa", ids, None, losa=LosaConfig(budget=8, page_size=8, active_k=1, min_prefix=0))
+    assert out.shape == (1, 80) and not bool((out[:, 64:] == MASK_ID).any())
+    with pytest.raises(ValueError, match="not LOSA"):
+        _bd_generate(model, "sdpa", ids, None, losa=LosaConfig(budget=16, page_size=8))
