@@ -28,6 +28,8 @@ _LAZY = {
     "EarlyReadoutDistillationTrainer": "early_readout_trainer",
     "EarlyReadoutGKDConfig": "early_readout_gkd_config",
     "EarlyReadoutGKDTrainer": "early_readout_gkd_trainer",
+    "FeatureSieveConfig": "feature_sieve_config",
+    "FeatureSieveTrainer": "feature_sieve_trainer",
 }
 
 __all__ = list(_LAZY)
