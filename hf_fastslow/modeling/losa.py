@@ -29,6 +29,7 @@ blocks reach the cache, so one state serves one sequence (one generate call).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,10 @@ class LosaState:
         self._block_caches = {}  # layer_idx -> _BlockCache
         self._pages: dict[int, _PageSummaries] = {}
         self.counters: dict[str, _Counter] = {kind: _Counter() for kind in STEP_KINDS}
+        # wall-clock seconds inside the attention function per kind ("outside" = dense calls outside a block);
+        # "naive_bookkeeping" = the part of those spent counting what QUEST-naive would load (not attention work);
+        # host wall-clock: on CUDA it counts launches, not kernel time, unless the caller synchronizes
+        self.seconds: dict[str, float] = dict.fromkeys((*STEP_KINDS, "outside", "naive_bookkeeping"), 0.0)
 
     # -- protocol -------------------------------------------------------------------------------------------------
     def start_block(self) -> None:
@@ -262,23 +267,26 @@ def losa_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer = int(getattr(module, "layer_idx", 0) or 0)
     q_len, kv_len = query.shape[2], key.shape[2]
     prefix = kv_len - q_len
-    if not state.in_block:
-        return sdpa_attention_function()(module, query, key, value, attention_mask, dropout=dropout,
-                                         scaling=scaling, **kwargs)
-    if prefix <= 0 or prefix < cfg.min_prefix or layer in cfg.skip_layers:
-        hkv = key.shape[1]
-        state._record("fallback", hkv * prefix, hkv * prefix, hkv * prefix)
-        return sdpa_attention_function()(module, query, key, value, attention_mask, dropout=dropout,
-                                         scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    key_valid, block_mask = _split_mask(attention_mask, q_len, prefix, getattr(module, "is_causal", True),
-                                        query.device)
-    out = _block_step(state, layer, query[0], key[0], value[0], prefix, key_valid, block_mask, scale)
-    return out.transpose(0, 1).unsqueeze(0).to(query.dtype), None
+    start = time.perf_counter()
+    if not state.in_block or prefix <= 0 or prefix < cfg.min_prefix or layer in cfg.skip_layers:
+        out = sdpa_attention_function()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+        kind = "fallback" if state.in_block else "outside"
+        if state.in_block:
+            hkv = key.shape[1]
+            state._record("fallback", hkv * prefix, hkv * prefix, hkv * prefix)
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        key_valid, block_mask = _split_mask(attention_mask, q_len, prefix, getattr(module, "is_causal", True),
+                                            query.device)
+        merged, kind = _block_step(state, layer, query[0], key[0], value[0], prefix, key_valid, block_mask, scale)
+        out = (merged.transpose(0, 1).unsqueeze(0).to(query.dtype), None)
+    state.seconds[kind] += time.perf_counter() - start
+    return out
 
 
 def _block_step(state, layer, q, k, v, prefix, key_valid, block_mask, scale):
-    """One denoising step of one layer: q (Hq, b, d), k/v (Hkv, P + b, d) -> (Hq, b, d)."""
+    """One denoising step of one layer: q (Hq, b, d), k/v (Hkv, P + b, d) -> ((Hq, b, d), step kind)."""
     cfg = state.config
     ps, hkv, b = cfg.page_size, k.shape[0], q.shape[1]
     kp, vp = k[:, :prefix], v[:, :prefix]
@@ -313,7 +321,9 @@ def _block_step(state, layer, q, k, v, prefix, key_valid, block_mask, scale):
         kind, loaded = "sparse", _loaded_tokens(page_index, ps, prefix)
     naive = 0
     if cfg.track_naive:
+        begin = time.perf_counter()
         naive = loaded if (kind == "sparse" and active.numel() == b) else _loaded_tokens(union_of(q), ps, prefix)
+        state.seconds["naive_bookkeeping"] += time.perf_counter() - begin
     state._record(kind, loaded, naive, total)
     if cache is None:
         cache = _BlockCache(prefix, o_p, l_p, q.clone(), q.clone(), steps=0)
@@ -326,7 +336,7 @@ def _block_step(state, layer, q, k, v, prefix, key_valid, block_mask, scale):
     cache.last_active, cache.last_page_index = active, page_index
     o_b, l_b = dense_attention_lse(q[None], k[None, :, prefix:], v[None, :, prefix:], block_mask, scale)
     out, _ = lse_merge(o_p, l_p, o_b[0].to(o_p.dtype), l_b[0])
-    return out
+    return out, kind
 
 
 def register_losa(name: str = "losa") -> str:
