@@ -25,6 +25,7 @@ rows behind the leader stay in the cache as masked holes (compacted now and then
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -164,7 +165,11 @@ class _ISDRun:
         self.eos_ids = set(special.eos_token_id)
         self.pad_id = pad_token_id(special, default=0)
         max_length, self.other_criteria = split_stopping_criteria(stopping_criteria)
-        self.max_length = max_length if max_length is not None else generation_config.max_length
+        if max_length is None:  # a direct call: generate did not turn the length settings into a criterion
+            max_length = generation_config.max_length
+            if generation_config.max_new_tokens is not None:
+                max_length = input_ids.shape[1] + generation_config.max_new_tokens
+        self.max_length = max_length if max_length is not None else input_ids.shape[1] + 20
         self.return_dict = bool(generation_config.return_dict_in_generate)
 
         attention_mask = model_kwargs.get("attention_mask")
@@ -405,7 +410,10 @@ def isd_generate(
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     model = unwrap_peft_model(model)
-    generation_config = generation_config if generation_config is not None else GenerationConfig()
+    generation_config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    for key in ("max_new_tokens", "max_length", "do_sample"):  # a direct call may pass these beside the config
+        if key in model_kwargs:
+            setattr(generation_config, key, model_kwargs.pop(key))
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     config = resolve_isd_config(model, gen_block_size, mask_token_id, verify_alpha, proposal, isd_config)

@@ -10,6 +10,7 @@ offsets per forward (0 for the prefill, N-1 for a round) registers its own hooks
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ __all__ = ["alora_layers", "alora_offsets", "uses_alora", "unwrap_peft_model"]
 
 
 def _peft_lora_classes():
+    if "peft" not in sys.modules:  # no peft model can exist before peft is imported: skip its (slow) import
+        return None, None
     try:
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora.variants import ALoraLinearVariant
