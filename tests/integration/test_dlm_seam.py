@@ -93,7 +93,8 @@ def test_equals_block_diffusion_generate_on_whole_prompt_blocks(attention, logit
                           max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     peer = run_llada2_pipeline(model, None, ids, steps=steps, threshold=threshold, max_new_tokens=12)
     assert torch.equal(peer.sequences, ours.sequences)
-    # The peer spends no prefill and no commit pass, but each of its forwards covers the whole window.
+    # The peer spends no prefill and no commit pass (each of its forwards covers the whole window); with these
+    # settings no block finishes before its last step, so it never pays its extra "notice" forward.
     assert peer.num_forwards <= int(ours.forwards[0])
     if threshold >= 1.0:
         assert peer.num_forwards == steps * 3
@@ -146,3 +147,27 @@ def test_errors(monkeypatch):
     with pytest.raises(ImportError, match="pip install"):
         run_llada2_pipeline(plain, None, ids, block_size=4, mask_token_id=MASK, steps=2, threshold=0.9,
                             max_new_tokens=4)
+
+
+@pytest.mark.slow
+def test_smollm2_peer_equals_ours_on_whole_prompt_blocks(default_model):
+    """SmolLM2-135M (unconverted, I-DLM-style causal + shift, mask = the reused <empty_output>) in float64: the
+    pipeline and block_diffusion_generate return the same tokens."""
+    from hf_fastslow.generation.block_diffusion import block_diffusion_generate
+    from hf_fastslow.modeling.block_diffusion import ensure_mask_token
+
+    model, tok = default_model
+    model = model.to(torch.float64)
+    try:
+        mask_id = ensure_mask_token(model, tok)
+        attach_block_diffusion(model, BlockDiffusionConfig(mask_id, 4, True, "causal"))
+        ids = tok("The capital of France is Paris. The capital of Italy", return_tensors="pt").input_ids[:, :8]
+        ours = model.generate(ids, custom_generate=block_diffusion_generate, steps=4, threshold=0.9,
+                              max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        peer = run_llada2_pipeline(model, tok, ids, steps=4, threshold=0.9, max_new_tokens=8)
+        assert torch.equal(peer.sequences, ours.sequences)
+        # Forwards differ both ways: ours adds a prefill, the peer one "notice" forward per block finished early.
+        assert peer.num_forwards >= 2 * 2  # at least one step per block, plus the notice forward when early
+    finally:
+        model.to(torch.float32)
+        del model.config.block_diffusion
