@@ -213,6 +213,27 @@ def test_logits_processor_sees_each_slot_at_its_position():
     assert set(seen) == set(range(ids.shape[1], ids.shape[1] + 8))
 
 
+def test_per_row_processor_state_left_padded_batch():
+    """`prefix_allowed_tokens_fn` keeps per-row state (the batch id): row 0 may write even ids only, row 1 odd ids."""
+    model = model_with("block", block_size=4)
+    ids, mask = left_pad(ROWS[:2], 0)
+
+    def allowed(batch_id, _ids):
+        return list(range(4 + batch_id, 120, 2))
+
+    out = bd_generate(model, ids, mask, max_new_tokens=7, eos_token_id=None, pad_token_id=0,
+                      prefix_allowed_tokens_fn=allowed)
+    new = out[:, ids.shape[1]:]
+    assert bool((new[0] % 2 == 0).all()) and bool((new[1] % 2 == 1).all())
+
+
+def test_bfloat16_model():
+    model = model_with("block", block_size=4, dtype=torch.bfloat16)
+    out = bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=6, eos_token_id=None, threshold=0.5,
+                      output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == len(ROWS[0]) + 6 and out.scores[0].dtype == torch.float32
+
+
 def test_sampling_is_seeded_and_valid():
     model = model_with("block", block_size=4, dtype=torch.float32)
     ids = torch.tensor([ROWS[0]])
