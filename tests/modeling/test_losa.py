@@ -99,6 +99,16 @@ def test_full_budget_with_every_token_active_equals_sdpa(heads, kv_heads, padded
     assert density["losa"] == pytest.approx(1.0) and density["naive"] == pytest.approx(1.0)
 
 
+def test_bf16_model_full_budget_stays_close_to_sdpa():
+    model = _model().to(torch.bfloat16)
+    prompt = torch.randint(3, 120, (1, 45))
+    config = LosaConfig(budget=64, page_size=8, active_k=8, min_prefix=0)
+    dense, _ = _run_blocks(model, "sdpa", prompt, None, config)
+    losa, state = _run_blocks(model, "losa", prompt, None, config)
+    assert losa.dtype == torch.bfloat16 and state.counters["sparse"].calls == 4
+    torch.testing.assert_close(losa.float(), dense.float(), atol=3e-2, rtol=3e-2)
+
+
 def test_small_budget_changes_the_logits_so_the_exactness_test_can_fail():
     model = _model()
     prompt = torch.randint(3, 120, (1, 45))
