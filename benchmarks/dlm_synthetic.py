@@ -106,12 +106,13 @@ def disjoint_splits(task: AdditionTask, n_train: int, n_test: int, seed: int) ->
 
 
 def encode_rows(tok, rows: Sequence[dict]) -> list[dict]:
-    """Pre-tokenized SFT rows: `input_ids` = prompt + answer + EOS, `completion_mask` 1 on answer and EOS."""
+    """Pre-tokenized SFT rows: `input_ids` = prompt + answer + EOS, `labels` = the same with the prompt at -100 (the
+    completion-only labels SFTTrainer would build; given here so the trainers skip dataset preparation)."""
     out = []
     for r in rows:  # one token per character: look the characters up directly (fast for 100k rows)
         prompt = tok.convert_tokens_to_ids(list(r["prompt"]))
         answer = tok.convert_tokens_to_ids(list(r["answer"])) + [tok.eos_token_id]
-        out.append({"input_ids": prompt + answer, "completion_mask": [0] * len(prompt) + [1] * len(answer)})
+        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
     return out
 
 
@@ -155,7 +156,7 @@ class Profile:
 PROFILES = {
     "quick": Profile(digits=3, hidden=32, layers=2, steps=40, extra_steps=10, batch=32, lr=3e-3, n_test=64,
                      ref_hidden=32, ref_layers=1),
-    "full": Profile(digits=7, hidden=64, layers=3, steps=1600, extra_steps=400, batch=64, lr=3e-3, n_test=500,
+    "full": Profile(digits=7, hidden=64, layers=3, steps=1500, extra_steps=400, batch=64, lr=3e-3, n_test=500,
                     ref_hidden=32, ref_layers=2),
 }
 
@@ -178,8 +179,8 @@ def training_args(config_cls, profile: Profile, out_dir: str, steps: int, seed: 
         output_dir=out_dir, per_device_train_batch_size=profile.batch, max_steps=steps, learning_rate=profile.lr,
         lr_scheduler_type="cosine", warmup_steps=min(100, steps // 10), weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        use_cpu=True, dataloader_num_workers=0, completion_only_loss=True, max_length=None, disable_tqdm=True,
-        **extra)
+        use_cpu=True, dataloader_num_workers=0, max_length=None, disable_tqdm=True,
+        dataset_kwargs={"skip_prepare_dataset": True}, **extra)
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_splits_are_disjoint_and_encoding_masks_only_the_answer(bench, tok):
     for row, r in zip(enc, train[:4]):
         assert len(row["input_ids"]) == task.prompt_length + task.answer_length
         assert row["input_ids"][-1] == tok.eos_token_id
-        assert row["completion_mask"] == [0] * task.prompt_length + [1] * task.answer_length
+        assert row["labels"] == [-100] * task.prompt_length + row["input_ids"][task.prompt_length:]
         assert tok.decode(row["input_ids"][: task.prompt_length]) == r["prompt"]
 
 
