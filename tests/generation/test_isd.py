@@ -222,6 +222,18 @@ def test_processors_with_per_batch_state_match_generate(gen):
     assert torch.equal(out.sequences, ref)
 
 
+def test_drafts_are_processed_at_their_anchors_context():
+    """Each draft goes through the processors with the context its anchor will have (committed + earlier drafts):
+    with drafts that copy the anchor's raw logits, every draft is accepted even under context-dependent processors."""
+    model = oracle_model()
+    ids, mask = left_padded_batch(width=8, pads=(4, 0, 2))
+    gen = {"repetition_penalty": 1.7, "no_repeat_ngram_size": 2, "min_new_tokens": 10}
+    ref = set_reference(model, ids, mask, 24, 1.0, eos_token_id=1, **gen)
+    out = isd(model, ids, mask, n=4, max_new_tokens=24, eos_token_id=1, **gen)
+    assert torch.equal(out.sequences, ref)
+    assert out.acceptance_rate.tolist() == [1.0, 1.0, 1.0]
+
+
 # ---- sampling follows the AR distribution --------------------------------------------------------------------------
 def _chi_square(counts, probs, min_expected=5.0):
     total = counts.sum()
