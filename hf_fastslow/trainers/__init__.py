@@ -30,6 +30,9 @@ _LAZY = {
     "EarlyReadoutGKDTrainer": "early_readout_gkd_trainer",
     "FeatureSieveConfig": "feature_sieve_config",
     "FeatureSieveTrainer": "feature_sieve_trainer",
+    "DTSConfig": "dts",
+    "build_dts_pairs": "dts",
+    "build_sampling_pairs": "dts",
 }
 
 __all__ = list(_LAZY)
