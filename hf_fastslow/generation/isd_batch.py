@@ -104,13 +104,14 @@ class StationaryBatchISD:
         gen_block_size, mask_token_id, verify_alpha, proposal, isd_config: ISD's knobs, as for `isd_generate`.
         do_sample, temperature, top_k, top_p: sampling, as for `generate` (greedy by default).
         logits_processor: extra shift-safe processors (applied before the sampling warpers).
-        max_new_tokens: per request.
+        max_new_tokens: per request (default of `generate`, which may also take one per request).
         eos_token_id: int or list (default: the model's generation config).
         cache_implementation: "dynamic" (`DynamicCache`) or "static" (`StaticCache` of `max_cache_len` columns).
         max_cache_len: cache columns per slot; the cache is compacted when a round would not fit. Default: twice the
             longest request (prompt + max_new_tokens) plus two rounds.
 
-    `generate(requests)` takes a list of prompts (1D token tensors or lists) and returns a `StationaryBatchOutput`.
+    `generate(requests, max_new_tokens=None)` takes a list of prompts (1D token tensors or lists) and optionally one
+    `max_new_tokens` per request, and returns a `StationaryBatchOutput`.
     """
 
     def __init__(self, model, batch_size: int = 8, *, gen_block_size: int | None = None,
@@ -150,19 +151,27 @@ class StationaryBatchISD:
         self.cache_implementation, self.max_cache_len = cache_implementation, max_cache_len
 
     @torch.no_grad()
-    def generate(self, requests) -> StationaryBatchOutput:
+    def generate(self, requests, max_new_tokens: int | list[int] | None = None) -> StationaryBatchOutput:
         prompts = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in requests]
         if not prompts:
             raise ValueError("StationaryBatchISD.generate needs at least one request.")
+        limits = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        limits = [limits] * len(prompts) if isinstance(limits, int) else list(limits)
+        if len(limits) != len(prompts) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in limits):
+            raise ValueError(f"max_new_tokens must be a positive int or one per request; got {max_new_tokens!r}.")
         vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(prompts):
             if p.numel() == 0:
                 raise ValueError(f"request {i} has an empty prompt.")
             if int(p.min()) < 0 or int(p.max()) >= vocab:
                 raise ValueError(f"request {i} holds token ids outside the vocabulary [0, {vocab}).")
-        run = _Run(self, prompts)
+        run = _Run(self, prompts, limits)
         run.start()
+        # Every round moves each busy slot forward (a prompt chunk, or >= 1 committed token): a bound on rounds.
+        limit = sum(-(-p.numel() // run.width_round) + m + 1 for p, m in zip(prompts, limits))
         while run.busy():
+            if run.forwards > limit:
+                raise RuntimeError("StationaryBatchISD made no progress (a bug): stopping instead of looping.")
             run.round()
         return run.output()
 
@@ -170,15 +179,15 @@ class StationaryBatchISD:
 class _Run:
     """The state of one `generate` call: B slots over a shared cache, a queue of waiting requests."""
 
-    def __init__(self, owner: StationaryBatchISD, prompts: list[torch.Tensor]):
-        self.owner, self.prompts = owner, prompts
+    def __init__(self, owner: StationaryBatchISD, prompts: list[torch.Tensor], max_new_tokens: list[int]):
+        self.owner, self.prompts, self.max_new_tokens = owner, prompts, max_new_tokens
         self.model = model = owner.model
         self.device = device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         n = self.n = owner.config.gen_block_size
         self.width_round = 2 * n - 1
         slots = self.slots = min(owner.batch_size, len(prompts))
-        longest = max(p.numel() for p in prompts) + owner.max_new_tokens
+        longest = max(p.numel() + m for p, m in zip(prompts, max_new_tokens))
         needed = longest + n + 2 * self.width_round  # a row's valid columns (stop inside a round) + one round
         self.capacity = owner.max_cache_len if owner.max_cache_len is not None else 2 * longest + 2 * self.width_round
         if self.capacity < needed:
@@ -214,12 +223,9 @@ class _Run:
         req = self.queue.popleft()
         prompt = self.prompts[req].to(self.device)
         rows = self.rows
-        rows.tokens[slot].zero_()
+        self.clear(slot)
         rows.tokens[slot, : prompt.numel()] = prompt
         rows.lengths[slot] = prompt.numel()
-        rows.num_specs[slot] = 0
-        self.kv_valid[slot] = False
-        self.n_cached[slot] = 0
         self.owner_of[slot], self.prefilled[slot] = req, 0
         # All but the last prompt token go to the cache; the last one is the cold-start round's pending token.
         self.phase[slot] = _PREFILL if prompt.numel() > 1 else _DECODE
@@ -228,11 +234,17 @@ class _Run:
         req = self.owner_of[slot]
         self.sequences[req] = self.rows.tokens[slot, :length].cpu().clone()
         self.phase[slot], self.owner_of[slot] = _EMPTY, -1
-        self.kv_valid[slot] = False
-        self.n_cached[slot] = 0
-        self.rows.num_specs[slot] = 0
+        self.clear(slot)
         if self.queue:
             self.admit(slot)
+
+    def clear(self, slot: int) -> None:
+        """The slot's cache columns are all masked (they stay in the cache until a compaction drops them)."""
+        self.kv_valid[slot] = False
+        self.n_cached[slot] = 0
+        self.rows.tokens[slot].zero_()
+        self.rows.lengths[slot] = 0
+        self.rows.num_specs[slot] = 0
 
     def busy(self) -> bool:
         return any(p != _EMPTY for p in self.phase)
@@ -358,8 +370,8 @@ class _Run:
 
     def stop_if_done(self, slot: int, start: int, committed: int) -> None:
         """Release the slot when its request hit EOS or max_new_tokens among this round's committed tokens."""
-        prompt_len = self.prompts[self.owner_of[slot]].numel()
-        limit = prompt_len + self.owner.max_new_tokens
+        req = self.owner_of[slot]
+        limit = self.prompts[req].numel() + self.max_new_tokens[req]
         new = self.rows.tokens[slot, start: start + committed].tolist()
         for i, token in enumerate(new):
             end = start + i + 1

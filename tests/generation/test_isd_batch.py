@@ -160,11 +160,17 @@ def test_cache_and_mask_invariants_every_round(monkeypatch):
 
 def test_continuous_batching_refills_slots(model64):
     prompts = ragged_prompts((4, 2, 6, 3, 5))
-    out = batch_isd(model64, prompts, 3, 6, batch_size=2)
-    # 2 slots, 5 requests: newcomers are prefilled inside rounds; no request waits for the whole batch to end.
+    limits = [3, 9, 2, 6, 5]
+    sb = StationaryBatchISD(model64, 2, gen_block_size=3, mask_token_id=MASK, eos_token_id=[])
+    out = sb.generate(prompts, max_new_tokens=limits)
+    # 2 slots, 5 requests of different lengths: a slot takes the next request as soon as its own ends, its prompt
+    # prefilled inside the rounds; the run takes fewer forwards than the requests do together.
     assert out.forwards < sum(int(f) for f in out.num_forwards)
-    for prompt, seq in zip(prompts, out.sequences):
-        assert torch.equal(seq, per_request_isd(model64, prompt, 3, 6))
+    assert out.new_tokens.tolist() == limits
+    for prompt, seq, limit in zip(prompts, out.sequences, limits):
+        assert torch.equal(seq, per_request_isd(model64, prompt, 3, limit))
+    with pytest.raises(ValueError, match="one per request"):
+        sb.generate(prompts, max_new_tokens=limits[:2])
 
 
 def test_eos_stops_a_request_and_frees_its_slot(model64):
