@@ -29,6 +29,17 @@ def model_with(attention="causal", block_size=4, logit_shift=True, dtype=torch.f
     return attach_block_diffusion(model, BlockDiffusionConfig(MASK, block_size, logit_shift, attention))
 
 
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
 def bd_generate(model, ids, mask=None, **kw):
     kw.setdefault("max_new_tokens", 10)
     return model.generate(ids, attention_mask=mask, custom_generate=block_diffusion_generate, do_sample=False, **kw)
@@ -167,16 +178,6 @@ def test_scores_streamer_and_stopping_criteria():
     model = model_with("block", block_size=4)
     ids = torch.tensor([ROWS[0]])
 
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
     streamer = Collect()
     out = bd_generate(model, ids, max_new_tokens=9, eos_token_id=None, streamer=streamer, output_scores=True,
                       output_logits=True, return_dict_in_generate=True)
@@ -283,6 +284,11 @@ def test_missing_mask_token_and_assistant_model_are_refused():
         bd_generate(model, ids)
     with pytest.raises(ValueError, match="assistant_model"):
         bd_generate(model, ids, mask_token_id=MASK, block_size=2, assistant_model=tiny_llama(num_layers=1))
+    batch, mask = left_pad(ROWS[:2], 0)
+    with pytest.raises(ValueError, match="batch size 1"):
+        bd_generate(model, batch, mask, mask_token_id=MASK, block_size=2, streamer=Collect())
+    with pytest.raises(ValueError, match="left padding"):
+        block_diffusion_generate(model, batch, attention_mask=mask.flip(-1), mask_token_id=MASK, block_size=2)
 
 
 # ---- LOSA protocol and the 5.17 cache keyword ----------------------------------------------------------------------
