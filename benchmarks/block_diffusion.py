@@ -46,7 +46,8 @@ def arms_for(model, tok, prompts, args, block, steps, threshold):
         def run():
             rows, forwards = [], 0
             for ids in prompts:
-                out = model.generate(ids, custom_generate=block_diffusion_generate, do_sample=False,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=block_diffusion_generate,
+                                     do_sample=False,
                                      max_new_tokens=args.max_new, block_size=block, steps=steps, threshold=threshold,
                                      eos_token_id=None, return_dict_in_generate=True, fuse_commit=fuse)
                 rows.append(out.sequences[0, ids.shape[1]:].tolist())
@@ -57,16 +58,16 @@ def arms_for(model, tok, prompts, args, block, steps, threshold):
     def greedy():
         rows = []
         for ids in prompts:
-            out = model.generate(ids, do_sample=False, max_new_tokens=args.max_new, min_new_tokens=args.max_new,
-                                 eos_token_id=None, pad_token_id=0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=args.max_new, min_new_tokens=args.max_new, eos_token_id=None)
             rows.append(out[0, ids.shape[1]:].tolist())
         return rows, sum(len(r) for r in rows)  # one forward per token (the prefill gives the first)
 
     def pipeline():
         rows, forwards = [], 0
         for ids in prompts:
-            out = run_llada2_pipeline(model, tok, ids, block_size=block, steps=steps,
-                                      threshold=threshold if threshold is not None else 1.1,
+            out = run_llada2_pipeline(model, tok, ids, attention_mask=torch.ones_like(ids), block_size=block,
+                                      steps=steps, threshold=threshold if threshold is not None else 1.1,
                                       max_new_tokens=args.max_new)
             rows.append(out.sequences[0, ids.shape[1]:].tolist())
             forwards += out.num_forwards

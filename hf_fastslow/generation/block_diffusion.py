@@ -503,12 +503,6 @@ def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_c
             f"block_diffusion_generate needs `input_ids` to hold the whole sequence its attention mask covers (got "
             f"ids {tuple(input_ids.shape)}, mask {tuple(attention_mask.shape)})."
         )
-    if attention_mask is not None and input_ids.shape[1]:
-        valid = attention_mask.bool()
-        starts = valid.long().argmax(-1)
-        if bool((valid.long().cumsum(-1) != (torch.arange(valid.shape[1], device=valid.device) - starts[:, None] + 1)
-                 .clamp(min=0)).any()):
-            raise ValueError("block_diffusion_generate expects left padding (pad tokens only at the start of rows).")
     losa_state = None
     if losa is not None:
         from hf_fastslow.modeling.losa import LosaState

@@ -228,6 +228,19 @@ def test_per_row_processor_state_left_padded_batch():
     assert bool((new[0] % 2 == 0).all()) and bool((new[1] % 2 == 1).all())
 
 
+def test_a_masked_hole_is_skipped_like_missing_tokens():
+    """Any 2D mask works, not only left padding: a hidden token in the middle (a chat prompt whose <|im_end|> equals a
+    pad id) is as if it were not there (per-row positions count real tokens, its key is hidden)."""
+    model = model_with("block", block_size=4)
+    row = ROWS[0]
+    holed = torch.tensor([row[:3] + [99] + row[3:]])
+    mask = torch.ones_like(holed)
+    mask[0, 3] = 0
+    want = bd_generate(model, torch.tensor([row]), max_new_tokens=6, eos_token_id=None)
+    got = bd_generate(model, holed, mask, max_new_tokens=6, eos_token_id=None)
+    assert got[0, holed.shape[1]:].tolist() == want[0, len(row):].tolist()
+
+
 def test_bfloat16_model():
     model = model_with("block", block_size=4, dtype=torch.bfloat16)
     out = bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=6, eos_token_id=None, threshold=0.5,
@@ -287,8 +300,6 @@ def test_missing_mask_token_and_assistant_model_are_refused():
     batch, mask = left_pad(ROWS[:2], 0)
     with pytest.raises(ValueError, match="batch size 1"):
         bd_generate(model, batch, mask, mask_token_id=MASK, block_size=2, streamer=Collect())
-    with pytest.raises(ValueError, match="left padding"):
-        block_diffusion_generate(model, batch, attention_mask=mask.flip(-1), mask_token_id=MASK, block_size=2)
 
 
 # ---- LOSA protocol and the 5.17 cache keyword ----------------------------------------------------------------------
