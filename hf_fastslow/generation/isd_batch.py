@@ -35,6 +35,7 @@ import torch
 from ..integrations import output_cache, speculative_forward, speculative_processor_shift_safe
 from ..integrations.isd_batch_seam import check_stationary_cache, compact_cache_columns, make_stationary_cache
 from ..integrations.isd_seam import alora_offsets, unwrap_peft_model, uses_alora
+from ..modeling.block_diffusion import model_attention_mask
 from .isd import _check_call, resolve_isd_config
 from .isd_config import ISDConfig
 from .isd_round import ISDRows, isd_round
@@ -128,12 +129,8 @@ class StationaryBatchISD:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}.")
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}.")
-        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(
-                f"StationaryBatchISD passes an explicit 4D attention mask, which the {implementation!r} attention "
-                "implementation does not take: use attn_implementation='sdpa' or 'eager'."
-            )
+        # An explicit 4D mask (bool for SDPA, additive for eager); refuses flash attention, which takes none.
+        model_attention_mask(model, torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.float32)
         from transformers import GenerationConfig
 
         if eos_token_id is None:
@@ -265,11 +262,10 @@ class _Run:
         allowed = torch.zeros(slots, w, total, dtype=torch.bool, device=self.device)
         allowed[:, :, : self.width] = self.kv_valid[:, None, : self.width]
         allowed[:, :, self.width: self.width + w] = causal
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = model_attention_mask(self.model, allowed[:, None], self.dtype)
         context = alora_offsets(self.model, offsets) if self.r_isd else contextlib.nullcontext()
         with context:
-            out = speculative_forward(self.model, ids, mask[:, None], positions, self.cache, w)
+            out = speculative_forward(self.model, ids, mask, positions, self.cache, w)
         self.cache = output_cache(out) or self.cache
         self.forwards += 1
         for slot in range(slots):

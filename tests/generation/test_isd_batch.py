@@ -248,3 +248,36 @@ def test_refuses_non_causal_block_diffusion_models_and_other_attention():
     other.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="4D attention mask"):
         StationaryBatchISD(other, gen_block_size=3, mask_token_id=MASK)
+
+
+def test_sampled_path_through_the_triton_verify(model64):
+    # The same top_k=1 run with isd_verify forced onto the Triton kernel (the interpreter on a CPU).
+    from hf_fastslow.kernels.dispatch import force_backend
+    from hf_fastslow.kernels.testing import triton_runnable
+
+    if not triton_runnable("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    prompts = ragged_prompts((5, 3))
+    with force_backend("triton"):
+        out = batch_isd(model64, prompts, 3, 6, batch_size=2, do_sample=True, top_k=1)
+    for prompt, seq in zip(prompts, out.sequences):
+        assert torch.equal(seq, per_request_isd(model64, prompt, 3, 6))
+
+
+def test_r_isd_stationary_batch_equals_base_greedy():
+    # Decoding slots run the aLoRA on their N-1 mask slots only, prefilling slots (newcomers) nowhere.
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(num_layers=2).double()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             alora_invocation_tokens=[MASK], init_lora_weights=False)
+    torch.manual_seed(7)
+    model = peft.get_peft_model(base, config).double().eval()
+    prompts = ragged_prompts((6, 9, 2, 11))
+    out = StationaryBatchISD(model, 2, gen_block_size=3, mask_token_id=MASK, eos_token_id=[],
+                             max_new_tokens=8).generate(prompts)
+    with model.disable_adapter():
+        for prompt, seq in zip(prompts, out.sequences):
+            want = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, prompt.numel(),
+                                                                                    dtype=torch.long),
+                                  max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+            assert torch.equal(seq, want)
