@@ -354,3 +354,19 @@ def test_direct_call_and_a_prefilled_cache():
     cache = DynamicCache()
     model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache))
     assert torch.equal(bd_generate(model, ids, max_new_tokens=6, eos_token_id=None, **cache_kwargs(model, cache)), want)
+
+
+@pytest.mark.slow
+def test_default_model_block_one_is_greedy_generate_float64():
+    """SmolLM2-135M-Instruct in float64, a left-padded chat batch: block_size=1 (causal, shift) == greedy generate."""
+    from hf_fastslow import load_default_model
+    from hf_fastslow.evaluation.prompts import encode_chat
+    from hf_fastslow.modeling.block_diffusion import ensure_mask_token
+
+    model, tok = load_default_model(dtype=torch.float64)
+    mask_id = ensure_mask_token(model, tok)
+    attach_block_diffusion(model, BlockDiffusionConfig(mask_id, 1, True, "causal"))
+    batch = encode_chat(tok, ["What is 12 + 30?", "Name a colour of the sky on a clear day, in one word."])
+    want = model.generate(**batch, do_sample=False, max_new_tokens=16)
+    got = model.generate(**batch, custom_generate=block_diffusion_generate, do_sample=False, max_new_tokens=16)
+    assert torch.equal(got, want)
