@@ -349,11 +349,18 @@ def test_past_key_values_keyword_path(monkeypatch):
 def test_direct_call_and_a_prefilled_cache():
     model = model_with("block", block_size=2)
     ids = torch.tensor([ROWS[0]])
-    want = bd_generate(model, ids, max_new_tokens=6, eos_token_id=None)
-    assert torch.equal(block_diffusion_generate(model, ids, max_new_tokens=6, eos_token_id=None), want)
+    want = bd_generate(model, ids, max_new_tokens=6, eos_token_id=None, output_logits=True,
+                       return_dict_in_generate=True)
+    direct = block_diffusion_generate(model, ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(direct, want.sequences)
     cache = DynamicCache()
     model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache))
-    assert torch.equal(bd_generate(model, ids, max_new_tokens=6, eos_token_id=None, **cache_kwargs(model, cache)), want)
+    got = bd_generate(model, ids, max_new_tokens=6, eos_token_id=None, output_logits=True,
+                      return_dict_in_generate=True, **cache_kwargs(model, cache))
+    assert torch.equal(got.sequences, want.sequences)
+    # the uncached prompt tail is read at its own positions: the logits match, not only the argmax
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-9, rtol=1e-9)
+    assert cache.get_seq_length() == len(ROWS[0]) + 4  # the caller's cache grew: prompt + all blocks but the last
 
 
 @pytest.mark.slow
