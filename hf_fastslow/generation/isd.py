@@ -438,7 +438,7 @@ class IDLMGenerationMixin:
 
     def generate(self, *args, isd: bool = True, isd_config: ISDConfig | None = None, streamer=None,
                  assistant_model=None, **kwargs):
-        if not isd:
+        if not isd or kwargs.get("custom_generate") is not None:  # plain decoding, or the caller's own loop
             return super().generate(*args, streamer=streamer, assistant_model=assistant_model, **kwargs)
         if assistant_model is not None:
             raise ValueError("ISD drafts with the model itself: it takes no `assistant_model`.")

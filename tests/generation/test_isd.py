@@ -236,6 +236,8 @@ def test_drafts_are_processed_at_their_anchors_context():
 
 # ---- sampling follows the AR distribution --------------------------------------------------------------------------
 def _chi_square(counts, probs, min_expected=5.0):
+    keep = probs > 0
+    counts, probs = counts[keep], probs[keep]
     total = counts.sum()
     expected = probs * total
     big = expected >= min_expected
@@ -248,31 +250,35 @@ def _chi_square(counts, probs, min_expected=5.0):
     return stat, p_value
 
 
-@functools.lru_cache(maxsize=1)
-def _vocab6():
+@functools.lru_cache(maxsize=2)
+def _vocab6(top_k=0):
     model = tiny_llama(num_layers=2, vocab=6, hidden=32, heads=2, kv_heads=1, seed=3).double()
     with torch.no_grad():
         model.lm_head.weight.mul_(6.0)  # peaked distributions: drafts and anchors differ clearly
     model.generation_config.eos_token_id = None
     prompt = torch.tensor([[2, 3, 4, 3]])
     temperature = 0.8
-    # Exact AR probabilities of every 3-token continuation by the chain rule.
+    # Exact AR probabilities of every 3-token continuation by the chain rule (after the same warpers).
     seqs = torch.cartesian_prod(*[torch.arange(6)] * 3)
     full = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
     with torch.no_grad():
-        logp = torch.log_softmax(model(full).logits[:, 3:6] / temperature, -1)
+        scores = model(full).logits[:, 3:6] / temperature
+    if top_k:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    logp = torch.log_softmax(scores, -1)
     probs = logp.gather(2, seqs[..., None]).squeeze(-1).sum(1).exp()
     assert abs(float(probs.sum()) - 1) < 1e-9
     return model, prompt, temperature, seqs, probs
 
 
-def _isd_counts(proposal, alpha, samples, seed, batch=5000):
-    model, prompt, temperature, seqs, probs = _vocab6()
+def _isd_counts(proposal, alpha, samples, seed, batch=5000, top_k=0):
+    model, prompt, temperature, seqs, probs = _vocab6(top_k)
     torch.manual_seed(seed)
     counts = torch.zeros(len(seqs), dtype=torch.float64)
     for _ in range(samples // batch):
         out = model.generate(prompt.expand(batch, -1), custom_generate=isd_generate, gen_block_size=3,
-                             mask_token_id=5, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=3,
+                             mask_token_id=5, do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=3,
                              proposal=proposal, verify_alpha=alpha, pad_token_id=0)
         new = out[:, prompt.shape[1]:]
         index = new[:, 0] * 36 + new[:, 1] * 6 + new[:, 2]
@@ -280,9 +286,11 @@ def _isd_counts(proposal, alpha, samples, seed, batch=5000):
     return counts, probs
 
 
-@pytest.mark.parametrize("proposal", ["sample", "argmax"])
-def test_sampling_follows_ar_distribution_fast(proposal):
-    counts, probs = _isd_counts(proposal, 1.0, 3000, seed=11, batch=3000)
+@pytest.mark.parametrize("proposal,top_k", [("sample", 0), ("argmax", 0), ("sample", 3)])
+def test_sampling_follows_ar_distribution_fast(proposal, top_k):
+    counts, probs = _isd_counts(proposal, 1.0, 3000, seed=11, batch=3000, top_k=top_k)
+    if top_k:
+        assert counts[probs == 0].sum() == 0  # nothing outside the top-k is ever committed
     _, p_value = _chi_square(counts, probs)
     assert p_value > 1e-3, p_value
 
@@ -412,6 +420,26 @@ def test_introspective_acceptance_rate(model64):
     oracle = oracle_model()
     ref = set_reference(oracle, ids, torch.ones_like(ids), 14, 1.0)
     assert introspective_acceptance_rate(oracle, ref, 3, prompt_length=5, mask_token_id=MASK) > 0.999
+
+
+def test_bfloat16_runs_and_starts_like_generate():
+    model = tiny_llama(num_layers=2).to(torch.bfloat16)
+    ids, mask = left_padded_batch()
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    out = isd(model, ids, mask, n=3, max_new_tokens=10)
+    assert out.sequences.shape == want.shape
+    assert torch.equal(out.sequences[:, : ids.shape[1] + 1], want[:, : ids.shape[1] + 1])  # same prefill
+
+
+def test_isd_config_roundtrip_and_validation():
+    config = ISDConfig(gen_block_size=5, mask_token_id=9, verify_alpha=0.8, proposal="argmax")
+    assert ISDConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="Unknown"):
+        ISDConfig.from_dict({"gen_block_size": 3, "block": 2})
+    with pytest.raises(TypeError):
+        ISDConfig(gen_block_size=2.0)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        ISDConfig(mask_token_id=-1)
 
 
 # ---- errors: clear, and nothing changed ----------------------------------------------------------------------------
