@@ -137,11 +137,11 @@ class StationaryBatchISD:
             eos_token_id = (getattr(model, "generation_config", None) or GenerationConfig()).eos_token_id
         self.eos_ids = set(token_ids(eos_token_id))
         # isd_generate's refusals (encoder-decoder, stateful, non-causal block-diffusion model, mask id == EOS,
-        # merged aLoRA, a cache that cannot hold holes), on a cache of the kind the runs will use.
+        # merged aLoRA); the stationary batch never crops, so its own cache check replaces the croppability one.
         probe = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None)
-        cache = make_stationary_cache(model, cache_implementation, 1)
-        _check_call(model, torch.zeros(1, 1, dtype=torch.long), self.config, probe, False, None, None, cache)
-        check_stationary_cache(cache)
+        _check_call(model, torch.zeros(1, 1, dtype=torch.long), self.config, probe, False, None, None,
+                    make_stationary_cache(model, "dynamic", 1))
+        check_stationary_cache(make_stationary_cache(model, cache_implementation, 1))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.do_sample = bool(do_sample)
         self.processors = _sampling_processors(do_sample, temperature, top_k, top_p, logits_processor)

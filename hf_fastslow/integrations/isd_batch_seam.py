@@ -2,9 +2,9 @@
 
 The stationary batch appends the same number of columns to every row each round and masks the rejected ones instead
 of cropping them, so rows stay equal length (a `StaticCache` never changes shape). When the cache fills, each row's
-valid columns are gathered to the right end; this reads the layers' key/value tensors (`cache.layers[i].keys`), then
-rewrites them through the public `crop(-n)` + `update(...)`, which works for `DynamicCache` and `StaticCache` alike
-(a static layer is written in place, its storage address kept).
+valid columns are gathered to the right end; this reads the layers' key/value tensors (`cache.layers[i].keys`) and
+writes them back: a static layer in place (its storage address kept, its `cumulative_length` set; transformers 5.17's
+static layers have no `crop`), a dynamic one through the public `crop(-n)` + `update(...)`.
 """
 
 from __future__ import annotations
@@ -40,12 +40,23 @@ def compact_cache_columns(cache: Any, index: torch.Tensor, width: int) -> None:
     """Keep, for every row b, the cache columns `index[b]` (of the first `width`) in that order; afterwards the cache
     holds `index.shape[1]` columns. Keys carry their RoPE rotation already, so moving them is exact as long as the
     caller keeps each row's position ids and moves its validity mask the same way."""
-    gathered = []
-    for layer in cache.layers:
+    from transformers.cache_utils import StaticLayer
+
+    new_width = index.shape[1]
+    dynamic = []
+    for layer_idx, layer in enumerate(cache.layers):
         keys, values = layer.keys[:, :, :width], layer.values[:, :, :width]
         at = index.to(keys.device)[:, None, :, None]
-        gathered.append((keys.gather(2, at.expand(-1, keys.shape[1], -1, keys.shape[3])),
-                         values.gather(2, at.expand(-1, values.shape[1], -1, values.shape[3]))))
-    cache.crop(-width)
-    for layer_idx, (keys, values) in enumerate(gathered):
-        cache.update(keys, values, layer_idx)
+        keys = keys.gather(2, at.expand(-1, keys.shape[1], -1, keys.shape[3]))
+        values = values.gather(2, at.expand(-1, values.shape[1], -1, values.shape[3]))
+        if isinstance(layer, StaticLayer):
+            layer.keys[:, :, :new_width].copy_(keys)
+            layer.values[:, :, :new_width].copy_(values)
+            layer.cumulative_length.fill_(new_width)
+        else:
+            dynamic.append((layer_idx, keys, values))
+    if dynamic:
+        for layer_idx, _, _ in dynamic:
+            cache.layers[layer_idx].crop(-width)
+        for layer_idx, keys, values in dynamic:
+            cache.update(keys, values, layer_idx)
