@@ -305,6 +305,24 @@ def test_llada_fused_sequential_block_is_split(tmp_path):
     torch.testing.assert_close(_logits(model), llada_reference(IDS, tensors, fused=True))
 
 
+def test_sharded_checkpoints(tmp_path):
+    """Two safetensors shards + model.safetensors.index.json, for the key-mapped and the explicitly split LLaDA."""
+    for fused in (False, True):
+        tensors = llada_tensors(fused=fused)
+        path = tmp_path / f"fused{fused}"
+        extra = {"block_type": "sequential", "activation_type": "swiglu", "mlp_hidden_size": 2 * FFN} if fused else {}
+        _write(path, {**LLADA_CONFIG, **extra}, {})
+        (path / "model.safetensors").unlink()
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: tensors[k] for k in keys}, str(path / shard), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        model, _ = load_as_hf(path)
+        torch.testing.assert_close(_logits(model), llada_reference(IDS, tensors, fused=fused))
+
+
 def test_bidirectional_families_attend_forward(tmp_path):
     """A later token changes position 0's logits on LLaDA (bidirectional) and not on SDAR's plain forward."""
     _write(tmp_path / "llada", LLADA_CONFIG, llada_tensors())
