@@ -168,6 +168,27 @@ def test_eos_stops_each_row_and_pads_after_it():
     assert out.sequences.shape[1] <= free.shape[1]
 
 
+def test_rows_count_their_own_forwards_in_a_batch():
+    """A row that stops early counts only the forwards made while it was generating: in a left-padded batch each row
+    gets the tokens and the forward count it gets decoded alone (no shift here: with it, a forward skipped for a row
+    alone may be needed by another row of the batch)."""
+    model = model_with("block", block_size=4, logit_shift=False)
+    ids, mask = left_pad(ROWS, 0)
+    free = bd_generate(model, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0 stops in the first block
+    out = bd_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+                      return_dict_in_generate=True)
+    counts = out.forwards.tolist()
+    assert len(set(counts)) > 1  # the rows stop at different blocks
+    for r, row in enumerate(ROWS):
+        alone = bd_generate(model, torch.tensor([row]), max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+                            return_dict_in_generate=True)
+        new = alone.sequences[0, len(row):].tolist()
+        assert out.sequences[r, ids.shape[1]: ids.shape[1] + len(new)].tolist() == new
+        assert counts[r] == int(alone.forwards[0]), r
+        assert float(out.tokens_per_forward[r]) == pytest.approx(float(alone.tokens_per_forward[0]))
+
+
 def test_max_new_tokens_not_a_multiple_of_block():
     model = model_with("block", block_size=4)
     out = bd_generate(model, torch.tensor([ROWS[0]]), max_new_tokens=7, eos_token_id=None)
