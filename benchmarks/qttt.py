@@ -36,6 +36,7 @@ from hf_fastslow.modeling.frozen_cache import dynamic_cache_from_layers
 
 QUESTION = "What is the access code of record {key}? Reply with the code only."
 THINK = " Think step by step: find the record's line first, then reply with its code."
+ANSWER_TOKENS = 24  # the model tends to restate the record before the code
 _LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 
@@ -137,7 +138,7 @@ def pick_lr(model, tokenizer, dev, target, lrs, steps, span) -> tuple[float, dic
     scores = {}
     for lr in lrs:
         cfg = QTTTConfig(steps=steps, span_len=span, lr=lr, target=target)
-        scores[lr] = sum(answer(model, tokenizer, ex, cfg, 12)["correct"] for ex in dev) / len(dev)
+        scores[lr] = sum(answer(model, tokenizer, ex, cfg, ANSWER_TOKENS)["correct"] for ex in dev) / len(dev)
     return max(scores, key=lambda lr: (scores[lr], -lr)), scores
 
 
@@ -171,10 +172,11 @@ def main(argv=None):
         ctx = statistics.mean(len(tokenizer(ex["context"])["input_ids"]) for ex in test)
         budget = thinking_budget(model, int(ctx), args.steps, args.span)
         arms = {
-            "in-context": (QTTTConfig(steps=0), 12, False, True),
+            "in-context": (QTTTConfig(steps=0), ANSWER_TOKENS, False, True),
             "thinking (FLOP-matched)": (QTTTConfig(steps=0), budget, True, False),
-            "qTTT": (QTTTConfig(steps=args.steps, span_len=args.span, lr=lr_q), 12, False, True),
-            "full TTT": (QTTTConfig(steps=args.steps, span_len=args.span, lr=lr_full, target="all"), 12, False, False),
+            "qTTT": (QTTTConfig(steps=args.steps, span_len=args.span, lr=lr_q), ANSWER_TOKENS, False, True),
+            "full TTT": (QTTTConfig(steps=args.steps, span_len=args.span, lr=lr_full, target="all"), ANSWER_TOKENS,
+                         False, False),
         }
         rows = {name: [] for name in arms}
         for i, ex in enumerate(test):
