@@ -43,6 +43,7 @@ from ..integrations import (
     speculative_compact_cache,
     speculative_crop,
     speculative_forward,
+    speculative_prepare_cache,
     split_stopping_criteria,
 )
 from ..integrations.isd_seam import alora_offsets, unwrap_peft_model, uses_alora
@@ -256,6 +257,7 @@ class _ISDRun:
             [0] * batch, **extra,
         )
         self.cache = output_cache(outputs) or self.cache
+        speculative_prepare_cache(self.cache)  # sliding-window layers keep what a later crop needs
         self.compactable = batch > 1 and speculative_cache_compactable(self.cache)
         logits = outputs.logits[:, -1].to(dtype=torch.float32)
         scores = self.logits_processor(input_ids, logits) if self.processors else logits

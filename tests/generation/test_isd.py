@@ -133,6 +133,24 @@ def test_greedy_equals_generate_with_accepted_drafts(n, accept_p):
     assert float(out.tokens_per_forward.max()) > 1.2  # drafts really were accepted
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "mistral_sliding"])
+def test_greedy_equals_generate_other_architectures(arch):
+    """Qwen3 is the I-DLM checkpoints' shape; Mistral with a 6-token sliding window crops windowed cache layers."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=6, **common))
+    model = model.eval().double()
+    ids = torch.randint(3, 120, (1, 9), generator=torch.Generator().manual_seed(2))
+    want = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(isd(model, ids, n=3, max_new_tokens=16).sequences, want)
+
+
 def test_eos_inside_accepted_drafts_and_max_new_tokens():
     model = oracle_model()
     ids, mask = left_padded_batch(width=6, pads=(0, 2))
