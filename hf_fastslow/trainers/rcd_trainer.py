@@ -34,8 +34,10 @@ def slot_logits(logits: torch.Tensor, batch: dict, logit_shift: bool, block_size
         return noisy
     previous = noisy[:, :-1]
     if batch["clean_half"] is not None:
-        pos = batch["position_ids"][:, batch["noisy_half"]]
-        same_block = (pos[:, 1:] // block_size) == (pos[:, :-1] // block_size)
+        blocks = batch.get("block_ids")  # the trainer's block of each token (response-aligned or absolute grid)
+        if blocks is None:
+            blocks = batch["position_ids"][:, batch["noisy_half"]] // block_size
+        same_block = blocks[:, 1:] == blocks[:, :-1]
         previous = torch.where(same_block.unsqueeze(-1), previous, logits[:, batch["clean_half"]][:, :-1])
     return torch.cat([noisy[:, :1], previous], dim=1)
 

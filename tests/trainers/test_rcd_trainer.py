@@ -18,7 +18,9 @@ BLOCK = 4
 
 
 def text_dataset(n=8):
-    return Dataset.from_dict({"text": [f"{i} plus {i * 7 % 5} is {i + i * 7 % 5}." for i in range(n)]})
+    # prompt-completion rows: completion-only labels, so the response-aligned blocks start after each prompt
+    return Dataset.from_dict({"prompt": [f"{i} plus {i * 7 % 5}" + " ." * (i % 3) for i in range(n)],
+                              "completion": [f" is {i + i * 7 % 5}, right." for i in range(n)]})
 
 
 def make_args(tmp_path, cls=RCDTrainingConfig, **kw):
@@ -34,6 +36,8 @@ def models(seed_ref=1):
     mask_id = len(tok)  # one row past the tokenizer: an id no text contains
     target = tiny_llama(vocab=len(tok) + 1, num_layers=2, seed=0)
     ref = tiny_llama(vocab=len(tok) + 1, num_layers=1, seed=seed_ref)
+    with torch.no_grad():  # a confident reference: peaked, slot-dependent distributions (a random head is ~uniform,
+        ref.lm_head.weight.mul_(40.0)  # which would make every slot's residual the same mean embedding)
     return tok, mask_id, target, ref
 
 
@@ -49,7 +53,7 @@ def first_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
-def seeded(trainer, seed=3):
+def seeded(trainer, seed=2):  # rows masked at rates 0.38-0.64: many masked slots open a response block
     trainer.noise_generator = torch.Generator().manual_seed(seed)
 
 
@@ -78,7 +82,7 @@ def test_residuals_go_only_to_masked_slots_of_the_noisy_half(tmp_path):
     assert batch["masked"].any() and (~batch["masked"] & (batch["labels"] != -100)).any()
     assert torch.equal(changed[:, :length], batch["masked"])  # every masked noisy slot, nothing else of that half
     assert not changed[:, length:].any()  # the clean half is untouched, bit for bit
-    assert trainer._metrics["train"]["residual_alpha"][-1] > 0.5  # a random reference is uncertain
+    assert 0.05 < trainer._metrics["train"]["residual_alpha"][-1] < 0.95
 
 
 def test_loss_is_the_one_over_t_weighted_ce_on_residual_inputs(tmp_path):
@@ -99,11 +103,12 @@ def test_loss_is_the_one_over_t_weighted_ce_on_residual_inputs(tmp_path):
     length = batch["masked"].shape[1]
     table = model.get_input_embeddings().weight.double()
     embeds = table[batch["input_ids"]].clone()
+    blocks = batch["block_ids"]  # response-aligned: blocks start at each completion's first token
     for r in range(embeds.shape[0]):
         for j in range(1, length):
             if not batch["masked"][r, j]:
                 continue
-            same = int(pos[r, j]) // BLOCK == int(pos[r, j - 1]) // BLOCK
+            same = int(blocks[r, j]) == int(blocks[r, j - 1])
             src = ref_logits[r, j - 1] if same else ref_logits[r, length + j - 1]
             p = src.softmax(-1)
             alpha = -(p * p.log()).sum() / math.log(p.numel())
@@ -113,7 +118,9 @@ def test_loss_is_the_one_over_t_weighted_ce_on_residual_inputs(tmp_path):
     for r in range(embeds.shape[0]):
         for j in range(length - 1):
             if batch["masked"][r, j + 1]:
-                ce = F.cross_entropy(logits[r, j], batch["clean_ids"][r, j + 1])
+                # a masked block-first token is scored on the clean hidden before it (where a shifted decoder reads it)
+                opens_block = int(blocks[r, j + 1]) != int(blocks[r, j])
+                ce = F.cross_entropy(logits[r, length + j if opens_block else j], batch["clean_ids"][r, j + 1])
                 total += ce / batch["p_mask"][r].double()
     assert loss.item() == pytest.approx(total.item() / n_items, rel=1e-4)
 
