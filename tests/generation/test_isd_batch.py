@@ -281,3 +281,41 @@ def test_r_isd_stationary_batch_equals_base_greedy():
                                                                                     dtype=torch.long),
                                   max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
             assert torch.equal(seq, want)
+
+
+# ---- sampling follows the AR distribution, through slot refills -----------------------------------------------------
+def _vocab6_exact():
+    """A peaked vocab-6 Llama (mask id 5), a prompt, and the exact probabilities of all 216 3-token continuations."""
+    model = tiny_llama(num_layers=2, vocab=6, hidden=32, heads=2, kv_heads=1, seed=3).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    prompt = torch.tensor([2, 3, 4, 3])
+    seqs = torch.cartesian_prod(*[torch.arange(6)] * 3)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.cat([prompt.expand(len(seqs), -1), seqs], 1)).logits[:, 3:6], -1)
+    return model, prompt, seqs, logp.gather(2, seqs[..., None]).squeeze(-1).sum(1).exp()
+
+
+def _chi_square_p(counts, probs, min_expected=5.0):
+    expected = probs * counts.sum()
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    stat = float(((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum())
+    return float(torch.special.gammaincc(torch.tensor(int(big.sum()) / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("proposal, alpha, exact", [("sample", 1.0, True), ("argmax", 1.0, True),
+                                                    ("sample", 0.5, False)])
+def test_sampling_follows_the_ar_distribution(proposal, alpha, exact):
+    # 3000 requests of one prompt through 256 slots: every slot is refilled ~11 times while others decode.
+    model, prompt, seqs, probs = _vocab6_exact()
+    torch.manual_seed(5)
+    sb = StationaryBatchISD(model, 256, gen_block_size=3, mask_token_id=5, eos_token_id=[], max_new_tokens=3,
+                            do_sample=True, proposal=proposal, verify_alpha=alpha)
+    out = sb.generate([prompt] * 3000)
+    new = torch.stack([s[4:] for s in out.sequences])
+    counts = torch.bincount(new[:, 0] * 36 + new[:, 1] * 6 + new[:, 2], minlength=216).double()
+    p_value = _chi_square_p(counts, probs)
+    assert (p_value > 1e-3) if exact else (p_value < 1e-3), p_value
