@@ -54,8 +54,8 @@ from .speculative_processors import RoundProcessors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IDLMGenerationMixin", "ISDGenerateOutput", "introspective_acceptance_rate", "isd_generate",
-           "resolve_isd_config"]
+__all__ = ["IDLMGenerationMixin", "ISDGenerateOutput", "check_isd_call", "introspective_acceptance_rate",
+           "isd_generate", "resolve_isd_config"]
 
 # Holes (masked cache columns) are compacted once they exceed this many columns, or 1/8 of the cache width if more.
 _COMPACT_MIN_HOLES = 16
@@ -106,9 +106,9 @@ def resolve_isd_config(model, gen_block_size=None, mask_token_id=None, verify_al
     return config
 
 
-def _check_call(model, input_ids, config: ISDConfig, generation_config, synced_gpus, streamer, assistant_model,
-                cache) -> None:
-    """Every refusal, before anything is run or changed."""
+def check_isd_call(model, input_ids, config: ISDConfig, generation_config, synced_gpus, streamer, assistant_model,
+                   cache) -> None:
+    """Every refusal of an ISD call, before anything is run or changed (shared with the stationary batch)."""
     if assistant_model is not None or getattr(generation_config, "prompt_lookup_num_tokens", None):
         raise ValueError(
             "isd_generate drafts with the model itself (mask slots): it takes no `assistant_model` / "
@@ -145,6 +145,9 @@ def _check_call(model, input_ids, config: ISDConfig, generation_config, synced_g
         )
     speculative_cache_check(cache, input_ids.shape[0])
     uses_alora(model)  # raises for a merged aLoRA
+
+
+_check_call = check_isd_call  # the name the stationary batch imported first
 
 
 class _ISDRun:
@@ -420,7 +423,7 @@ def isd_generate(
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     config = resolve_isd_config(model, gen_block_size, mask_token_id, verify_alpha, proposal, isd_config)
     cache = cache_from_kwargs(model_kwargs)
-    _check_call(model, input_ids, config, generation_config, synced_gpus, streamer, assistant_model, cache)
+    check_isd_call(model, input_ids, config, generation_config, synced_gpus, streamer, assistant_model, cache)
     run = _ISDRun(model, input_ids, config, logits_processor, stopping_criteria, generation_config, streamer,
                   model_kwargs)
     run.prefill()
