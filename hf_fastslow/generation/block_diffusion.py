@@ -7,8 +7,9 @@
 The prompt is prefilled once into a `BlockDiffusionCache`; then, block after block, `block_size` `[MASK]` slots are
 denoised in at most `steps` forwards that see the cached prefix plus the whole block (its KV is not stored); each step
 commits the masked slots whose confidence passes `threshold` (Fast-dLLM) and at least k_s of them (the at-least-k
-schedule: the block's slots spread evenly over the steps); a final KV-commit pass feeds the block's tokens and stores
-their keys/values (skipped after the last block). With `logit_shift` (a converted AR model, I-DLM) slot j reads the
+schedule: the block's slots spread evenly over the steps); a KV-commit pass feeds the block's final tokens and stores
+their keys/values (skipped after the last block), by default in the same forward as the next block's first denoising
+step (`fuse_commit`). With `logit_shift` (a converted AR model, I-DLM) slot j reads the
 output at slot j-1 and slot 0 reads the last prefix output, so with block_size=1, steps=1, causal attention and greedy
 picks the loop is plain greedy decoding, forward for forward.
 
@@ -39,7 +40,7 @@ from ..modeling.block_diffusion import (
 )
 from .padding import pad_token_id
 
-__all__ = ["REMASKING_MODES", "BlockDiffusionDecoder", "block_diffusion_generate"]
+__all__ = ["REMASKING_MODES", "BlockDiffusionDecoder", "block_diffusion_generate", "commit_schedule"]
 
 REMASKING_MODES = ("low_confidence", "random", "entropy", "margin")
 # model_kwargs that generate() prepares and this loop rebuilds itself.
@@ -74,6 +75,7 @@ class BlockDiffusionDecoder:
         self.logit_shift, self.attention, self.fuse_commit = logit_shift, attention, fuse_commit
         self.schedule: list[int] = commit_schedule(block_size, steps)
         self.block_index = 0
+        self.losa_state = None
 
     # ---- hooks ------------------------------------------------------------------------------------------------------
     def start_block(self, block_index: int) -> None:
@@ -205,7 +207,7 @@ class BlockDiffusionDecoder:
                     forwards += active.long()
                     raw = _float(out.logits[:, -b:])
                     aligned = torch.cat([last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
-                scores = self._process(logits_processor, sequences, block_ids, aligned)
+                scores = self._process(logits_processor, sequences, block_ids, aligned, masked)
                 # The mask id is never an answer: a committed [MASK] would read as still masked to later passes.
                 scores = scores.index_fill(-1, self._mask_index, -math.inf)
                 picked = _pick(scores, do_sample)
@@ -310,13 +312,17 @@ class BlockDiffusionDecoder:
         if self.losa_state is not None:
             self.losa_state.start_block()
 
-    def _process(self, logits_processor, sequences, block_ids, aligned):
+    def _process(self, logits_processor, sequences, block_ids, aligned, masked):
         """Logits processors, slot by slot: slot j is scored after the row so far plus the block's slots < j (mask
-        ids where still masked), so length- and content-dependent processors see each slot at its own position."""
+        ids where still masked), so length- and content-dependent processors see each slot at its own position.
+        Slots no row still has masked are not scored (nothing reads them)."""
         if not logits_processor:
             return aligned
         columns = []
         for j in range(aligned.shape[1]):
+            if not bool(masked[:, j].any()):
+                columns.append(aligned[:, j])
+                continue
             context = torch.cat([sequences, block_ids[:, :j]], dim=1)
             columns.append(logits_processor(context, aligned[:, j].clone()))
         return torch.stack(columns, dim=1)
