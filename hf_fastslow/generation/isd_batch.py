@@ -36,7 +36,7 @@ from ..integrations import output_cache, speculative_forward, speculative_proces
 from ..integrations.isd_batch_seam import check_stationary_cache, compact_cache_columns, make_stationary_cache
 from ..integrations.isd_seam import alora_offsets, unwrap_peft_model, uses_alora
 from ..modeling.block_diffusion import model_attention_mask
-from .isd import _check_call, resolve_isd_config
+from .isd import check_isd_call, resolve_isd_config
 from .isd_config import ISDConfig
 from .isd_round import ISDRows, isd_round
 from .padding import token_ids
@@ -139,7 +139,7 @@ class StationaryBatchISD:
         # isd_generate's refusals (encoder-decoder, stateful, non-causal block-diffusion model, mask id == EOS,
         # merged aLoRA); the stationary batch never crops, so its own cache check replaces the croppability one.
         probe = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None)
-        _check_call(model, torch.zeros(1, 1, dtype=torch.long), self.config, probe, False, None, None,
+        check_isd_call(model, torch.zeros(1, 1, dtype=torch.long), self.config, probe, False, None, None,
                     make_stationary_cache(model, "dynamic", 1))
         check_stationary_cache(make_stationary_cache(model, cache_implementation, 1))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
