@@ -140,7 +140,7 @@ class StationaryBatchISD:
         # merged aLoRA); the stationary batch never crops, so its own cache check replaces the croppability one.
         probe = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None)
         check_isd_call(model, torch.zeros(1, 1, dtype=torch.long), self.config, probe, False, None, None,
-                    make_stationary_cache(model, "dynamic", 1))
+                       make_stationary_cache(model, "dynamic", 1))
         check_stationary_cache(make_stationary_cache(model, cache_implementation, 1))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.do_sample = bool(do_sample)
