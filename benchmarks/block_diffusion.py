@@ -104,6 +104,11 @@ def run_setting(title, model, tok, prompts, args, block, steps, threshold):
               f"{agreement(rows, reference):.3f} |")
 
 
+def parse_setting(text: str) -> tuple[int, int, float | None]:
+    block, steps, threshold = text.split(":")
+    return int(block), int(steps), None if threshold.lower() == "none" else float(threshold)
+
+
 def tiny_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,6 +132,8 @@ def main(argv=None):
     p.add_argument("--tiny-prompt", type=int, default=256)
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--skip-default", action="store_true")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated block:steps:threshold triples (threshold 'none'), e.g. 4:4:none,4:2:0.9")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.quick:
@@ -134,6 +141,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"# block diffusion: {' '.join(['python', 'benchmarks/block_diffusion.py', *sys.argv[1:]])}")
     settings = [(4, 4, 0.9)] if args.quick else [(4, 4, None), (4, 4, 0.9), (8, 8, 0.9), (4, 2, 0.9)]
+    if args.settings:
+        settings = [parse_setting(item) for item in args.settings.split(",")]
 
     if not args.skip_tiny:
         model = tiny_model()
