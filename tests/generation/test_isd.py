@@ -504,3 +504,18 @@ def test_direct_call_refuses_assistant_and_block_diffusion_models(model64):
     want = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(model.generate(ids, custom_generate=isd_generate, gen_block_size=3, max_new_tokens=5,
                                       do_sample=False), want)
+
+
+@pytest.mark.slow
+def test_default_model_greedy_equals_generate_float64(default_model):
+    """SmolLM2-135M (not I-DLM trained: acceptance ~0) in float64: ISD greedy == generate on a chat prompt."""
+    import copy
+
+    model, tok = default_model
+    model = copy.deepcopy(model).double()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    want = model.generate(ids, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, custom_generate=isd_generate, gen_block_size=3, mask_token_id=3, max_new_tokens=24,
+                         do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
