@@ -75,7 +75,8 @@ def _check(p, tokens, q, num_drafts, uniforms, alpha=1.0):
     return got_acc.cpu(), got_res.cpu()
 
 
-@pytest.mark.parametrize("rows, k, vocab, seed", [(6, 4, 50, 0), (3, 1, 7, 1), (9, 7, 300, 2), (4, 3, 2500, 3)])
+@pytest.mark.parametrize("rows, k, vocab, seed", [(6, 4, 50, 0), (3, 1, 7, 1), (9, 7, 300, 2), (4, 3, 2500, 3),
+                                                   (3, 3, 49152, 11)])  # SmolLM2's vocabulary: 24 tiles
 def test_random_shapes_match_contract(rows, k, vocab, seed):
     acc, _ = _check(*_inputs(rows, k, vocab, seed))
     # The draws must exercise both outcomes, or the comparison proves little.
