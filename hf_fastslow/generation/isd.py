@@ -422,6 +422,8 @@ def isd_generate(
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     config = resolve_isd_config(model, gen_block_size, mask_token_id, verify_alpha, proposal, isd_config)
+    if model_kwargs.get("inputs_embeds") is not None or input_ids.shape[-1] == 0:
+        raise ValueError("isd_generate needs the prompt as `input_ids` (mask slots and drafts are fed as token ids).")
     cache = cache_from_kwargs(model_kwargs)
     check_isd_call(model, input_ids, config, generation_config, synced_gpus, streamer, assistant_model, cache)
     run = _ISDRun(model, input_ids, config, logits_processor, stopping_criteria, generation_config, streamer,

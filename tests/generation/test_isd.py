@@ -494,6 +494,9 @@ def test_direct_call_refuses_assistant_and_block_diffusion_models(model64):
     with pytest.raises(ValueError, match="assistant_model"):
         isd_generate(model64, ids, gen_block_size=3, mask_token_id=MASK, assistant_model=model64,
                      past_key_values=DynamicCache(config=model64.config))
+    with pytest.raises(ValueError, match="input_ids"):
+        model64.generate(inputs_embeds=model64.get_input_embeddings()(ids), custom_generate=isd_generate,
+                         gen_block_size=3, mask_token_id=MASK, max_new_tokens=3)
     model = tiny_llama(num_layers=1)
     model.config.block_diffusion = {"mask_token_id": MASK, "block_size": 4, "logit_shift": False,
                                     "attention": "block"}
