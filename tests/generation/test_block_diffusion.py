@@ -356,6 +356,20 @@ def test_losa_protocol(monkeypatch):
                                     "start", "forward", "forward", "end"]
 
 
+def test_real_losa_at_full_budget_matches_dense():
+    """With H7's LosaState and attention: a budget covering the whole prefix and every block token active is dense
+    attention, so the loop writes the SDPA tokens (float64)."""
+    from hf_fastslow.modeling.losa import LosaConfig, register_losa
+
+    model = model_with("block", block_size=4)
+    ids = torch.randint(3, 120, (1, 21))
+    want = bd_generate(model, ids, max_new_tokens=8, steps=4, eos_token_id=None)
+    model.set_attn_implementation(register_losa())
+    losa = LosaConfig(budget=64, page_size=4, active_k=4, min_prefix=0)
+    got = bd_generate(model, ids, max_new_tokens=8, steps=4, eos_token_id=None, losa=losa)
+    assert torch.equal(got, want)
+
+
 def test_past_key_values_keyword_path(monkeypatch):
     """transformers 5.17 only knows `past_key_values=`: the loop must work when that is the cache keyword."""
     import hf_fastslow.integrations.caches as caches
