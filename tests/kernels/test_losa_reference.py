@@ -162,3 +162,16 @@ def test_union_page_selection_is_the_set_union_of_each_querys_top_pages():
     assert index.shape[1] == max(len([p for p in row if p >= 0]) for row in index.tolist())
     assert select_union_pages(scores[:, :0], 2).shape == (3, 0)
     assert select_union_pages(scores, 50).shape == (3, 11)  # more pages asked than exist: all of them
+
+
+def test_dispatch_takes_the_reference_on_cpu_and_a_missing_twin_disables_the_triton_path():
+    from hf_fastslow.kernels.dispatch import force_backend
+    from hf_fastslow.kernels.losa import _twin
+
+    assert _twin("hf_fastslow.kernels.no_such_losa_twin:f") is None  # a twin not written yet: reference only
+    assert union_sparse_prefix_attention.reference is union_sparse_prefix_attention_reference
+    q, k, v = _qkv(4, 2, a=3, p=20)
+    with force_backend("torch"):
+        out, lse = union_sparse_prefix_attention(q, k, v, _all_pages(2, 20, 8), 8, 0.5)
+    ref, ref_lse = union_sparse_prefix_attention_reference(q, k, v, _all_pages(2, 20, 8), 8, 0.5)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
