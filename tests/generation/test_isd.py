@@ -123,14 +123,18 @@ def test_greedy_equals_generate_left_padded_batch(model64, n):
 
 
 @pytest.mark.parametrize("n,accept_p", [(2, 1.0), (3, 0.7), (4, 1.0), (6, 0.5)])
-def test_greedy_equals_generate_with_accepted_drafts(n, accept_p):
+def test_greedy_equals_generate_with_accepted_drafts(monkeypatch, n, accept_p):
     """Ragged multi-token commits, masked holes, crops and compaction: still generate's tokens."""
+    compactions = []
+    compact = isd_module.speculative_compact_cache
+    monkeypatch.setattr(isd_module, "speculative_compact_cache", lambda c, o: (compactions.append(1), compact(c, o)))
     model = oracle_model()
     ids, mask = left_padded_batch(width=8, pads=(3, 0, 5))
     ref = set_reference(model, ids, mask, 40, accept_p)
     out = isd(model, ids, mask, n=n, max_new_tokens=40)
     assert torch.equal(out.sequences, ref)
     assert float(out.tokens_per_forward.max()) > 1.2  # drafts really were accepted
+    assert bool(compactions) == (accept_p < 1)  # ragged acceptance left holes that were compacted
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral_sliding"])
