@@ -20,7 +20,8 @@ data):
             `block_diffusion_generate` at several step counts / thresholds: the block-diffusion baseline.
   SeqD/RCD  the card's fairness protocol: both start from the BD3 model's weights and train on the same further
             tokens; SeqD continues the BD3 SFT without residuals, RCD trains with residuals from a frozen smaller
-            reference DLM (RCDTrainer); decoded with `block_diffusion_generate` (SeqD) and `rcd_generate` (RCD).
+            reference DLM (RCDTrainer; the reference is a narrower BD3 model trained on the first half of the stage-1
+            examples); decoded with `block_diffusion_generate` (SeqD) and `rcd_generate` (RCD, zero and self init).
 
     python benchmarks/dlm_synthetic.py --quick    # a smoke run of every arm (under ~2 minutes on an idle 2-core box)
     python benchmarks/dlm_synthetic.py            # the full profile (the figures in docs/dlm.md)
@@ -156,7 +157,7 @@ class Profile:
 PROFILES = {
     "quick": Profile(digits=3, hidden=32, layers=2, steps=40, extra_steps=10, batch=32, lr=3e-3, n_test=64,
                      ref_hidden=32, ref_layers=1),
-    "full": Profile(digits=7, hidden=64, layers=3, steps=1200, extra_steps=300, batch=64, lr=3e-3, n_test=500,
+    "full": Profile(digits=5, hidden=64, layers=3, steps=700, extra_steps=150, batch=64, lr=3e-3, n_test=500,
                     ref_hidden=32, ref_layers=2),
 }
 
@@ -219,6 +220,7 @@ class Row:
     setting: str
     accuracy: float
     tpf: float  # mean over held-out rows of the row's tokens per forward
+    tpf_after_prefill: float  # the same without counting the prefill forward
     extra: str = ""
 
 
@@ -233,7 +235,7 @@ def decode(model, tok, task: AdditionTask, rows: Sequence[dict], batch: int, **g
     """Greedy-decode every held-out prompt with `model.generate(**generate_kw)`; accuracy, mean TPF per row and the
     generated answers. `generate_kw` without `custom_generate` is plain AR greedy (TPF 1 by construction: one forward
     per token, the prefill giving the first; counted here the same way as the DLM loops count theirs)."""
-    answers, tpf, accepted = [], [], []
+    answers, tpf, tpf_after, accepted = [], [], [], []
     for ids in prompt_batches(tok, rows, batch):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=task.answer_length, eos_token_id=tok.eos_token_id,
@@ -241,12 +243,19 @@ def decode(model, tok, task: AdditionTask, rows: Sequence[dict], batch: int, **g
         new = out.sequences[:, ids.shape[1]:]
         answers += decode_answers(tok, new)
         row_tpf = getattr(out, "tokens_per_forward", None)
-        # plain generate: every row takes one forward per token it writes (the prefill writes the first)
-        tpf += [1.0] * len(ids) if row_tpf is None else row_tpf.float().tolist()
+        forwards = getattr(out, "num_forwards", getattr(out, "forwards", None))
+        if row_tpf is None:  # plain generate: every row takes one forward per token it writes (the prefill the first)
+            lengths = [(r.index(tok.eos_token_id) + 1 if tok.eos_token_id in r else len(r)) for r in new.tolist()]
+            row_tpf, forwards = torch.ones(len(ids)), torch.tensor(lengths)
+        tpf += row_tpf.float().tolist()
+        # the same count without the prefill forward (what the papers' long generations approach)
+        forwards = forwards.float()
+        tpf_after += (row_tpf.float() * forwards / (forwards - 1).clamp(min=1)).tolist()
         rate = getattr(out, "acceptance_rate", None)
         if rate is not None:
             accepted += [x for x in rate.float().tolist() if not math.isnan(x)]
-    return {"accuracy": exact_match(answers, rows), "tpf": sum(tpf) / len(tpf), "answers": answers,
+    return {"accuracy": exact_match(answers, rows), "tpf": sum(tpf) / len(tpf),
+            "tpf_after_prefill": sum(tpf_after) / len(tpf_after), "answers": answers,
             "acceptance": sum(accepted) / len(accepted) if accepted else None}
 
 
@@ -270,7 +279,13 @@ def build_datasets(tok, task: AdditionTask, profile: Profile, seed: int):
     return stage1, stage2, test
 
 
-def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, skip: set[str]) -> dict[str, TrainedArm]:
+ARMS = ("AR", "I-DLM", "BD3", "ref", "SeqD", "RCD")
+
+
+def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, arms_to_train: Sequence[str] = ARMS,
+              save: bool = False) -> dict[str, TrainedArm]:
+    """Train the requested arms, in `ARMS` order. SeqD and RCD start from the BD3 weights and RCD needs the reference:
+    trained in this call, or (another process's `save=True` run) loaded from `out_dir/models`, waited for."""
     from trl import SFTConfig, SFTTrainer
 
     from hf_fastslow.trainers.block_diffusion_config import BlockDiffusionTrainingConfig
@@ -278,11 +293,28 @@ def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, sk
     from hf_fastslow.trainers.idlm_config import IDLMConfig
     from hf_fastslow.trainers.idlm_trainer import IDLMTrainer
 
+    unknown = set(arms_to_train) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
     mask = tok.mask_token_id
     arms: dict[str, TrainedArm] = {}
 
     def fresh(hidden=profile.hidden, layers=profile.layers):
         return tiny_llama(tok, hidden, layers, seed)
+
+    def done(arm: TrainedArm) -> None:
+        arms[arm.name] = arm
+        if save:
+            save_arms({arm.name: arm}, tok, out_dir)
+
+    def needed(name: str) -> TrainedArm:
+        while name not in arms:
+            loaded = load_arms(out_dir, names=(name,))
+            if name in loaded:
+                arms[name] = loaded[name]
+            else:
+                time.sleep(20)  # trained by another process of the same run
+        return arms[name]
 
     def copy_of(arm: TrainedArm):
         # A fresh module with the trained weights, not copy.deepcopy: trl's SFTTrainer replaces `model.forward` by a
@@ -292,41 +324,36 @@ def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, sk
         model.config.block_diffusion = copy.deepcopy(arm.model.config.block_diffusion)
         return model.train()
 
-    if "ar" not in skip:
-        arms["AR"] = train("AR", SFTTrainer, training_args(SFTConfig, profile, f"{out_dir}/ar", profile.steps, seed),
-                           fresh(), stage1, tok)
-    if "idlm" not in skip:
-        args = training_args(IDLMConfig, profile, f"{out_dir}/idlm", profile.steps, seed, mask_token_id=mask,
-                             block_length=IDLM_BLOCK_LENGTH, auto_balance=True)
-        arms["I-DLM"] = train("I-DLM", IDLMTrainer, args, fresh(), stage1, tok)
-    if "bd3" in skip:
-        return arms
-
-    def bd3_args(name, steps, lr_scale=1.0):
-        args = training_args(BlockDiffusionTrainingConfig, profile, f"{out_dir}/{name}", steps, seed,
-                             objective="bd3", block_size=BLOCK, logit_shift=False, mask_token_id=mask)
+    def bd3_args(name, steps, config_cls=BlockDiffusionTrainingConfig, lr_scale=1.0):
+        args = training_args(config_cls, profile, f"{out_dir}/{name}", steps, seed, objective="bd3",
+                             block_size=BLOCK, logit_shift=False, mask_token_id=mask)
         args.learning_rate *= lr_scale
         return args
 
-    arms["BD3"] = train("BD3", BlockDiffusionTrainer, bd3_args("bd3", profile.steps), fresh(), stage1, tok)
-    if "rcd" in skip:
-        return arms
-    from hf_fastslow.trainers.rcd_config import RCDTrainingConfig
-    from hf_fastslow.trainers.rcd_trainer import RCDTrainer
-
-    ref = train("ref", BlockDiffusionTrainer, bd3_args("ref", profile.steps // 2),
-                fresh(profile.ref_hidden, profile.ref_layers), stage1, tok)
-    arms["ref"] = ref
+    if "AR" in arms_to_train:
+        done(train("AR", SFTTrainer, training_args(SFTConfig, profile, f"{out_dir}/ar", profile.steps, seed),
+                   fresh(), stage1, tok))
+    if "I-DLM" in arms_to_train:
+        args = training_args(IDLMConfig, profile, f"{out_dir}/idlm", profile.steps, seed, mask_token_id=mask,
+                             block_length=IDLM_BLOCK_LENGTH, auto_balance=True)
+        done(train("I-DLM", IDLMTrainer, args, fresh(), stage1, tok))
+    if "BD3" in arms_to_train:
+        done(train("BD3", BlockDiffusionTrainer, bd3_args("bd3", profile.steps), fresh(), stage1, tok))
+    if "ref" in arms_to_train:
+        done(train("ref", BlockDiffusionTrainer, bd3_args("ref", profile.steps // 2),
+                   fresh(profile.ref_hidden, profile.ref_layers), stage1, tok))
     # The fairness protocol: SeqD and RCD start from the same BD3 weights and see the same further examples in the
     # same order, at the same (lower) learning rate; only the residual inputs differ.
-    arms["SeqD"] = train("SeqD", BlockDiffusionTrainer, bd3_args("seqd", profile.extra_steps, 1 / 3),
-                         copy_of(arms["BD3"]), stage2, tok)
-    rcd_args = training_args(RCDTrainingConfig, profile, f"{out_dir}/rcd", profile.extra_steps, seed,
-                             objective="bd3", block_size=BLOCK, logit_shift=False, mask_token_id=mask)
-    rcd_args.learning_rate /= 3
-    arms["RCD"] = train("RCD", RCDTrainer, rcd_args, copy_of(arms["BD3"]), stage2, tok,
-                        ref_model=ref.model)
-    return arms
+    if "SeqD" in arms_to_train:
+        done(train("SeqD", BlockDiffusionTrainer, bd3_args("seqd", profile.extra_steps, lr_scale=1 / 3),
+                   copy_of(needed("BD3")), stage2, tok))
+    if "RCD" in arms_to_train:
+        from hf_fastslow.trainers.rcd_config import RCDTrainingConfig
+        from hf_fastslow.trainers.rcd_trainer import RCDTrainer
+
+        args = bd3_args("rcd", profile.extra_steps, RCDTrainingConfig, lr_scale=1 / 3)
+        done(train("RCD", RCDTrainer, args, copy_of(needed("BD3")), stage2, tok, ref_model=needed("ref").model))
+    return {name: arm for name, arm in arms.items() if name in arms_to_train}
 
 
 def evaluate_all(arms: dict[str, TrainedArm], tok, task: AdditionTask, test: list[dict], batch: int) -> list[Row]:
@@ -335,9 +362,9 @@ def evaluate_all(arms: dict[str, TrainedArm], tok, task: AdditionTask, test: lis
     def add(method, arm, setting, result, extra=""):
         if result.get("acceptance") is not None:
             extra = (extra + f"; acceptance {result['acceptance']:.3f}").lstrip("; ")
-        rows.append(Row(method, arm, setting, result["accuracy"], result["tpf"], extra))
-        print(f"  {method:22s} {arm:6s} {setting:24s} accuracy {result['accuracy']:.3f}  TPF {result['tpf']:.2f}  "
-              f"{extra}", flush=True)
+        rows.append(Row(method, arm, setting, result["accuracy"], result["tpf"], result["tpf_after_prefill"], extra))
+        print(f"  {method:22s} {arm:6s} {setting:24s} accuracy {result['accuracy']:.3f}  TPF {result['tpf']:.2f} "
+              f"({result['tpf_after_prefill']:.2f} after prefill)  {extra}", flush=True)
 
     if "AR" in arms:
         add("AR greedy", "AR", "generate", decode(arms["AR"].model, tok, task, test, batch))
@@ -371,9 +398,10 @@ def evaluate_all(arms: dict[str, TrainedArm], tok, task: AdditionTask, test: lis
             res = decode(arms["SeqD"].model, tok, task, test, batch, custom_generate=block_diffusion_generate,
                          block_size=BLOCK, steps=BLOCK, threshold=threshold)
             add("SeqD (block diffusion)", "SeqD", f"b={BLOCK} thr={threshold}", res)
-            res = decode(arms["RCD"].model, tok, task, test, batch, custom_generate=rcd_generate,
-                         block_size=BLOCK, steps=BLOCK, threshold=threshold)
-            add("RCD (zero init)", "RCD", f"b={BLOCK} thr={threshold}", res)
+            for init in ("zero", "self"):  # "self": one extra target pass per block, counted in TPF
+                res = decode(arms["RCD"].model, tok, task, test, batch, custom_generate=rcd_generate,
+                             block_size=BLOCK, steps=BLOCK, threshold=threshold, init=init)
+                add(f"RCD ({init} init)", "RCD", f"b={BLOCK} thr={threshold}", res)
     return rows
 
 
@@ -385,9 +413,11 @@ def print_table(rows: list[Row], arms: dict[str, TrainedArm], profile: Profile, 
         base = "BD3 weights + " if name in ("SeqD", "RCD") else ""
         print(f"| {name} | {base}{arm.sequences} sequences | {arm.sequences // profile.batch} | {arm.tokens} | "
               f"{arm.seconds:.0f} |")
-    print("\n| method | model | setting | accuracy | tokens/forward | note |\n|---|---|---|---|---|---|")
+    print("\n| method | model | setting | accuracy | tokens/forward | tokens/forward after prefill | note |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.method} | {r.model} | {r.setting} | {100 * r.accuracy:.1f}% | {r.tpf:.2f} | {r.extra} |")
+        print(f"| {r.method} | {r.model} | {r.setting} | {100 * r.accuracy:.1f}% | {r.tpf:.2f} | "
+              f"{r.tpf_after_prefill:.2f} | {r.extra} |")
 
 
 def save_arms(arms: dict[str, TrainedArm], tok, out_dir: str) -> None:
@@ -402,15 +432,15 @@ def save_arms(arms: dict[str, TrainedArm], tok, out_dir: str) -> None:
                        "final_loss": arm.final_loss}, fh)
 
 
-def load_arms(load_dir: str) -> dict[str, TrainedArm]:
+def load_arms(load_dir: str, names: Sequence[str] = ARMS) -> dict[str, TrainedArm]:
     from pathlib import Path
 
     from transformers import LlamaForCausalLM
 
     arms = {}
-    for name in ("AR", "I-DLM", "BD3", "ref", "SeqD", "RCD"):
+    for name in names:
         path = Path(load_dir) / "models" / name
-        if path.is_dir():
+        if (path / "training.json").is_file():  # written last
             record = json.loads((path / "training.json").read_text())
             arms[name] = TrainedArm(name, LlamaForCausalLM.from_pretrained(path).eval(), **record)
     return arms
@@ -422,9 +452,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-batch", type=int, default=125)
-    p.add_argument("--skip", nargs="*", default=[], choices=["ar", "idlm", "bd3", "rcd"],
-                   help="leave out arms (bd3 also drops ref/SeqD/RCD); with --save, two processes can train disjoint "
-                        "arms into the same --out and one --load run evaluates them all")
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS,
+                   help="train only these arms; with --save several processes can train disjoint arms into the same "
+                        "--out (SeqD/RCD wait for BD3/ref there) and one --load run evaluates them all")
+    p.add_argument("--no-eval", action="store_true", help="train (and --save) only")
     p.add_argument("--out", default="outputs/dlm_synthetic", help="trainer output dirs, the JSON results, --save")
     p.add_argument("--save", action="store_true", help="save_pretrained every trained model under OUT/models")
     p.add_argument("--load", default=None, help="evaluate the models a --save run wrote to LOAD/models (no training)")
@@ -438,9 +469,9 @@ def main(argv=None):
     if args.load:
         arms = load_arms(args.load)
     else:
-        arms = train_all(profile, tok, stage1, stage2, args.seed, args.out, set(args.skip))
-    if args.save:
-        save_arms(arms, tok, args.out)
+        arms = train_all(profile, tok, stage1, stage2, args.seed, args.out, args.arms, save=args.save)
+    if args.no_eval:
+        return []
     rows = evaluate_all(arms, tok, task, test, args.eval_batch)
     print_table(rows, arms, profile, args)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -115,7 +115,7 @@ def test_every_arm_trains_and_every_decoder_runs_on_a_tiny_budget(bench, tok, tm
     task = bench.AdditionTask(profile.digits)
     stage1, stage2, test = bench.build_datasets(tok, task, profile, seed=0)
     assert len(stage1) == 24 and len(stage2) == 16
-    arms = bench.train_all(profile, tok, stage1, stage2, seed=0, out_dir=str(tmp_path), skip=set())
+    arms = bench.train_all(profile, tok, stage1, stage2, seed=0, out_dir=str(tmp_path))
     assert set(arms) == {"AR", "I-DLM", "BD3", "ref", "SeqD", "RCD"}
     bd3 = arms["BD3"].model.state_dict()
     for name in ("SeqD", "RCD"):
@@ -125,7 +125,7 @@ def test_every_arm_trains_and_every_decoder_runs_on_a_tiny_budget(bench, tok, tm
                                                                                     + task.answer_length)
     rows = bench.evaluate_all(arms, tok, task, test, batch=5)
     methods = [(r.method, r.setting) for r in rows]
-    assert len(rows) == 1 + 1 + len(bench.ISD_STRIDES) + len(bench.BLOCK_SETTINGS) + 2 + 2 * len(bench.RCD_THRESHOLDS)
+    assert len(rows) == 1 + 1 + len(bench.ISD_STRIDES) + len(bench.BLOCK_SETTINGS) + 2 + 3 * len(bench.RCD_THRESHOLDS)
     assert ("ISD greedy", "N=4") in methods
     for r in rows:
         assert 0.0 <= r.accuracy <= 1.0 and r.tpf > 0
