@@ -9,6 +9,11 @@ once (BD3-LM, SDAR, Fast-dLLM v2, I-DLM). With `blk(i) = pos(i) // b`:
 - clean q_i -> clean k_j: blk(j) <= blk(i) ("bd3": block-causal) or j <= i ("idlm": plain causal, the AR model);
 - clean q -> noisy k: never.
 
+Blocks: `block_ids` gives each token the position of its block's first token. `"response"` alignment (what
+`block_diffusion_generate` decodes: the first block starts at the end of the prompt) tiles every labelled run from its
+own start and makes every unlabelled (prompt) token a block of its own, so the prompt is plain causal context;
+`"absolute"` is the papers' grid `pos // b` over the whole row. Without `block_ids` the grid is absolute.
+
 `clean_first=True` lays the halves out as `[x_0 | x_t]` (R-ISD: a peft activated LoRA acts on the last L positions,
 i.e. on the noisy half only) with the same rules. Padding keys are never visible; a padding query sees only itself
 (no all-masked softmax row, so no NaN; its output carries no loss). Pure torch: works with every supported
@@ -20,8 +25,10 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "BLOCK_ALIGNMENTS",
     "MASK_PATTERNS",
     "additive_attention_mask",
+    "block_ids",
     "diffusion_targets",
     "noisy_inputs",
     "sequence_positions",
@@ -32,6 +39,7 @@ __all__ = [
 ]
 
 MASK_PATTERNS = ("bd3", "idlm")
+BLOCK_ALIGNMENTS = ("response", "absolute")
 
 
 def sequence_positions(length: int, padding_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -51,17 +59,41 @@ def two_half_position_ids(length: int, padding_mask: torch.Tensor | None = None,
     return torch.cat([pos, pos], dim=-1)
 
 
+def block_ids(
+    labels: torch.Tensor, block_size: int, padding_mask: torch.Tensor | None = None, align: str = "response"
+) -> torch.Tensor:
+    """[B, L] id of each token's block: the position of the block's first token (equal inside a block, increasing
+    across blocks). "response": labelled runs (labels != -100) are tiled from their first token, every other token is
+    its own block; "absolute": `(pos // b) * b`."""
+    if align not in BLOCK_ALIGNMENTS:
+        raise ValueError(f"align must be one of {BLOCK_ALIGNMENTS}, got {align!r}.")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}.")
+    pos = sequence_positions(labels.shape[1], padding_mask, labels.device).expand_as(labels)
+    if align == "absolute":
+        return (pos // block_size) * block_size
+    labelled = labels != -100
+    if padding_mask is not None:
+        labelled = labelled & padding_mask.bool()
+    previous = torch.cat([torch.zeros_like(labelled[:, :1]), labelled[:, :-1]], dim=1)
+    run_start = torch.cummax(torch.where(labelled & ~previous, pos, 0), dim=1).values
+    tiled = run_start + ((pos - run_start) // block_size) * block_size
+    return torch.where(labelled, tiled, pos)
+
+
 def training_mask_2l(
     length: int,
     block_size: int,
     pattern: str = "bd3",
     padding_mask: torch.Tensor | None = None,
     clean_first: bool = False,
+    block_ids: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
-    """The 2L training mask [B, 1, 2L, 2L] (B = 1 without `padding_mask`), True = may attend.
+    """The 2L training mask [B, 1, 2L, 2L] (B = 1 without `padding_mask` / `block_ids`), True = may attend.
 
     Layout `[x_t | x_0]`, or `[x_0 | x_t]` with `clean_first=True`. `padding_mask` [B, L] (1 = real token) is the
-    padding of the L-token sequence, shared by both halves; block indices follow each row's real-token positions.
+    padding of the L-token sequence, shared by both halves; positions follow each row's real tokens. `block_ids`
+    [B, L] (see `block_ids()`) overrides the absolute grid `pos // block_size`.
     """
     if pattern not in MASK_PATTERNS:
         raise ValueError(f"pattern must be one of {MASK_PATTERNS}, got {pattern!r}.")
@@ -71,7 +103,12 @@ def training_mask_2l(
         raise ValueError(f"length must be >= 1, got {length}.")
     device = padding_mask.device if padding_mask is not None else None
     pos = sequence_positions(length, padding_mask, device)  # [B, L]
-    blk = pos // block_size
+    if block_ids is None:
+        blk = pos // block_size
+    else:
+        if block_ids.dim() != 2 or block_ids.shape[1] != length:
+            raise ValueError(f"block_ids must be [B, {length}], got {tuple(block_ids.shape)}.")
+        blk, pos = block_ids, pos.expand_as(block_ids)
     q_blk, k_blk = blk[:, :, None], blk[:, None, :]  # [B, L, 1], [B, 1, L]
     q_pos, k_pos = pos[:, :, None], pos[:, None, :]
     same_block = q_blk == k_blk
@@ -179,7 +216,10 @@ def diffusion_targets(
 
 
 def split_block_first_targets(
-    noisy_targets: torch.Tensor, block_size: int, padding_mask: torch.Tensor | None = None
+    noisy_targets: torch.Tensor,
+    block_size: int,
+    padding_mask: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split shifted noisy targets [B, L] into (inside-block, block-first) ones, for a shifted block decoder.
 
@@ -188,6 +228,9 @@ def split_block_first_targets(
     token is scored on the clean hidden j-1 (the second tensor, to be placed on the clean half), not on the noisy
     hidden j-1 of the previous block (I-DLM keeps that one: its last mask slot drafts the next block's first token).
     """
-    pos = sequence_positions(noisy_targets.shape[1], padding_mask, noisy_targets.device)
-    starts_next = ((pos + 1) % block_size == 0).expand_as(noisy_targets)  # hidden i's target i+1 opens a block
+    if block_ids is None:
+        pos = sequence_positions(noisy_targets.shape[1], padding_mask, noisy_targets.device)
+        block_ids = (pos // block_size).expand_as(noisy_targets)
+    starts_next = torch.zeros_like(noisy_targets, dtype=torch.bool)  # hidden i's target i+1 opens a block
+    starts_next[:, :-1] = block_ids[:, 1:] != block_ids[:, :-1]
     return noisy_targets.masked_fill(starts_next, -100), noisy_targets.masked_fill(~starts_next, -100)

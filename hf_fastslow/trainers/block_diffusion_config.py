@@ -39,6 +39,10 @@ class BlockDiffusionTrainingConfig(SFTConfig):
         mask_rate (`float` or `None`): `None` = MDLM schedule (t ~ U[0,1) per row, p_mask = (1-eps) t + eps); a
             number = that fixed fraction of the response is masked (I-DLM: 1.0).
         eps (`float`, defaults to `1e-3`): the schedule's floor (LLaDA's forward_process).
+        block_alignment (`str`, defaults to `"response"`): where blocks start. `"response"`: each labelled run (the
+            answer) is tiled from its first token and prompt tokens are plain causal context — the layout
+            `block_diffusion_generate` decodes (first block at the end of the prompt); `"absolute"`: the papers'
+            grid `pos // block_size` over the whole row (BD3-LM, SDAR and I-DLM training code).
         clean_loss_weight (`float`, defaults to `0.0`): weight of the AR cross-entropy on the clean half (`"bd3"`,
             `"idlm"` with `logit_shift`): a shifted block decoder takes each block's first token from the clean
             prefix, which this term keeps trained.
@@ -51,6 +55,7 @@ class BlockDiffusionTrainingConfig(SFTConfig):
     logit_shift: bool = field(default=True, metadata={"help": "Hidden i predicts token i+1 (converted AR)."})
     mask_rate: float | None = field(default=None, metadata={"help": "None: MDLM schedule; a number: fixed rate."})
     eps: float = field(default=1e-3, metadata={"help": "Floor of the masking schedule."})
+    block_alignment: str = field(default="response", metadata={"help": "'response' or 'absolute' block grid."})
     clean_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the clean-half AR cross-entropy."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; unset = on with a bf16 GPU."})
 
@@ -68,6 +73,8 @@ def check_diffusion_options(config, name: str) -> None:
         raise ValueError(f"{name}: objective must be one of {OBJECTIVES}, got {config.objective!r}.")
     if not (isinstance(config.block_size, int) and config.block_size >= 1):
         raise ValueError(f"{name}: block_size must be an int >= 1, got {config.block_size!r}.")
+    if config.block_alignment not in ("response", "absolute"):
+        raise ValueError(f"{name}: block_alignment must be 'response' or 'absolute', got {config.block_alignment!r}.")
     if config.mask_token_id is not None and config.mask_token_id < 0:
         raise ValueError(f"{name}: mask_token_id must be >= 0, got {config.mask_token_id}.")
     if config.mask_rate is not None and not 0.0 < config.mask_rate <= 1.0:

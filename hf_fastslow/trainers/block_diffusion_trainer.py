@@ -21,6 +21,7 @@ from ..integrations import trl_metric_buffer
 from ..integrations.attention import attention_implementation
 from ..modeling.block_diffusion_training import (
     additive_attention_mask,
+    block_ids,
     diffusion_targets,
     noisy_inputs,
     sequence_positions,
@@ -119,8 +120,8 @@ class BlockDiffusionTrainer(SFTTrainer):
         (1 / p_mask on the denoising targets, 0 elsewhere; for "bd3" with the shift a masked block-first token is
         scored on the clean hidden before it, as the shifted block decoder reads it), `clean_target_mask` [B, S],
         `noisy_half` / `clean_half` (slices of S; `clean_half` None for "mdlm"), `masked` [B, L], `p_mask` [B],
-        `clean_ids` / `labels` / `padding_mask` [B, L], `normalizer` (target-token count of this micro-batch) and
-        `model_kwargs` (extra forward kwargs).
+        `clean_ids` / `labels` / `padding_mask` / `block_ids` [B, L], `normalizer` (target-token count of this
+        micro-batch) and `model_kwargs` (extra forward kwargs).
         """
         if "input_ids" not in inputs or "labels" not in inputs:
             raise ValueError(f"{type(self).__name__}: batches need input_ids and labels (got {sorted(inputs)}).")
@@ -141,14 +142,15 @@ class BlockDiffusionTrainer(SFTTrainer):
                                            generator=self.noise_generator)
         noisy_t, clean_t = diffusion_targets(ids, labels, masked, args.logit_shift)
         pattern = OBJECTIVE_LAYOUT[args.objective][0]
+        blocks = block_ids(labels, args.block_size, padding_mask, args.block_alignment)
         first_t = torch.full_like(noisy_t, -100)
         if pattern == "bd3" and args.logit_shift:
-            noisy_t, first_t = split_block_first_targets(noisy_t, args.block_size, padding_mask)
+            noisy_t, first_t = split_block_first_targets(noisy_t, args.block_size, padding_mask, blocks)
         weight = (noisy_t != -100).float() / p_mask[:, None]
         first_weight = (first_t != -100).float() / p_mask[:, None]
         shifted = labels[:, 1:] if args.logit_shift else labels
-        batch = {"masked": masked, "p_mask": p_mask, "clean_ids": ids, "labels": labels, "padding_mask": padding_mask,
-                 "normalizer": (shifted != -100).sum(), "model_kwargs": {}}
+        batch = {"masked": masked, "p_mask": p_mask, "block_ids": blocks, "clean_ids": ids, "labels": labels,
+                 "padding_mask": padding_mask, "normalizer": (shifted != -100).sum(), "model_kwargs": {}}
         if pattern is None:  # MDLM: x_t alone, bidirectional
             batch.update(input_ids=x_t, attention_mask=single_sequence_mask(length, "bidirectional", padding_mask),
                          position_ids=sequence_positions(length, padding_mask, ids.device), targets=noisy_t,
@@ -168,7 +170,7 @@ class BlockDiffusionTrainer(SFTTrainer):
         clean_target_mask[:, clean_half] = clean_t != -100
         batch.update(
             input_ids=torch.cat(halves[0], dim=1),
-            attention_mask=training_mask_2l(length, args.block_size, pattern, padding_mask, self.clean_first),
+            attention_mask=training_mask_2l(length, args.block_size, pattern, padding_mask, self.clean_first, blocks),
             position_ids=two_half_position_ids(length, padding_mask, ids.device).expand(ids.shape[0], -1),
             targets=targets, noisy_weight=torch.cat(halves[2], dim=1), clean_target_mask=clean_target_mask,
             noisy_half=noisy_half, clean_half=clean_half,

@@ -3,6 +3,7 @@ import torch
 
 from hf_fastslow.modeling.block_diffusion_training import (
     additive_attention_mask,
+    block_ids,
     diffusion_targets,
     noisy_inputs,
     sequence_positions,
@@ -14,13 +15,15 @@ from hf_fastslow.modeling.block_diffusion_training import (
 from tests.conftest import tiny_llama
 
 
-def reference_mask_2l(length, b, pattern, real=None, clean_first=False):
-    """Element-by-element statement of the rules (the card's list), one query/key pair at a time."""
+def reference_mask_2l(length, b, pattern, real=None, clean_first=False, blocks=None):
+    """Element-by-element statement of the rules (the card's list), one query/key pair at a time. `blocks`: the block
+    id of each slot (default: the absolute grid pos // b)."""
     real = [1] * length if real is None else list(real)
     pos, p = [], 0
     for r in real:
         pos.append(p if r else 0)
         p += int(r)
+    blocks = [q // b for q in pos] if blocks is None else list(blocks)
     out = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
     for qi in range(2 * length):
         for ki in range(2 * length):
@@ -32,7 +35,7 @@ def reference_mask_2l(length, b, pattern, real=None, clean_first=False):
                 continue
             if not real[j]:
                 continue
-            bi, bj = pos[i] // b, pos[j] // b
+            bi, bj = blocks[i], blocks[j]
             if q_noisy and k_noisy:
                 allowed = bi == bj and (pattern == "bd3" or pos[j] <= pos[i])
             elif q_noisy:
@@ -182,3 +185,58 @@ def test_block_first_targets_move_to_the_clean_half():
     left = torch.tensor([[0, 1, 1, 1, 1, 1]])  # left padding: blocks follow the real tokens
     inside, first = split_block_first_targets(noisy, 2, left)
     assert first.tolist() == [[-100, -100, 12, -100, 14, -100]]
+
+
+def test_response_aligned_block_ids():
+    labels = torch.tensor([[-100, -100, -100, 5, 5, 5, 5, 5, -100, -100],  # prompt 3, answer 5, padding
+                           [-100, -100, 5, 5, -100, -100, 5, 5, 5, -100],  # two assistant turns
+                           [-100, -100, -100, -100, 5, 5, 5, 5, 5, 5]])  # left-padded row (2 pads)
+    padding = torch.ones_like(labels)
+    padding[0, 8:] = 0
+    padding[2, :2] = 0
+    ids = block_ids(labels, 2, padding)
+    assert ids[0, :8].tolist() == [0, 1, 2, 3, 3, 5, 5, 7]  # prompt tokens alone, answer tiled from its start
+    assert ids[1].tolist() == [0, 1, 2, 2, 4, 5, 6, 6, 8, 9]  # each labelled run restarts the tiling
+    assert ids[2, 2:].tolist() == [0, 1, 2, 2, 4, 4, 6, 6]  # positions count real tokens only
+    assert block_ids(labels, 3, padding, "absolute")[0, :8].tolist() == [0, 0, 0, 3, 3, 3, 6, 6]
+    with pytest.raises(ValueError, match="align"):
+        block_ids(labels, 2, align="prompt")
+
+
+@pytest.mark.parametrize("pattern", ["bd3", "idlm"])
+def test_mask_with_block_ids_matches_reference(pattern):
+    labels = torch.tensor([[-100, -100, -100, 5, 5, 5, 5, 5, -100], [-100, 5, 5, 5, 5, 5, 5, 5, 5]])
+    padding = torch.tensor([[1] * 8 + [0], [1] * 9])
+    ids = block_ids(labels, 3, padding)
+    for clean_first in (False, True):
+        got = training_mask_2l(9, 3, pattern, padding, clean_first, block_ids=ids)
+        for row in range(2):
+            ref = reference_mask_2l(9, 3, pattern, padding[row].tolist(), clean_first, ids[row].tolist())
+            assert torch.equal(got[row, 0], ref)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_response_aligned_training_equals_block_diffusion_decoding_masks(attn):
+    """The training layout is the decoder's: noisy block k of the 2L forward (prompt of 5, blocks of 3 from the end of
+    the prompt) == one forward on [prompt | committed blocks | noisy block k] under block_attention_mask(pattern=
+    "block", block_start=5), the mask block_diffusion_generate uses."""
+    from hf_fastslow.modeling.block_diffusion import block_attention_mask, model_attention_mask
+
+    model = tiny_llama(num_layers=2, attn_implementation=attn)
+    prompt, b, length = 5, 3, 11
+    x0 = torch.randint(3, 120, (1, length), generator=torch.Generator().manual_seed(4))
+    labels = x0.clone()
+    labels[:, :prompt] = -100
+    xt = x0.masked_fill(labels != -100, 127)
+    ids = block_ids(labels, b)
+    mask = training_mask_2l(length, b, "bd3", block_ids=ids)
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([xt, x0], 1), attention_mask=model_attention_mask(model, mask, torch.float32),
+                     position_ids=two_half_position_ids(length)).logits[0]
+        for start in range(prompt, length, b):
+            end = min(start + b, length)
+            seq = torch.cat([x0[:, :start], xt[:, start:end]], 1)
+            step_mask = block_attention_mask(end, end, b, q_offset=0, pattern="block", block_start=prompt)
+            step = model(input_ids=seq, attention_mask=model_attention_mask(model, step_mask, torch.float32),
+                         position_ids=torch.arange(end)[None]).logits[0]
+            torch.testing.assert_close(full[start:end], step[start:], atol=1e-5, rtol=1e-5)

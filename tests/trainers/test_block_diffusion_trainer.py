@@ -4,7 +4,7 @@ from datasets import Dataset
 from torch.nn import functional as F
 
 from hf_fastslow.modeling.block_diffusion import block_diffusion_config
-from hf_fastslow.modeling.block_diffusion_training import training_mask_2l, two_half_position_ids
+from hf_fastslow.modeling.block_diffusion_training import block_ids, training_mask_2l, two_half_position_ids
 from hf_fastslow.trainers.block_diffusion_config import BlockDiffusionTrainingConfig
 from hf_fastslow.trainers.block_diffusion_trainer import BlockDiffusionTrainer
 from tests.conftest import byte_tokenizer, tiny_llama
@@ -106,16 +106,18 @@ def hand_loss(model, batch, noisy, objective, clean_weight=0.0):
         logits = model(input_ids=x_t, attention_mask=mask[:, None], position_ids=pos).logits
         noisy_logits, clean_logits = logits, None
     else:
-        mask = training_mask_2l(length, 2, objective, attn)
+        mask = training_mask_2l(length, 2, objective, attn, block_ids=block_ids(labels, 2, attn))
         logits = model(input_ids=torch.cat([x_t, ids], 1), attention_mask=mask,
                        position_ids=two_half_position_ids(length, attn)).logits
         noisy_logits, clean_logits = logits[:, :length], logits[:, length:]
     total, n = 0.0, (labels[:, 1:] != -100).sum()
     for r in range(ids.shape[0]):
+        answer = int((labels[r] != -100).nonzero()[0])  # blocks of 2 start at the answer (response alignment)
         for i in range(1, length):
             if noisy["masked"][r, i]:
                 # shifted bd3: a block's first slot is read from the clean hidden before it (the committed prefix)
-                source = clean_logits if objective == "bd3" and i % 2 == 0 else noisy_logits
+                first = (i - answer) % 2 == 0
+                source = clean_logits if objective == "bd3" and first else noisy_logits
                 total = total + F.cross_entropy(source[r, i - 1], ids[r, i]) / noisy["p_mask"][r]
             if clean_logits is not None and labels[r, i] != -100:
                 total = total + clean_weight * F.cross_entropy(clean_logits[r, i - 1], ids[r, i])

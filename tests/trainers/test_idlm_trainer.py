@@ -25,10 +25,11 @@ def make_trainer(tmp_path, model=None, **kw):
                        processing_class=tok, peft_config=peft_config)
 
 
-def staircase_ces(model, batch, b):
+def staircase_ces(model, batch, b, align="response"):
     """CE_noisy and CE_clean computed WITHOUT the 2L mask: noisy slot i of block k is the causal forward of
     [clean tokens before the block | the block's x_t up to i] (what an ISD round sees); the clean half is the plain AR
-    forward on x_0. Both summed over the shifted response targets and divided by their count."""
+    forward on x_0. Both summed over the shifted response targets and divided by their count. Blocks start at the
+    answer ("response"; prompt tokens are blocks of one) or on the grid pos // b ("absolute")."""
     ids, labels = batch["input_ids"], batch["labels"]
     rows, length = ids.shape
     x_t = ids.masked_fill(labels != -100, MASK)
@@ -39,7 +40,11 @@ def staircase_ces(model, batch, b):
         for i in range(real - 1):
             if labels[r, i + 1] == -100:
                 continue
-            start = (i // b) * b
+            answer = int((labels[r] != -100).nonzero()[0])
+            if align == "absolute":
+                start = (i // b) * b
+            else:
+                start = i if i < answer else answer + ((i - answer) // b) * b
             seq = torch.cat([ids[r, :start], x_t[r, start:i + 1]])[None]
             noisy_sum = noisy_sum + F.cross_entropy(model(input_ids=seq).logits[0, -1], ids[r, i + 1])
             clean_sum = clean_sum + F.cross_entropy(clean_logits[i], ids[r, i + 1])
@@ -58,11 +63,11 @@ def test_config_maps_block_length_and_alpha_and_refuses_bad_values(tmp_path):
         make_args(tmp_path, logit_shift=False)
 
 
-@pytest.mark.parametrize("b", [1, 2, 3])
-def test_loss_with_alpha_zero_is_the_noisy_ce_and_alpha_adds_the_ar_ce(tmp_path, b):
-    trainer = make_trainer(tmp_path, block_length=b, ce_alpha=0.0)
+@pytest.mark.parametrize("b,align", [(1, "response"), (2, "response"), (3, "response"), (3, "absolute")])
+def test_loss_with_alpha_zero_is_the_noisy_ce_and_alpha_adds_the_ar_ce(tmp_path, b, align):
+    trainer = make_trainer(tmp_path, block_length=b, ce_alpha=0.0, block_alignment=align)
     batch = first_batch(trainer)
-    noisy_ce, clean_ce = staircase_ces(trainer.model, batch, b)
+    noisy_ce, clean_ce = staircase_ces(trainer.model, batch, b, align)
     torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)), noisy_ce, atol=1e-5, rtol=1e-5)
     trainer.args.ce_alpha = 0.2
     torch.testing.assert_close(trainer.compute_loss(trainer.model, dict(batch)), noisy_ce + 0.2 * clean_ce,
