@@ -76,6 +76,9 @@ class BlockDiffusionDecoder:
         self.schedule: list[int] = commit_schedule(block_size, steps)
         self.block_index = 0
         self.losa_state = None
+        # Denoising passes ask for the logits of the positions masked slots read only (a 1D index tensor as
+        # `logits_to_keep`); a subclass that overrides `forward` gets the int 0 instead (every position).
+        self._slices_logits = type(self).forward is BlockDiffusionDecoder.forward
 
     # ---- hooks ------------------------------------------------------------------------------------------------------
     def start_block(self, block_index: int) -> None:
@@ -87,7 +90,9 @@ class BlockDiffusionDecoder:
 
     def after_step(self, logits: torch.Tensor, block_ids: torch.Tensor, masked: torch.Tensor) -> None:
         """After each denoising step: `logits` [B, b, V] aligned (logits[:, j] is slot j's raw distribution, shift
-        applied); `block_ids` / `masked` as they are after this step's commits."""
+        applied; zeros for slots no row had masked before the step, which are not computed unless a subclass overrides
+        `forward`); `block_ids` / `masked`
+        as they are after this step's commits."""
 
     def select(self, confidence: torch.Tensor, masked: torch.Tensor, step: int) -> torch.BoolTensor:
         """The commit rule: every masked slot whose confidence exceeds `threshold`, and at least
@@ -201,11 +206,21 @@ class BlockDiffusionDecoder:
                     aligned = last_logits[:, None] if aligned is None else torch.cat(
                         [last_logits[:, None], aligned[:, 1:]], dim=1)
                 else:
+                    # Logits only where a masked slot reads them (the LM head is a fifth of a small model's work).
+                    wanted = masked.any(0)
+                    wanted = torch.cat([wanted[1:], wanted.new_zeros(1)]) if self.logit_shift else wanted
+                    # A subclass overriding `forward` keeps the int convention (0: every position, 1: the last).
+                    keep = wanted.nonzero().reshape(-1) if self._slices_logits else 0
                     with cache.peeking():
                         out = self.forward(self.block_inputs(block_ids, masked), block.position_ids, block.mask,
-                                           cache, 0, self.extra)
+                                           cache, keep, self.extra)
                     forwards += active.long()
-                    raw = _float(out.logits[:, -b:])
+                    computed = _float(out.logits)
+                    if self._slices_logits:
+                        raw = computed.new_zeros(batch, b, computed.shape[-1])
+                        raw[:, keep] = computed
+                    else:
+                        raw = computed[:, -b:]
                     aligned = torch.cat([last_logits[:, None], raw[:, :-1]], dim=1) if self.logit_shift else raw
                 scores = self._process(logits_processor, sequences, block_ids, aligned, masked)
                 # The mask id is never an answer: a committed [MASK] would read as still masked to later passes.

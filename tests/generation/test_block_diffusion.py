@@ -144,6 +144,26 @@ def test_threshold_zero_commits_a_block_in_one_forward(fuse_commit, forwards):
     assert out.forwards.tolist() == [forwards] and out.tokens_per_forward.tolist() == [pytest.approx(8 / forwards)]
 
 
+class PassThroughForward(BlockDiffusionDecoder):
+    def forward(self, inputs, position_ids, attention_mask, cache, logits_to_keep, extra):
+        assert isinstance(logits_to_keep, int)  # an overriding subclass keeps the int convention
+        return super().forward(inputs, position_ids, attention_mask, cache, logits_to_keep, extra)
+
+
+def test_sliced_block_logits_change_nothing():
+    """Denoising passes compute logits only where a masked slot reads them; all positions (a subclass overriding
+    `forward`) give the same tokens and scores."""
+    model = model_with("block", block_size=4)
+    ids, mask = left_pad(ROWS, 0)
+    for shift in (True, False):
+        attach_block_diffusion(model, BlockDiffusionConfig(MASK, 4, shift, "block"))
+        kw = dict(max_new_tokens=9, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        sliced = bd_generate(model, ids, mask, **kw)
+        full = bd_generate(model, ids, mask, decoder_cls=PassThroughForward, **kw)
+        assert torch.equal(sliced.sequences, full.sequences)
+        torch.testing.assert_close(torch.stack(sliced.scores), torch.stack(full.scores), atol=1e-9, rtol=1e-9)
+
+
 def test_commit_schedule():
     assert commit_schedule(4, 4) == [1, 1, 1, 1]
     assert commit_schedule(7, 3) == [3, 2, 2]
