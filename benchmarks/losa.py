@@ -27,8 +27,8 @@ queries, as `kv_density` counts it), top-1 agreement and KL(dense || sparse) of 
 AR model's logits at masked slots are often flat and their top-1 flips on small changes), and attention ms per step
 (30 layers, host wall-clock inside the attention function) of the PyTorch path vs SDPA dense, interleaved step by
 step. Density only turns into time in a kernel that loads just the selected pages (GPU, kernels/losa_triton.py, not
-measured here); on the CPU the PyTorch path is a reference, and its times (beside transformers' SDPA function, which
-repeats the GQA KV and runs the math kernel under a 4D mask) are host timings, not a kernel comparison.
+measured here); on the CPU the PyTorch path is a reference, and its times beside transformers' SDPA function (called
+with a 4D boolean mask and GQA) are host timings, not a kernel comparison.
 
     nice -n 15 python benchmarks/losa.py                 # 4K and 7K prefix, budgets 128/256/512 (~30 min, loaded box)
     python benchmarks/losa.py --quick                    # 1.5K prefix, 2 blocks, budgets 128/256 (~2 min)
