@@ -150,6 +150,10 @@ def test_metrics_are_recomputed_on_the_denoising_targets(tmp_path):
     assert set(metrics) >= {"noisy_ce", "entropy", "mean_token_accuracy", "mask_ratio", "clean_ce", "num_tokens"}
     assert 0 < metrics["mask_ratio"][-1] <= 1 and 0 < metrics["entropy"][-1] <= torch.log(torch.tensor(260.0))
     assert metrics["num_tokens"] == [int(batch["attention_mask"].sum())]
+    # prediction_step's path (compute_metrics): the loss and the logits of the laid-out [x_t | x_0] forward
+    loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+    rows, length = batch["input_ids"].shape
+    assert outputs.logits.shape == (rows, 2 * length, 260) and loss.ndim == 0
 
 
 def fixed_noise_loss(trainer, batch):
