@@ -160,6 +160,8 @@ if trainer.model is model:  # a full model: a plain from_pretrained folder with 
     model = AutoModelForCausalLM.from_pretrained(out_dir)
 else:  # an adapter folder (+ block_diffusion_config.json); generate with the trained peft model
     model = trainer.model
+    if checkpointing:  # Trainer leaves it on; peft's aLoRA hooks would then wait for a backward at every decode forward
+        model.gradient_checkpointing_disable()
 print(f"saved to {out_dir}; block diffusion config: {block_diffusion_config(model)}")
 
 model.eval()

@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..integrations import trl_metric_buffer
+from ..integrations.dlm_trainer_seam import release_alora_checkpoint_hooks
 from .block_diffusion_trainer import BlockDiffusionTrainer
 from .idlm_config import IDLMConfig
 
@@ -84,6 +85,13 @@ class IDLMTrainer(BlockDiffusionTrainer):
             length = batch["clean_ids"].shape[1]
             batch["model_kwargs"]["alora_offsets"] = [length] * batch["clean_ids"].shape[0]
         return batch
+
+    def forward_logits(self, model, batch: dict) -> torch.Tensor:
+        logits = super().forward_logits(model, batch)
+        if self.args.lora_gated and not torch.is_grad_enabled():
+            # no backward will follow (evaluation): drop the aLoRA hooks peft keeps for it under gradient checkpointing
+            release_alora_checkpoint_hooks(model)
+        return logits
 
     def combine_losses(self, noisy_ce: torch.Tensor, clean_ce: torch.Tensor | None) -> torch.Tensor:
         if clean_ce is None:

@@ -154,3 +154,17 @@ def test_r_isd_refuses_a_peft_model_and_a_non_lora_config(tmp_path):
     with pytest.raises(TypeError, match="LoraConfig"):
         make_trainer(tmp_path, lora_gated=True, peft_config=PromptTuningConfig(num_virtual_tokens=2,
                                                                                task_type="CAUSAL_LM"))
+
+
+def test_r_isd_evaluates_repeatedly_under_gradient_checkpointing(tmp_path):
+    """peft keeps aLoRA hooks on checkpointed layers until a backward; evaluation never runs one (Trainer turns
+    checkpointing on at train() and leaves it on)."""
+    trainer = make_trainer(tmp_path, lora_gated=True, lora_r=4, gradient_checkpointing=True, max_steps=1,
+                           per_device_eval_batch_size=2)
+    held_out = addition_dataset(4)
+    before = trainer.evaluate(held_out)["eval_noisy_ce"]
+    trainer.train()
+    after = trainer.evaluate(held_out)["eval_noisy_ce"]  # two forwards, no backward
+    assert trainer.evaluate(held_out)["eval_noisy_ce"] == pytest.approx(after)  # mask rate 1: deterministic
+    assert after != pytest.approx(before)
+    trainer.train()  # training still backpropagates through the checkpointed adapter afterwards
