@@ -177,6 +177,9 @@ class RCDDecoder(BlockDiffusionDecoder):
 
     def __init__(self, model, *, rcd: RCDConfig, ref_model=None, **settings):
         super().__init__(model, **settings)
+        # The `forward` below passes the loop's logits_to_keep through unchanged, so RCD keeps the baseline's LM-head
+        # slicing (logits only where masked slots read them; the residuals only ever read those).
+        self._slices_logits = True
         self.rcd = rcd
         self.ref_model = ref_model
         self.embedding = model.get_input_embeddings()
@@ -243,7 +246,7 @@ class RCDDecoder(BlockDiffusionDecoder):
             self.init_forwards = active if self.init_forwards is None else self.init_forwards + active
             inputs = self.block_inputs(self._init_ids, self._init_masked)
         out = super().forward(inputs, position_ids, attention_mask, cache, logits_to_keep, extra)
-        if logits_to_keep == 1:  # prefill / KV commit
+        if isinstance(logits_to_keep, int) and logits_to_keep == 1:  # prefill / KV commit
             self._last_logits = out.logits[:, -1].float()
         return out
 
