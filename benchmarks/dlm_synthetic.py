@@ -3,11 +3,11 @@ on the same tokens. One table: exact-match accuracy on a held-out set and tokens
 greedy decoding, the block-diffusion baseline (several step counts / thresholds), ISD (N = 2, 3, 4) and RCD vs SeqD
 (several thresholds).
 
-The task: "a+b=s" with `--digits`-digit operands, every number written least-significant digit first (the order a
-carry is computed in), operands zero-padded, the sum written with one digit more, then EOS. Digit k of the sum
-depends on every lower digit through the carry chain, so the answer has real left-to-right dependencies, and a slot
-drafted j tokens ahead must resolve a carry chain of j digits by itself. Tokens: a character-level tokenizer built
-in code (digits, "+", "=", <pad>, <eos>, <mask>).
+The task: "a+b=s" with the profile's digit count (5 in the full profile), every number written least-significant digit
+first (the order a carry is computed in), operands zero-padded, the sum written with one digit more, then EOS. Digit k
+of the sum depends on every lower digit through the carry chain, so the answer has real left-to-right dependencies,
+and a slot drafted j tokens ahead must resolve a carry chain of j digits by itself. Tokens: a character-level
+tokenizer built in code (digits, "+", "=", <pad>, <eos>, <mask>).
 
 Arms (same architecture, same seed, same initial weights, same training examples in the same order, same number of
 clean tokens; the diffusion objectives see each sequence twice, [x_t | x_0], which is their compute cost, not more
@@ -23,8 +23,11 @@ data):
             reference DLM (RCDTrainer; the reference is a narrower BD3 model trained on the first half of the stage-1
             examples); decoded with `block_diffusion_generate` (SeqD) and `rcd_generate` (RCD, zero and self init).
 
-    python benchmarks/dlm_synthetic.py --quick    # a smoke run of every arm (under ~2 minutes on an idle 2-core box)
-    python benchmarks/dlm_synthetic.py            # the full profile (the figures in docs/dlm.md)
+    python benchmarks/dlm_synthetic.py --quick    # a smoke run of every arm (about a minute of CPU)
+    python benchmarks/dlm_synthetic.py            # the full profile (the figures in docs/dlm.md; ~15 min of CPU)
+    # the same, arms trained in parallel processes, then evaluated together:
+    for a in AR I-DLM BD3 "ref RCD" SeqD; do python benchmarks/dlm_synthetic.py --save --no-eval --arms $a & done; wait
+    python benchmarks/dlm_synthetic.py --load outputs/dlm_synthetic
 """
 
 from __future__ import annotations
@@ -98,9 +101,11 @@ class AdditionTask:
         return out
 
 
-def disjoint_splits(task: AdditionTask, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Training and held-out problems; held-out (a, b) pairs never appear in training."""
-    test = task.items(n_test, seed=seed + 1)
+def disjoint_splits(task: AdditionTask, n_train: int, n_test: int, seed: int,
+                    test_seed: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Training and held-out problems; held-out (a, b) pairs never appear in training. The held-out set comes from
+    `test_seed` (default `seed`), so a continuation with other training examples keeps the same held-out set."""
+    test = task.items(n_test, seed=(seed if test_seed is None else test_seed) + 1)
     held = {(r["a"], r["b"]) for r in test}
     train = [r for r in task.items(n_train + n_test, seed=seed) if (r["a"], r["b"]) not in held][:n_train]
     return train, test
@@ -268,12 +273,12 @@ BLOCK_SETTINGS = ((4, None), (2, None), (1, None), (4, 0.9), (4, 0.7), (4, 0.5))
 RCD_THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
 
 
-def build_datasets(tok, task: AdditionTask, profile: Profile, seed: int):
+def build_datasets(tok, task: AdditionTask, profile: Profile, seed: int, test_seed: int | None = None):
     """(first-stage dataset, second-stage dataset for SeqD/RCD, held-out rows). Every example is seen once."""
     from datasets import Dataset
 
     first, second = profile.steps * profile.batch, profile.extra_steps * profile.batch
-    train, test = disjoint_splits(task, first + second, profile.n_test, seed)
+    train, test = disjoint_splits(task, first + second, profile.n_test, seed, test_seed)
     stage1 = Dataset.from_list(encode_rows(tok, train[:first]))
     stage2 = Dataset.from_list(encode_rows(tok, train[first:]))
     return stage1, stage2, test
@@ -283,9 +288,10 @@ ARMS = ("AR", "I-DLM", "BD3", "ref", "SeqD", "RCD")
 
 
 def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, arms_to_train: Sequence[str] = ARMS,
-              save: bool = False) -> dict[str, TrainedArm]:
+              save: bool = False, init_from: str | None = None) -> dict[str, TrainedArm]:
     """Train the requested arms, in `ARMS` order. SeqD and RCD start from the BD3 weights and RCD needs the reference:
-    trained in this call, or (another process's `save=True` run) loaded from `out_dir/models`, waited for."""
+    trained in this call, or (another process's `save=True` run) loaded from `out_dir/models`, waited for.
+    `init_from`: continue the AR / I-DLM / BD3 / ref arms from the weights a `--save` run wrote there."""
     from trl import SFTConfig, SFTTrainer
 
     from hf_fastslow.trainers.block_diffusion_config import BlockDiffusionTrainingConfig
@@ -301,6 +307,12 @@ def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, ar
 
     def fresh(hidden=profile.hidden, layers=profile.layers):
         return tiny_llama(tok, hidden, layers, seed)
+
+    def start(name, hidden=profile.hidden, layers=profile.layers):
+        model = fresh(hidden, layers)
+        if init_from is not None:
+            model.load_state_dict(load_arms(init_from, names=(name,))[name].model.state_dict())
+        return model
 
     def done(arm: TrainedArm) -> None:
         arms[arm.name] = arm
@@ -332,16 +344,16 @@ def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, ar
 
     if "AR" in arms_to_train:
         done(train("AR", SFTTrainer, training_args(SFTConfig, profile, f"{out_dir}/ar", profile.steps, seed),
-                   fresh(), stage1, tok))
+                   start("AR"), stage1, tok))
     if "I-DLM" in arms_to_train:
         args = training_args(IDLMConfig, profile, f"{out_dir}/idlm", profile.steps, seed, mask_token_id=mask,
                              block_length=IDLM_BLOCK_LENGTH, auto_balance=True)
-        done(train("I-DLM", IDLMTrainer, args, fresh(), stage1, tok))
+        done(train("I-DLM", IDLMTrainer, args, start("I-DLM"), stage1, tok))
     if "BD3" in arms_to_train:
-        done(train("BD3", BlockDiffusionTrainer, bd3_args("bd3", profile.steps), fresh(), stage1, tok))
+        done(train("BD3", BlockDiffusionTrainer, bd3_args("bd3", profile.steps), start("BD3"), stage1, tok))
     if "ref" in arms_to_train:
         done(train("ref", BlockDiffusionTrainer, bd3_args("ref", profile.steps // 2),
-                   fresh(profile.ref_hidden, profile.ref_layers), stage1, tok))
+                   start("ref", profile.ref_hidden, profile.ref_layers), stage1, tok))
     # The fairness protocol: SeqD and RCD start from the same BD3 weights and see the same further examples in the
     # same order, at the same (lower) learning rate; only the residual inputs differ.
     if "SeqD" in arms_to_train:
@@ -456,20 +468,28 @@ def main(argv=None):
                    help="train only these arms; with --save several processes can train disjoint arms into the same "
                         "--out (SeqD/RCD wait for BD3/ref there) and one --load run evaluates them all")
     p.add_argument("--no-eval", action="store_true", help="train (and --save) only")
+    p.add_argument("--init-from", default=None, help="continue AR/I-DLM/BD3/ref from a --save run's models")
+    p.add_argument("--steps", type=int, default=None, help="override the profile's first-stage steps")
+    p.add_argument("--data-seed", type=int, default=None, help="training examples' seed (default: --seed)")
     p.add_argument("--out", default="outputs/dlm_synthetic", help="trainer output dirs, the JSON results, --save")
     p.add_argument("--save", action="store_true", help="save_pretrained every trained model under OUT/models")
     p.add_argument("--load", default=None, help="evaluate the models a --save run wrote to LOAD/models (no training)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
+    if args.steps is not None:
+        profile = Profile(**{**asdict(profile), "steps": args.steps})
     tok, task = char_tokenizer(), AdditionTask(profile.digits)
     print(f"profile {args.profile}: {asdict(profile)}; torch threads {args.threads}", flush=True)
     stage1, stage2, test = build_datasets(tok, task, profile, args.seed)
+    if args.data_seed is not None:  # other training examples (a continuation), the same held-out set
+        stage1, stage2, _ = build_datasets(tok, task, profile, args.data_seed, test_seed=args.seed)
     start = time.perf_counter()
     if args.load:
         arms = load_arms(args.load)
     else:
-        arms = train_all(profile, tok, stage1, stage2, args.seed, args.out, args.arms, save=args.save)
+        arms = train_all(profile, tok, stage1, stage2, args.seed, args.out, args.arms, save=args.save,
+                         init_from=args.init_from)
     if args.no_eval:
         return []
     rows = evaluate_all(arms, tok, task, test, args.eval_batch)
