@@ -18,9 +18,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from trl import SFTTrainer
 
 from ..integrations import trl_metric_buffer
-from ..integrations.attention import attention_implementation
 from ..modeling.block_diffusion_training import (
-    additive_attention_mask,
     block_ids,
     diffusion_targets,
     noisy_inputs,
@@ -179,9 +177,10 @@ class BlockDiffusionTrainer(SFTTrainer):
 
     def forward_logits(self, model, batch: dict) -> torch.Tensor:
         """Logits [B, S, V] of the denoiser on the laid-out batch (one forward, no cache)."""
-        mask = batch["attention_mask"]
-        if attention_implementation(unwrapped_base_model(model)) == "eager":
-            mask = additive_attention_mask(mask, unwrapped_base_model(model).dtype)
+        from ..modeling.block_diffusion import model_attention_mask
+
+        base = unwrapped_base_model(model)  # bool mask for SDPA/flex, additive for eager, flash refused
+        mask = model_attention_mask(base, batch["attention_mask"], base.dtype)
         outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **batch["model_kwargs"])
         return outputs.logits

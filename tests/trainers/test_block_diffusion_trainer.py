@@ -177,3 +177,17 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads_with_its_config(tmp
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
     assert block_diffusion_config(reloaded) == block_diffusion_config(trainer.model)
     assert block_diffusion_config(reloaded).attention == {"bd3": "block", "mdlm": "bidirectional"}[objective]
+
+
+def test_eager_attention_gets_the_same_loss_as_sdpa(tmp_path):
+    """Eager attention adds the mask to its scores: the trainer must hand it the additive form of the bool mask."""
+    tok = byte_tokenizer()
+    losses = []
+    for attn in ("sdpa", "eager"):
+        model = tiny_llama(vocab=len(tok) + 1, num_layers=2, attn_implementation=attn)
+        trainer = make_trainer(tmp_path / attn, model=model, objective="bd3")
+        batch = first_batch(trainer)
+        trainer.noise_generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, dict(batch)))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
