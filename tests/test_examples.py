@@ -1,4 +1,6 @@
-"""Every script in examples/ runs as `python examples/<name>.py` on the default model and prints what it promises.
+"""Every script in examples/ runs as `python examples/<name>.py` and prints what it promises: on the default model,
+or on a tiny random model where the method needs a model trained for it (the diffusion-LM examples, the classifier
+trainers).
 
 One fast script stays in the default suite; the others take a minute or more on a 2-core CPU and are marked slow
 (`python -m pytest -m slow tests/test_examples.py`). Each runs in a fresh interpreter in a temporary directory.
@@ -44,6 +46,22 @@ CASES = {
     "care.py": ([r"\[CARE 50% KV\]", r"original 46080, CARE 23040", r"reloaded: same tokens: True"], 300, (slow,)),
     "crest.py": ([r"calibrated on \d+ steps \(\d+ non-linear\)", r"identical up to the first step boundary: True"],
                  300, (slow,)),
+    "block_diffusion.py": ([r"block_size=1 equals greedy generate: True",
+                            r"config after save/from_pretrained: BlockDiffusionConfig\(mask_token_id=127"], 300,
+                           (slow,)),
+    "dlm_convert.py": ([r"ISD \(greedy, N=4\): 16/16 answers right, 16/16 equal", r"2\.25 tokens per forward"], 600,
+                       (slow,)),
+    "isd.py": ([r"ISD greedy N=2: same tokens as generate: True", r"ISD greedy N=4: same tokens as generate: True",
+                r"R-ISD greedy N=3 .*same tokens as the base model's generate: True"], 300, (slow,)),
+    "rcd.py": ([r"alpha=0 equals the baseline: True", r"step \d+: loss [\d.]+"], 300, (slow,)),
+    "losa.py": ([r"full budget, all tokens active == dense decoding: True", r"LOSA loaded [\d.]+% of the prefix KV"],
+                300, (slow,)),
+    "qttt.py": ([r"qTTT answer after 8 steps", r"weights restored bit for bit: True"], 600, (slow,)),
+    "early_readout.py": ([r"readout accuracy [\d.]+, flagged after warm-up", r"mean weight of flagged examples"], 600,
+                         (slow,)),
+    "feature_sieve.py": ([r"\d+ aux steps, \d+ forget steps"], 600, (slow,)),
+    "dts.py": ([r"DTS: \d+ pairs from 4 problems", r"sampling peer: \d+ pairs",
+                r"(DPO step done: loss [\d.]+|no mixed-correctness pair)"], 900, (slow,)),
 }
 
 

@@ -1,13 +1,21 @@
 """Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models),
-V1-Infer pairwise tournaments, and CREST test-time head steering (with the SEAL-style and token-ban peers)."""
+V1-Infer pairwise tournaments, CREST test-time head steering (with the SEAL-style and token-ban peers), diffusion-LM
+decoding (block diffusion, I-DLM's introspective strided decoding and its stationary batch, RCD) and qTTT."""
 
 import importlib
 
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
+from .block_diffusion import BlockDiffusionDecoder, block_diffusion_generate
 from .crest import CRESTCalibrator, CRESTSteerer, CRESTVectors
 from .crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
 from .das import DASDrafter, LengthAwareBudget, SuffixHistory, SuffixTrie
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
+from .isd import IDLMGenerationMixin, ISDGenerateOutput, introspective_acceptance_rate, isd_generate
+from .isd_batch import StationaryBatchISD, StationaryBatchOutput
+from .isd_config import ISDConfig
+from .isd_round import ISDRoundResult, ISDRows, isd_round
+from .qttt import QTTTConfig, QueryOnlyTTT, qttt_generate
+from .rcd import RCDConfig, RCDDecoder, entropy_weighted_residual, inject_residual, rcd_generate
 from .speculative import speculative_generate
 from .v1_infer import (
     EndpointJudge,
@@ -51,6 +59,26 @@ __all__ = [
     "round_robin",
     "speculative_generate",
     "v1_generate",
+    "BlockDiffusionDecoder",
+    "block_diffusion_generate",
+    "IDLMGenerationMixin",
+    "ISDGenerateOutput",
+    "introspective_acceptance_rate",
+    "isd_generate",
+    "StationaryBatchISD",
+    "StationaryBatchOutput",
+    "ISDConfig",
+    "ISDRoundResult",
+    "ISDRows",
+    "isd_round",
+    "QTTTConfig",
+    "QueryOnlyTTT",
+    "qttt_generate",
+    "RCDConfig",
+    "RCDDecoder",
+    "entropy_weighted_residual",
+    "inject_residual",
+    "rcd_generate",
 ]
 
 # Public names that live a floor up, in hf_fastslow.trainers (name -> module): they resolve on first use, so importing

@@ -6,7 +6,10 @@ One module per seam: `caches` (the cache keyword, `generate(cache_implementation
 (attention registrations), `modeling` (decoder layers, rotary, GGUF loading), `generation` (what custom
 decoding loops need from `generate`), `trl` (the GRPOTrainer internals our trainers and rollout hooks use),
 `diffusers` (Wan video transformers; diffusers is imported only when called), `attention_capture` (post-RoPE q/k/v of
-any layer), and one small seam per method that needs its own: `iha_seam`, `care_seam`, `steering_seam`.
+any layer), and one small seam per method that needs its own: `iha_seam`, `care_seam`, `steering_seam`, and for the
+diffusion LMs `block_diffusion_seam` (generate's dropped call arguments), `dlm_seam` (diffusers' LLaDA2Pipeline peer,
+key-mapping renames), `dlm_trainer_seam` (peft aLoRA checkpoint hooks), `isd_seam` (peft aLoRA offsets) and
+`isd_batch_seam` (stationary-batch cache layout).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from hf_fastslow.integrations.attention_capture import (  # noqa: E402
     attention_modules,
     capture_attention_inputs,
 )
+from hf_fastslow.integrations.block_diffusion_seam import generate_call_arguments  # noqa: E402
 from hf_fastslow.integrations.caches import (  # noqa: E402
     CacheFactory,
     cache_from_kwargs,
@@ -75,6 +79,13 @@ from hf_fastslow.integrations.diffusers import (  # noqa: E402
     wan_to_dtype,
     watch_wan_input_grid,
 )
+from hf_fastslow.integrations.dlm_seam import (  # noqa: E402
+    LLaDA2PeerOutput,
+    forget_key_mapping,
+    llada2_pipeline_available,
+    run_llada2_pipeline,
+)
+from hf_fastslow.integrations.dlm_trainer_seam import release_alora_checkpoint_hooks  # noqa: E402
 from hf_fastslow.integrations.generation import (  # noqa: E402
     GenerateSpecialTokens,
     decoder_only_generate_output,
@@ -98,6 +109,12 @@ from hf_fastslow.integrations.iha_seam import (  # noqa: E402
     iha_unsupported_reason,
     register_iha_attention,
 )
+from hf_fastslow.integrations.isd_batch_seam import (  # noqa: E402
+    check_stationary_cache,
+    compact_cache_columns,
+    make_stationary_cache,
+)
+from hf_fastslow.integrations.isd_seam import alora_layers, alora_offsets, unwrap_peft_model, uses_alora  # noqa: E402
 from hf_fastslow.integrations.modeling import (  # noqa: E402
     apply_rotary_fn,
     decoder_layers,
@@ -213,4 +230,17 @@ __all__ = [
     "wan_to_dtype",
     "watch_wan_input_grid",
     "with_layer_hidden_output",
+    "generate_call_arguments",
+    "LLaDA2PeerOutput",
+    "forget_key_mapping",
+    "llada2_pipeline_available",
+    "run_llada2_pipeline",
+    "release_alora_checkpoint_hooks",
+    "check_stationary_cache",
+    "compact_cache_columns",
+    "make_stationary_cache",
+    "alora_layers",
+    "alora_offsets",
+    "unwrap_peft_model",
+    "uses_alora",
 ]

@@ -4,6 +4,23 @@ attention, and the QVG video KV cache for autoregressive Wan transformers (with 
 Nothing here imports diffusers at import time: the video pieces need it (`pip install 'hf_fastslow[video]'`) only when
 they are called."""
 
+from .block_diffusion import (
+    ATTENTION_PATTERNS,
+    BlockDiffusionCache,
+    BlockDiffusionConfig,
+    attach_block_diffusion,
+    block_attention_mask,
+    block_diffusion_config,
+    ensure_mask_token,
+    model_attention_mask,
+)
+from .block_diffusion_training import (
+    additive_attention_mask,
+    diffusion_targets,
+    noisy_inputs,
+    training_mask_2l,
+    two_half_position_ids,
+)
 from .care import (
     KVMoments,
     care_kv_bytes_per_token,
@@ -15,7 +32,10 @@ from .care import (
     svd_baseline,
 )
 from .care_config import CAREConfig, allocate_ranks
+from .dlm_checkpoint import save_dlm_checkpoint
+from .dlm_loading import DLM_FAMILIES, LLADA_KEY_MAPPING, detect_family, load_as_hf
 from .ear import EARConfig, EARWanProcessor, apply_ear, disable_ear_attention, enable_ear_attention, remove_ear
+from .frozen_cache import FrozenContextCache
 from .iha import (
     IHA_MODULES_TO_SAVE,
     IHAConfig,
@@ -27,6 +47,8 @@ from .iha import (
     is_iha_model,
     mark_only_iha_trainable,
 )
+from .losa import LosaConfig, LosaState, kv_density, losa_attention, register_losa
+from .readout import EarlyReadoutHead, TokenReadoutHead
 from .video_kv import (
     VideoKVAttnProcessor,
     VideoKVCache,
@@ -71,4 +93,30 @@ __all__ = [
     "remove_qvg",
     "video_kv_cache_of",
     "wan_autoregressive_rollout",
+    "ATTENTION_PATTERNS",
+    "BlockDiffusionCache",
+    "BlockDiffusionConfig",
+    "attach_block_diffusion",
+    "block_attention_mask",
+    "block_diffusion_config",
+    "ensure_mask_token",
+    "model_attention_mask",
+    "additive_attention_mask",
+    "diffusion_targets",
+    "noisy_inputs",
+    "training_mask_2l",
+    "two_half_position_ids",
+    "save_dlm_checkpoint",
+    "DLM_FAMILIES",
+    "LLADA_KEY_MAPPING",
+    "detect_family",
+    "load_as_hf",
+    "FrozenContextCache",
+    "LosaConfig",
+    "LosaState",
+    "kv_density",
+    "losa_attention",
+    "register_losa",
+    "EarlyReadoutHead",
+    "TokenReadoutHead",
 ]

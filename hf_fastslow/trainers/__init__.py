@@ -33,6 +33,12 @@ _LAZY = {
     "DTSConfig": "dts",
     "build_dts_pairs": "dts",
     "build_sampling_pairs": "dts",
+    "BlockDiffusionTrainingConfig": "block_diffusion_config",
+    "BlockDiffusionTrainer": "block_diffusion_trainer",
+    "IDLMConfig": "idlm_config",
+    "IDLMTrainer": "idlm_trainer",
+    "RCDTrainingConfig": "rcd_config",
+    "RCDTrainer": "rcd_trainer",
 }
 
 __all__ = list(_LAZY)
