@@ -288,10 +288,12 @@ ARMS = ("AR", "I-DLM", "BD3", "ref", "SeqD", "RCD")
 
 
 def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, arms_to_train: Sequence[str] = ARMS,
-              save: bool = False, init_from: str | None = None) -> dict[str, TrainedArm]:
+              save: bool = False, init_from: str | None = None,
+              idlm_ce_alpha: float | None = None) -> dict[str, TrainedArm]:
     """Train the requested arms, in `ARMS` order. SeqD and RCD start from the BD3 weights and RCD needs the reference:
     trained in this call, or (another process's `save=True` run) loaded from `out_dir/models`, waited for.
-    `init_from`: continue the AR / I-DLM / BD3 / ref arms from the weights a `--save` run wrote there."""
+    `init_from`: continue the AR / I-DLM / BD3 / ref arms from the weights a `--save` run wrote there.
+    `idlm_ce_alpha`: I-DLM's fixed clean-CE weight (None: the paper's auto-balance)."""
     from trl import SFTConfig, SFTTrainer
 
     from hf_fastslow.trainers.block_diffusion_config import BlockDiffusionTrainingConfig
@@ -346,8 +348,9 @@ def train_all(profile: Profile, tok, stage1, stage2, seed: int, out_dir: str, ar
         done(train("AR", SFTTrainer, training_args(SFTConfig, profile, f"{out_dir}/ar", profile.steps, seed),
                    start("AR"), stage1, tok))
     if "I-DLM" in arms_to_train:
+        balance = {"auto_balance": True} if idlm_ce_alpha is None else {"ce_alpha": idlm_ce_alpha}
         args = training_args(IDLMConfig, profile, f"{out_dir}/idlm", profile.steps, seed, mask_token_id=mask,
-                             block_length=IDLM_BLOCK_LENGTH, auto_balance=True)
+                             block_length=IDLM_BLOCK_LENGTH, **balance)
         done(train("I-DLM", IDLMTrainer, args, start("I-DLM"), stage1, tok))
     if "BD3" in arms_to_train:
         done(train("BD3", BlockDiffusionTrainer, bd3_args("bd3", profile.steps), start("BD3"), stage1, tok))
@@ -468,6 +471,8 @@ def main(argv=None):
                    help="train only these arms; with --save several processes can train disjoint arms into the same "
                         "--out (SeqD/RCD wait for BD3/ref there) and one --load run evaluates them all")
     p.add_argument("--no-eval", action="store_true", help="train (and --save) only")
+    p.add_argument("--idlm-ce-alpha", type=float, default=None,
+                   help="I-DLM clean-CE weight (default: auto-balance, alpha = stopgrad(CE_noisy / CE_clean))")
     p.add_argument("--init-from", default=None, help="continue AR/I-DLM/BD3/ref from a --save run's models")
     p.add_argument("--steps", type=int, default=None, help="override the profile's first-stage steps")
     p.add_argument("--data-seed", type=int, default=None, help="training examples' seed (default: --seed)")
@@ -489,7 +494,7 @@ def main(argv=None):
         arms = load_arms(args.load)
     else:
         arms = train_all(profile, tok, stage1, stage2, args.seed, args.out, args.arms, save=args.save,
-                         init_from=args.init_from)
+                         init_from=args.init_from, idlm_ce_alpha=args.idlm_ce_alpha)
     if args.no_eval:
         return []
     rows = evaluate_all(arms, tok, task, test, args.eval_batch)

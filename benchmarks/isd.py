@@ -165,7 +165,8 @@ def timing_section(model, tok, prompts, args, mask_id):
         acc = [float(s[1][0]) for s in stats if s[1] is not None and not math.isnan(float(s[1][0]))]
         rows.append({"arm": name, "new_tokens": new, "tokens_per_s": rate.median, "tokens_per_s_range": [rate.low,
                      rate.high], "speedup_vs_greedy": ratio.median,
-                     "tokens_per_forward": sum(tpf) / len(tpf) if tpf else 1.0,
+                     "tokens_per_forward": (sum(tpf) / len(tpf) if tpf else
+                                            1.0 if name == "greedy generate" else None),  # generate reports none
                      "acceptance": sum(acc) / len(acc) if acc else None})
     return rows, outputs, timing
 
@@ -294,8 +295,8 @@ def main(argv=None):
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
         print(f"| {r['arm']} | {r['tokens_per_s']:.1f} ({r['tokens_per_s_range'][0]:.1f}-"
-              f"{r['tokens_per_s_range'][1]:.1f}) | {r['speedup_vs_greedy']:.2f} | {r['tokens_per_forward']:.2f} | "
-              f"{acc} |")
+              f"{r['tokens_per_s_range'][1]:.1f}) | {r['speedup_vs_greedy']:.2f} | "
+              f"{'n/a' if r['tokens_per_forward'] is None else format(r['tokens_per_forward'], '.2f')} | {acc} |")
     equality: list[dict] = []
     with model.disable_adapter():
         for name, outs in outputs.items():
