@@ -30,7 +30,6 @@ data):
     python benchmarks/dlm_synthetic.py --load outputs/dlm_synthetic
 """
 
-from __future__ import annotations
 
 import argparse
 import copy
