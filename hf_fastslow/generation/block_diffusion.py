@@ -77,8 +77,9 @@ class BlockDiffusionDecoder:
         self.block_index = 0
         self.losa_state = None
         # Denoising passes ask for the logits of the positions masked slots read only (a 1D index tensor as
-        # `logits_to_keep`); a subclass that overrides `forward` gets the int 0 instead (every position).
-        self._slices_logits = type(self).forward is BlockDiffusionDecoder.forward
+        # `logits_to_keep`); a subclass that overrides `forward` gets the int 0 instead (every position), unless it
+        # sets `slices_logits = True` to say its forward passes an index tensor through.
+        self.slices_logits = type(self).forward is BlockDiffusionDecoder.forward
 
     # ---- hooks ------------------------------------------------------------------------------------------------------
     def start_block(self, block_index: int) -> None:
@@ -210,13 +211,13 @@ class BlockDiffusionDecoder:
                     wanted = masked.any(0)
                     wanted = torch.cat([wanted[1:], wanted.new_zeros(1)]) if self.logit_shift else wanted
                     # A subclass overriding `forward` keeps the int convention (0: every position, 1: the last).
-                    keep = wanted.nonzero().reshape(-1) if self._slices_logits else 0
+                    keep = wanted.nonzero().reshape(-1) if self.slices_logits else 0
                     with cache.peeking():
                         out = self.forward(self.block_inputs(block_ids, masked), block.position_ids, block.mask,
                                            cache, keep, self.extra)
                     forwards += active.long()
                     computed = _float(out.logits)
-                    if self._slices_logits:
+                    if self.slices_logits:
                         raw = computed.new_zeros(batch, b, computed.shape[-1])
                         raw[:, keep] = computed
                     else:

@@ -179,7 +179,7 @@ class RCDDecoder(BlockDiffusionDecoder):
         super().__init__(model, **settings)
         # The `forward` below passes the loop's logits_to_keep through unchanged, so RCD keeps the baseline's LM-head
         # slicing (logits only where masked slots read them; the residuals only ever read those).
-        self._slices_logits = True
+        self.slices_logits = True
         self.rcd = rcd
         self.ref_model = ref_model
         self.embedding = model.get_input_embeddings()
