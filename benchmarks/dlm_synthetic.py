@@ -437,13 +437,23 @@ def print_table(rows: list[Row], arms: dict[str, TrainedArm], profile: Profile, 
 def save_arms(arms: dict[str, TrainedArm], tok, out_dir: str) -> None:
     """`save_pretrained` of every trained model (config carries its BlockDiffusionConfig) + the tokenizer + a record of
     its training, so `--load` can evaluate without retraining."""
+    from hf_fastslow.model_card import save_model_card
+
     for name, arm in arms.items():
         path = f"{out_dir}/models/{name}"
         arm.model.save_pretrained(path)
         tok.save_pretrained(path)
+        record = {"seconds": arm.seconds, "sequences": arm.sequences, "tokens": arm.tokens,
+                  "final_loss": arm.final_loss}
+        # A Hub model card with what was measured at save time (training figures; the accuracy table is printed by
+        # the evaluation, which may run later from --load).
+        save_model_card(path, base_model=None, method=f"dlm-synthetic-{name}", figures={
+            "training sequences": arm.sequences, "training tokens": arm.tokens,
+            "final training loss": arm.final_loss, "training seconds (loaded 2-core CPU)": arm.seconds},
+            description="A tiny Llama trained from scratch by benchmarks/dlm_synthetic.py (reversed multi-digit "
+                        "addition, character tokenizer).")
         with open(f"{path}/training.json", "w") as fh:
-            json.dump({"seconds": arm.seconds, "sequences": arm.sequences, "tokens": arm.tokens,
-                       "final_loss": arm.final_loss}, fh)
+            json.dump(record, fh)
 
 
 def load_arms(load_dir: str, names: Sequence[str] = ARMS) -> dict[str, TrainedArm]:
