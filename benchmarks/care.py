@@ -26,12 +26,7 @@ import warnings
 
 import torch
 
-
-def fit_line(points):
-    n = len(points)
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return slope, my - slope * mx
+from hf_fastslow.evaluation.kv_bench import fit_line
 
 
 def calibration_batches(tok, n, length, batch=16):
