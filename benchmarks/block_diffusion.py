@@ -51,7 +51,7 @@ def arms_for(model, tok, prompts, args, block, steps, threshold):
                                      max_new_tokens=args.max_new, block_size=block, steps=steps, threshold=threshold,
                                      eos_token_id=None, return_dict_in_generate=True, fuse_commit=fuse)
                 rows.append(out.sequences[0, ids.shape[1]:].tolist())
-                forwards += int(out.forwards[0])
+                forwards += int(out.num_forwards[0])
             return rows, forwards
         return run
 

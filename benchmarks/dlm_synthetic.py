@@ -247,7 +247,7 @@ def decode(model, tok, task: AdditionTask, rows: Sequence[dict], batch: int, **g
         new = out.sequences[:, ids.shape[1]:]
         answers += decode_answers(tok, new)
         row_tpf = getattr(out, "tokens_per_forward", None)
-        forwards = getattr(out, "num_forwards", getattr(out, "forwards", None))
+        forwards = getattr(out, "num_forwards", None)
         if row_tpf is None:  # plain generate: every row takes one forward per token it writes (the prefill the first)
             lengths = [(r.index(tok.eos_token_id) + 1 if tok.eos_token_id in r else len(r)) for r in new.tolist()]
             row_tpf, forwards = torch.ones(len(ids)), torch.tensor(lengths)

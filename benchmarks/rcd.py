@@ -39,7 +39,7 @@ def arms_for(model, prompts, block: int, max_new: int, with_self: bool = True) -
                                      block_size=block, steps=block, threshold=None, eos_token_id=None,
                                      return_dict_in_generate=True, **kw)
                 rows.append(out.sequences[0, ids.shape[1]:].tolist())
-                forwards += int(out.forwards[0])
+                forwards += int(out.num_forwards[0])
             return rows, forwards
         return call
 

@@ -300,7 +300,7 @@ class BlockDiffusionDecoder:
             cache=cache,
         )
         output.tokens_per_forward = kept.to(torch.float32) / forwards.to(torch.float32)
-        output.forwards = forwards
+        output.num_forwards = forwards
         return output
 
     def _open_block(self, index, start, length, padding, first_position, finished) -> _Block:
@@ -491,7 +491,7 @@ def block_diffusion_generate(model, input_ids, logits_processor=None, stopping_c
 
     Returns:
         `generate`'s result: the sequences, or with `return_dict_in_generate=True` a `GenerateDecoderOnlyOutput` with
-        `.tokens_per_forward` (per row, float) and `.forwards` (per row) attached.
+        `.tokens_per_forward` (per row, float) and `.num_forwards` (per row) attached.
     """
     call = generate_call_arguments(model)
     streamer = call.get("streamer") if streamer is None else streamer

@@ -280,11 +280,11 @@ class RCDDecoder(BlockDiffusionDecoder):
             self._padding = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             self._prompt_width = input_ids.shape[1]
         output = super().generate(input_ids, attention_mask, cache, *args, **kwargs)
-        if self.init_forwards is not None and hasattr(output, "forwards"):
+        if self.init_forwards is not None and hasattr(output, "num_forwards"):
             # The initialization passes are forwards too: tokens per forward counts them.
-            kept = torch.round(output.tokens_per_forward.double() * output.forwards.double())
-            output.forwards = output.forwards + self.init_forwards
-            output.tokens_per_forward = (kept / output.forwards.double()).float()
+            kept = torch.round(output.tokens_per_forward.double() * output.num_forwards.double())
+            output.num_forwards = output.num_forwards + self.init_forwards
+            output.tokens_per_forward = (kept / output.num_forwards.double()).float()
         return output
 
 

@@ -141,7 +141,7 @@ def test_threshold_zero_commits_a_block_in_one_forward(fuse_commit, forwards):
                       return_dict_in_generate=True, eos_token_id=None, fuse_commit=fuse_commit)
     # unfused: prefill + (1 denoising forward + 1 commit) for block 1 + 1 denoising forward for block 2 (no commit
     # after the last block); fused: the commit pass of block 1 is block 2's only denoising forward
-    assert out.forwards.tolist() == [forwards] and out.tokens_per_forward.tolist() == [pytest.approx(8 / forwards)]
+    assert out.num_forwards.tolist() == [forwards] and out.tokens_per_forward.tolist() == [pytest.approx(8 / forwards)]
 
 
 class PassThroughForward(BlockDiffusionDecoder):
@@ -198,14 +198,14 @@ def test_rows_count_their_own_forwards_in_a_batch():
     eos = int(free[0, ids.shape[1] + 2])  # row 0 stops in the first block
     out = bd_generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
                       return_dict_in_generate=True)
-    counts = out.forwards.tolist()
+    counts = out.num_forwards.tolist()
     assert len(set(counts)) > 1  # the rows stop at different blocks
     for r, row in enumerate(ROWS):
         alone = bd_generate(model, torch.tensor([row]), max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
                             return_dict_in_generate=True)
         new = alone.sequences[0, len(row):].tolist()
         assert out.sequences[r, ids.shape[1]: ids.shape[1] + len(new)].tolist() == new
-        assert counts[r] == int(alone.forwards[0]), r
+        assert counts[r] == int(alone.num_forwards[0]), r
         assert float(out.tokens_per_forward[r]) == pytest.approx(float(alone.tokens_per_forward[0]))
 
 

@@ -177,12 +177,12 @@ def test_zero_weight_is_the_baseline_token_for_token(dtype, threshold):
     for zero in ({"alpha_mode": "fixed", "fixed_alpha": 0.0}, {"t_res": 0.0}):
         out = generate(model, rcd_generate, ids, mask, **kw, **zero)
         assert torch.equal(out.sequences, base.sequences)
-        assert torch.equal(out.forwards, base.forwards)
+        assert torch.equal(out.num_forwards, base.num_forwards)
     # the "self" init's extra pass changes nothing either at zero weight; it costs one forward per block and row
     unfused = generate(model, block_diffusion_generate, ids, mask, fuse_commit=False, **kw)
     out = generate(model, rcd_generate, ids, mask, init="self", alpha_mode="fixed", fixed_alpha=0.0, **kw)
     assert torch.equal(out.sequences, unfused.sequences)
-    assert out.forwards.tolist() == [f + 3 for f in unfused.forwards.tolist()]  # 12 tokens = 3 blocks of 4
+    assert out.num_forwards.tolist() == [f + 3 for f in unfused.num_forwards.tolist()]  # 12 tokens = 3 blocks of 4
     # ...and a non-zero weight does change the decoding (the test above is not vacuous)
     assert not torch.equal(generate(model, rcd_generate, ids, mask, **kw).sequences, base.sequences)
 
@@ -292,7 +292,7 @@ def test_ref_init_uses_the_reference_and_counts_its_passes():
     zero_weight = generate(model, rcd_generate, ids, mask, init="ref", ref_model=ref, alpha_mode="fixed",
                            fixed_alpha=0.0, **kw)
     assert torch.equal(zero_weight.sequences, unfused.sequences)
-    assert out.forwards.tolist() == [f + 3 for f in unfused.forwards.tolist()]
+    assert out.num_forwards.tolist() == [f + 3 for f in unfused.num_forwards.tolist()]
     # one reference pass per block, over the whole sequence so far plus the masked block
     calls = []
     handle = ref.register_forward_hook(lambda mod, args, output: calls.append(output.logits.shape))

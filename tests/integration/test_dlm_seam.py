@@ -95,7 +95,7 @@ def test_equals_block_diffusion_generate_on_whole_prompt_blocks(attention, logit
     assert torch.equal(peer.sequences, ours.sequences)
     # The peer spends no prefill and no commit pass (each of its forwards covers the whole window); with these
     # settings no block finishes before its last step, so it never pays its extra "notice" forward.
-    assert peer.num_forwards <= int(ours.forwards[0])
+    assert peer.num_forwards <= int(ours.num_forwards[0])
     if threshold >= 1.0:
         assert peer.num_forwards == steps * 3
 
