@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..integrations import cache_kwargs, output_cache
+from ..modeling.block_diffusion import additive_attention_mask
 from ..modeling.frozen_cache import (
     FrozenContextCache,
-    additive_mask,
     dynamic_cache_from_layers,
     span_attention_mask,
 )
@@ -156,7 +156,7 @@ class QueryOnlyTTT:
         context_len = cache.layers[0].keys.shape[-2]
         span = ids[:, start:start + length]
         allowed = span_attention_mask(start, length, context_len, ids.shape[0], ids.device)
-        mask = additive_mask(allowed, cache.layers[0].keys.dtype)
+        mask = additive_attention_mask(allowed, cache.layers[0].keys.dtype)
         positions = torch.arange(start, start + length, device=ids.device)[None].expand(ids.shape[0], -1)
         out = self.model(input_ids=span, attention_mask=mask, position_ids=positions, use_cache=True,
                          **cache_kwargs(self.model, cache))

@@ -8,6 +8,7 @@ from .block_diffusion import (
     ATTENTION_PATTERNS,
     BlockDiffusionCache,
     BlockDiffusionConfig,
+    additive_attention_mask,
     attach_block_diffusion,
     block_attention_mask,
     block_diffusion_config,
@@ -15,7 +16,6 @@ from .block_diffusion import (
     model_attention_mask,
 )
 from .block_diffusion_training import (
-    additive_attention_mask,
     diffusion_targets,
     noisy_inputs,
     training_mask_2l,

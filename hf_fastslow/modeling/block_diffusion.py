@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 __all__ = [
+    "additive_attention_mask",
     "ATTENTION_PATTERNS",
     "BlockDiffusionCache",
     "BlockDiffusionConfig",
@@ -164,6 +165,12 @@ def block_attention_mask(
     return torch.where(query_is_pad, own_slot, allowed)
 
 
+def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as the additive float mask every attention backend accepts (eager adds it to the scores; a bool
+    4D mask would be added as 0/1 there). 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def model_attention_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask `model` takes for the boolean `allowed`: the boolean itself for SDPA, flex and registered functions
     (LOSA), an additive float mask (0 / dtype min) for eager attention, which adds the mask to its scores. Flash
@@ -177,8 +184,7 @@ def model_attention_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> to
             "load the model with attn_implementation='sdpa' (or 'eager')."
         )
     if impl == "eager" or impl.endswith("_eager"):
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+        return additive_attention_mask(allowed, dtype)
     return allowed
 
 

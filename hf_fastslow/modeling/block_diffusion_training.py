@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .block_diffusion import additive_attention_mask  # noqa: F401  (re-exported: the trainers import it from here)
+
 __all__ = [
     "BLOCK_ALIGNMENTS",
     "MASK_PATTERNS",
@@ -152,12 +154,6 @@ def _apply_padding(mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     mask = mask & real[:, None, :] & real[:, :, None]
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
     return mask | (eye & ~real[:, :, None])  # a padding query sees itself only
-
-
-def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as the additive float mask every attention backend accepts (eager adds it to the scores; a bool
-    4D mask would be added as 0/1 there). 0 where allowed, the dtype's minimum elsewhere."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def noisy_inputs(

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 __all__ = [
-    "FrozenContextCache", "FrozenContextLayer", "additive_mask", "dynamic_cache_from_layers", "span_attention_mask",
+    "FrozenContextCache", "FrozenContextLayer", "dynamic_cache_from_layers", "span_attention_mask",
 ]
 
 
@@ -77,9 +77,3 @@ def span_attention_mask(span_start: int, span_len: int, context_len: int, batch_
     allowed = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
     return allowed[None, None].expand(batch_size, 1, span_len, context_len)
 
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean 4D mask as the additive float mask every attention implementation reads alike (eager adds the 4D
-    mask it is given to the scores, so a boolean one would be read as 0/1 offsets)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

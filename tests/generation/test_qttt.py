@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hf_fastslow.generation.qttt import QTTTConfig, QueryOnlyTTT, encode_context_question, qttt_generate
-from hf_fastslow.modeling.frozen_cache import FrozenContextCache, additive_mask, span_attention_mask
+from hf_fastslow.modeling.block_diffusion import additive_attention_mask
+from hf_fastslow.modeling.frozen_cache import FrozenContextCache, span_attention_mask
 from tests.conftest import byte_tokenizer, tiny_llama
 
 
@@ -23,7 +24,7 @@ def test_span_logits_over_frozen_cache_equal_full_forward(impl, start, length):
         cache = ttt.prefill(ids)
         with torch.no_grad():
             loss = ttt.span_loss(ids, cache, start, length)
-            mask = additive_mask(span_attention_mask(start, length, 32), torch.float32)
+            mask = additive_attention_mask(span_attention_mask(start, length, 32), torch.float32)
             pos = torch.arange(start, start + length)[None]
             from hf_fastslow.integrations import cache_kwargs
 
