@@ -33,7 +33,7 @@ from .dispatch import kernel
 
 
 # -- checks ---------------------------------------------------------------------------------------------------------
-def _check_qkv(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None) -> None:
+def check_losa_qkv(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None) -> None:
     if query.dim() != 3 or key.dim() != 3:
         raise ValueError(f"{name}: query must be (Hq, A, d) and key (Hkv, P, d); got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}.")
@@ -45,7 +45,7 @@ def _check_qkv(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.T
         raise ValueError(f"{name}: {query.shape[0]} query heads are not a multiple of {key.shape[0]} KV heads.")
 
 
-def _check_page_size(name: str, page_size: int) -> None:
+def check_losa_page_size(name: str, page_size: int) -> None:
     if not isinstance(page_size, int) or page_size <= 0:
         raise ValueError(f"{name}: page_size must be a positive int; got {page_size!r}.")
 
@@ -53,7 +53,7 @@ def _check_page_size(name: str, page_size: int) -> None:
 # -- page summaries and scores --------------------------------------------------------------------------------------
 def quest_page_summaries(key: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kmin, kmax), each (Hkv, ceil(P / page_size), d): elementwise min / max of each page's keys (same dtype)."""
-    _check_page_size("quest_page_summaries", page_size)
+    check_losa_page_size("quest_page_summaries", page_size)
     if key.dim() != 3:
         raise ValueError(f"quest_page_summaries: key must be (Hkv, P, d); got {tuple(key.shape)}.")
     hkv, length, dim = key.shape
@@ -70,7 +70,7 @@ def quest_page_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     """(Hkv, A, n_pages): per page sum_d max(q_d kmin_d, q_d kmax_d), summed over each KV head's query group.
 
     fp32 (fp64 for fp64 inputs)."""
-    _check_qkv("quest_page_scores", query, kmin)
+    check_losa_qkv("quest_page_scores", query, kmin)
     if kmin.shape != kmax.shape:
         raise ValueError(f"quest_page_scores: kmin {tuple(kmin.shape)} and kmax {tuple(kmax.shape)} differ.")
     hq, a, dim = query.shape
@@ -135,7 +135,7 @@ def prefix_attention_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of query (Hq, A, d) over the whole prefix (Hkv, P, d): (out (Hq, A, d), lse (Hq, A) fp32)."""
-    _check_qkv("prefix_attention_lse", query, key, value)
+    check_losa_qkv("prefix_attention_lse", query, key, value)
     valid = None if key_valid is None else key_valid.view(1, -1).expand(key.shape[0], -1)
     return _grouped_attention_lse(query, key, value, valid, scale)
 
@@ -154,8 +154,8 @@ def union_sparse_prefix_attention_reference(
     page_index (Hkv, M) long, distinct page numbers per row (in any order) and -1 for unused slots; key_valid (P,)
     bool or None. See the module docstring.
     """
-    _check_qkv("union_sparse_prefix_attention", query, key, value)
-    _check_page_size("union_sparse_prefix_attention", page_size)
+    check_losa_qkv("union_sparse_prefix_attention", query, key, value)
+    check_losa_page_size("union_sparse_prefix_attention", page_size)
     hkv, length, dim = key.shape
     n_pages = -(-length // page_size)
     if page_index.dim() != 2 or page_index.shape[0] != hkv or page_index.dtype != torch.long:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .losa import _check_page_size, _check_qkv
+from .losa import check_losa_page_size, check_losa_qkv
 
 NEG_INF = float("-inf")
 
@@ -109,8 +109,8 @@ def union_sparse_prefix_attention_triton(query, key, value, page_index, page_siz
 def _check_args(query, key, value, page_index, page_size, key_valid):
     # Shape checks shared with the reference; the page list's range and uniqueness are checked there too (they cost a
     # device sync, so only the cheap ones are repeated here).
-    _check_qkv("union_sparse_prefix_attention", query, key, value)
-    _check_page_size("union_sparse_prefix_attention", page_size)
+    check_losa_qkv("union_sparse_prefix_attention", query, key, value)
+    check_losa_page_size("union_sparse_prefix_attention", page_size)
     if page_index.dim() != 2 or page_index.shape[0] != key.shape[0] or page_index.dtype != torch.long:
         raise ValueError(f"union_sparse_prefix_attention: page_index must be ({key.shape[0]}, M) long; got "
                          f"{tuple(page_index.shape)} {page_index.dtype}.")
