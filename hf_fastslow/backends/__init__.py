@@ -1,0 +1,36 @@
+"""One backend layer for the test-time-scaling methods and agent runtimes: a local transformers model
+(`HFLocalBackend`), an OpenAI-compatible server (`EndpointBackend`, e.g. `transformers serve`, vLLM, TGI), and the
+scripted `ScriptedBackend` for tests. All share `Backend`'s API and per-call accounting (`Ledger`)."""
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendFeatureError,
+    BackendUnreachableError,
+    CallRecord,
+    Capabilities,
+    Completion,
+    GenerationOptions,
+    Ledger,
+    Messages,
+    StreamChunk,
+    Usage,
+)
+from .testing import ManualClock, ScriptedBackend
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendFeatureError",
+    "BackendUnreachableError",
+    "CallRecord",
+    "Capabilities",
+    "Completion",
+    "GenerationOptions",
+    "Ledger",
+    "ManualClock",
+    "Messages",
+    "ScriptedBackend",
+    "StreamChunk",
+    "Usage",
+]
