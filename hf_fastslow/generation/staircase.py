@@ -123,7 +123,9 @@ class Stair:
     seconds: float = 0.0
     prompt_tokens: int | None = None
     new_tokens: int | None = None
+    reused_prompt_tokens: int | None = None  # served from the aggregator's prefix cache (backends that report it)
     text: str = ""
+    conversation: Messages = field(default_factory=list, repr=False)  # the prompt, before the partial answer
 
 
 @dataclass
@@ -232,6 +234,7 @@ class _Aggregation:
                    metrics: AggregationMetrics, stair: Stair) -> Iterator[str]:
         """Stream one aggregator call (continuing `partial_answer` when there is one) into `stair`."""
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        stair.conversation = conversation
         if partial_answer:
             conversation = [*conversation, {"role": "assistant", "content": partial_answer}]
             kwargs["continue_final_message"] = True
@@ -249,6 +252,7 @@ class _Aggregation:
             stair.text += delta
             yield delta
         stair.seconds = self.clock() - metrics.start_s - stair.start_s
+        stair.reused_prompt_tokens = getattr(self.aggregator, "last_reused_tokens", None)  # HFLocalBackend reports it
         # The record this call wrote: the last "stream" record of one request since the mark (a proposer group sharing
         # this backend object writes its own record once, when its whole stream ends).
         own = [r for r in ledger.records[mark:] if r.kind == "stream" and r.requests == 1]

@@ -83,6 +83,9 @@ class ProposalFeed:
         self.groups = list(groups)
         self.granularity = granularity
         self.kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        # A proposal at its token limit is complete even before its stream says so (a streamer learns that a row
+        # ended only at the next step, so a proposal of exactly k chunks would otherwise cost one more stair).
+        self.limit = self.kwargs.get("max_new_tokens")
         self.clock = clock
         self._chunks: list[list[_Chunk]] = [[] for _ in range(proposers)]
         self._count = [0] * proposers
@@ -164,7 +167,9 @@ class ProposalFeed:
                              for lo, hi in zip(bounds, bounds[1:])]
                 pieces.append(per_stair)
                 done_start = self._done_start[index]
-                finished.append(index not in self._failed and done_start is not None and done_start < target)
+                complete = done_start is not None and done_start < target
+                at_limit = self.limit is not None and self._count[index] >= self.limit and self.limit <= target
+                finished.append(index not in self._failed and (complete or at_limit))
                 tokens.append(sum(c.size for c in chunks if c.start < target))
             # A failed proposal stays in view while it still has the stair's tokens, so when it drops out does not
             # depend on how far its thread had run.
