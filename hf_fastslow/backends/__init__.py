@@ -16,6 +16,8 @@ from .base import (
     StreamChunk,
     Usage,
 )
+from .hf_local import HFLocalBackend, LogProbRecorder
+from .streamers import BatchChunkStreamer, TokenChunk
 from .testing import ManualClock, ScriptedBackend
 
 __all__ = [
@@ -23,14 +25,18 @@ __all__ = [
     "BackendError",
     "BackendFeatureError",
     "BackendUnreachableError",
+    "BatchChunkStreamer",
     "CallRecord",
     "Capabilities",
     "Completion",
     "GenerationOptions",
+    "HFLocalBackend",
     "Ledger",
+    "LogProbRecorder",
     "ManualClock",
     "Messages",
     "ScriptedBackend",
     "StreamChunk",
+    "TokenChunk",
     "Usage",
 ]

@@ -288,7 +288,7 @@ class Backend(ABC):
     def resolve_options(self, kwargs: dict[str, Any], *, purpose: str = "chat") -> GenerationOptions:
         """Merge call kwargs over the generation defaults, validate them and check the capabilities they need."""
         merged = dict(self.generation_defaults)
-        merged.update({k: v for k, v in kwargs.items() if v is not None})
+        merged.update({k: v for k, v in kwargs.items() if v is not None and k != "n"})
         known = {k: merged.pop(k) for k in list(merged) if k in _OPTION_NAMES}
         n = 1 if kwargs.get("n") is None else int(kwargs["n"])
         opts = GenerationOptions(n=n, extra=merged, **known)
