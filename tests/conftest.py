@@ -78,3 +78,23 @@ def byte_tokenizer():
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     return tok
+
+
+@pytest.fixture(scope="session")
+def served_model():
+    """`transformers serve` on the default model, started once per session as a subprocess on 127.0.0.1 and stopped
+    by its pid. A `LocalServer`: `.base_url`, `.model`, `.pid`, `.backend(**kw)` (a fresh EndpointBackend). Skipped
+    when the serving extra (fastapi, uvicorn) or the default model is missing. Tests using it are `@pytest.mark.serve`
+    and keep generation short (max_new_tokens <= 16)."""
+    pytest.importorskip("fastapi", reason="the serving extra is missing: pip install 'transformers[serving]'")
+    pytest.importorskip("uvicorn", reason="the serving extra is missing: pip install 'transformers[serving]'")
+    from hf_fastslow.backends.serve import LocalServer
+    from hf_fastslow.default_model import default_model_path
+
+    try:
+        path = default_model_path()
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(str(err))
+    # one torch thread: the server shares the box's cores with the test process
+    with LocalServer(path, threads=1) as server:
+        yield server

@@ -16,11 +16,14 @@ from .base import (
     StreamChunk,
     Usage,
 )
+from .endpoint import TRANSFORMERS_SERVE, EndpointBackend
 from .hf_local import HFLocalBackend, LogProbRecorder
+from .serve import LocalServer, serving_available
 from .streamers import BatchChunkStreamer, TokenChunk
 from .testing import ManualClock, ScriptedBackend
 
 __all__ = [
+    "TRANSFORMERS_SERVE",
     "Backend",
     "BackendError",
     "BackendFeatureError",
@@ -29,9 +32,11 @@ __all__ = [
     "CallRecord",
     "Capabilities",
     "Completion",
+    "EndpointBackend",
     "GenerationOptions",
     "HFLocalBackend",
     "Ledger",
+    "LocalServer",
     "LogProbRecorder",
     "ManualClock",
     "Messages",
@@ -39,4 +44,5 @@ __all__ = [
     "StreamChunk",
     "TokenChunk",
     "Usage",
+    "serving_available",
 ]
