@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from hf_fastslow.backends.base import Backend, Messages, StreamChunk, with_system
 
 __all__ = ["FeedView", "ProposalFeed", "ProposerGroup", "batch_key", "group_proposers", "iterate_in_thread"]
@@ -25,12 +27,12 @@ class ProposerGroup:
 
 
 def batch_key(backend: Backend) -> tuple:
-    """Proposers with equal keys share one batched call. A local backend (one holding a `model`) batches with every
-    local backend of the same class over the same model and tokenizer with the same generation defaults: their
-    rows sample alike in one `generate`, and each row keeps its own system prompt (persona). Anything else batches
-    only with itself (one object listed several times)."""
+    """Proposers with equal keys share one batched call. A local backend (one holding a torch `model`) batches
+    with every local backend of the same class over the same model and tokenizer with the same generation defaults:
+    their rows sample alike in one `generate`, and each row keeps its own system prompt (persona). Anything else
+    batches only with itself (one object listed several times)."""
     model = getattr(backend, "model", None)
-    if model is None:
+    if not isinstance(model, torch.nn.Module):  # an endpoint's `model` is the served model's name
         return ("object", id(backend))
     defaults = tuple(sorted((k, repr(v)) for k, v in backend.generation_defaults.items()))
     return ("local", type(backend), id(model), id(getattr(backend, "tokenizer", None)), defaults,
