@@ -68,11 +68,12 @@ class EndpointBackend(Backend):
     """`EndpointBackend(base_url, model, *, api_key=None, timeout=120.0, system=None, tokenizer=None,
     max_concurrency=8, capabilities=None, server=None, **generation_defaults)`.
 
-    `base_url` is the API root (`http://127.0.0.1:8000/v1`). `server`: `"transformers serve"` or None (detected from
-    `/v1/models` at the probe). `generation_defaults` outside the backend options go into every request's body.
+    `base_url` is the API root (`http://127.0.0.1:8000/v1`); `model` the request's model field (None: omitted).
+    `server`: `"transformers serve"`, `"openai"` or None (detected from `GET /v1/models` when first needed).
+    `generation_defaults` outside the backend options go into every request's body.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
+    def __init__(self, base_url: str, model: str | None, *, api_key: str | None = None, timeout: float = 120.0,
                  system: str | None = None, tokenizer=None, max_concurrency: int = 8,
                  capabilities: Capabilities | None = None, server: str | None = None, name: str | None = None,
                  **generation_defaults: Any):
@@ -91,6 +92,7 @@ class EndpointBackend(Backend):
         self.server = server
         self._capabilities = capabilities
         self._probe_lock = threading.Lock()
+        self._server_lock = threading.Lock()
         self.client = InferenceClient(base_url=base_url, api_key=api_key, timeout=timeout)
 
     # ----- capabilities -------------------------------------------------------------------------------------------
@@ -105,20 +107,15 @@ class EndpointBackend(Backend):
     def probe(self) -> Capabilities:
         """Ask the server once: which kind it is (`/v1/models`), and whether one request with n=2, logprobs and
         top_logprobs=20 returns two choices with log-probs. Not recorded in the ledger (setup, not work)."""
-        if self.server is None:
-            with self._errors():
-                response = get_session().get(self.base_url + "/models", headers=self._headers(), timeout=self.timeout)
-            if response.status_code == 200:
-                with contextlib.suppress(ValueError):
-                    self.server = TRANSFORMERS_SERVE if _looks_like_transformers_serve(response.json()) else "openai"
+        self.detect_server()
         try:
-            with self._errors():
+            with self.translate_errors():
                 out = self.client.chat_completion(_PROBE, model=self.model, max_tokens=1, n=2, logprobs=True,
                                                   top_logprobs=20, seed=0, temperature=1.0)
         except BackendUnreachableError:
             raise
         except BackendError:  # the server rejects n or log-probs outright: probe the plain form
-            with self._errors():
+            with self.translate_errors():
                 out = self.client.chat_completion(_PROBE, model=self.model, max_tokens=1)
             out.choices = out.choices[:1]
             for c in out.choices:
@@ -129,6 +126,21 @@ class EndpointBackend(Backend):
             max_top_logprobs=len(tops[0]) if tops else 0, streaming=True,
             continue_final_message=self.tokenizer is not None, prompt_scoring=False, seed=True,
         )
+
+    def detect_server(self) -> str:
+        """`"transformers serve"` or `"openai"` (any other OpenAI-compatible server), from `GET /v1/models` once."""
+        with self._server_lock:
+            if self.server is None:
+                with self.translate_errors():
+                    response = get_session().get(self.base_url + "/models", headers=self._headers(),
+                                                 timeout=self.timeout)
+                kind = "openai"
+                if response.status_code == 200:
+                    with contextlib.suppress(ValueError):
+                        if _looks_like_transformers_serve(response.json()):
+                            kind = TRANSFORMERS_SERVE
+                self.server = kind
+        return self.server
 
     def feature_hint(self, feature: str) -> str:
         server = f" ({self.server})" if self.server == TRANSFORMERS_SERVE else ""
@@ -147,7 +159,7 @@ class EndpointBackend(Backend):
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @contextlib.contextmanager
-    def _errors(self):
+    def translate_errors(self):
         """Map transport and HTTP failures to the layer's errors, naming this backend and its URL."""
         try:
             yield
@@ -159,7 +171,7 @@ class EndpointBackend(Backend):
 
     def _params(self, opts: GenerationOptions, index: int, *, fan_out: bool) -> dict[str, Any]:
         """chat_completion keyword arguments of request `index`."""
-        kw: dict[str, Any] = {"model": self.model}
+        kw: dict[str, Any] = {"model": self.model} if self.model else {}
         if opts.max_new_tokens is not None:
             kw["max_tokens"] = opts.max_new_tokens
         if opts.temperature is not None:
@@ -178,7 +190,7 @@ class EndpointBackend(Backend):
         if not fan_out and opts.n > 1:
             kw["n"] = opts.n
         extra = dict(opts.extra)
-        if self.server == TRANSFORMERS_SERVE and opts.temperature:
+        if opts.temperature and self.detect_server() == TRANSFORMERS_SERVE:
             # transformers serve samples only when its generation config says so; the field replaces the model's
             # config (max_tokens, stop still apply on top), so carry the sampling settings in it.
             config = {"do_sample": True, "temperature": float(opts.temperature)}
@@ -216,7 +228,7 @@ class EndpointBackend(Backend):
     def _one(self, conv: Messages, opts: GenerationOptions, sample: int | None) -> list[Completion]:
         if opts.continue_final_message:
             return [self._continue(conv, opts, sample or 0)]
-        with self._errors():
+        with self.translate_errors():
             out = self.client.chat_completion(conv, **self._params(opts, sample or 0, fan_out=sample is not None))
         return self._choices(out, opts, sample)
 
@@ -258,7 +270,7 @@ class EndpointBackend(Backend):
 
         async def one(conv: Messages, sample: int | None) -> list[Completion]:
             async with limit:
-                with self._errors():
+                with self.translate_errors():
                     out = await client.chat_completion(conv, **self._params(opts, sample or 0,
                                                                             fan_out=sample is not None))
             return self._choices(out, opts, sample)
@@ -295,7 +307,7 @@ class EndpointBackend(Backend):
 
     def _continue(self, conv: Messages, opts: GenerationOptions, index: int) -> Completion:
         body = self._completions_body(conv, opts, index, stream=False)
-        with self._errors():
+        with self.translate_errors():
             response = get_session().post(self.base_url + "/completions", json=body, headers=self._headers(),
                                           timeout=self.timeout)
         if response.status_code != 200:
@@ -308,7 +320,7 @@ class EndpointBackend(Backend):
 
     def _continue_stream(self, conv: Messages, opts: GenerationOptions) -> Iterator[tuple[str, Any]]:
         body = self._completions_body(conv, opts, 0, stream=True)
-        with self._errors(), get_session().stream("POST", self.base_url + "/completions", json=body,
+        with self.translate_errors(), get_session().stream("POST", self.base_url + "/completions", json=body,
                                                   headers=self._headers(), timeout=self.timeout) as response:
             if response.status_code != 200:
                 response.read()
@@ -328,7 +340,7 @@ class EndpointBackend(Backend):
             yield from self._continue_stream(conv, opts)
             return
         params = self._params(opts, 0, fan_out=False)
-        with self._errors():
+        with self.translate_errors():
             for event in self.client.chat_completion(conv, stream=True, **params):
                 choices = _get(event, "choices") or []
                 delta = _get(_get(choices[0], "delta"), "content") if choices else None
@@ -395,7 +407,7 @@ class EndpointBackend(Backend):
         meter.requests = meter.samples = 1
         client = AsyncInferenceClient(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout)
         try:
-            with self._errors():
+            with self.translate_errors():
                 events = await client.chat_completion(conv, stream=True, **self._params(opts, 0, fan_out=False))
                 async for event in events:
                     usage = _get(event, "usage")

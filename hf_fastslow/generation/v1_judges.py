@@ -1,19 +1,19 @@
 """V1-Infer judge backends: anything with `complete(prompts) -> texts`.
 
 `CallableJudge` wraps a function, `HFJudge` runs a local transformers model (one left-padded batched `generate` per
-call), `EndpointJudge` calls an OpenAI-compatible `/chat/completions` server concurrently with the standard library.
+call), `EndpointJudge` calls an OpenAI-compatible `/chat/completions` server concurrently through the backend layer's
+`EndpointBackend` (huggingface_hub's `InferenceClient`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
 
-from ..endpoints import chat_completions_url, post_chat_completion
+from ..backends.base import Capabilities
+from ..backends.endpoint import EndpointBackend
 from .padding import cut_at_eos, pad_token_id
 
 
@@ -126,12 +126,18 @@ class HFJudge:
         return replies
 
 
-class EndpointJudge:
-    """An OpenAI-compatible chat endpoint (vLLM, TGI, llama.cpp server, hosted APIs) as judge.
+# One reply per prompt, no log-probs: nothing to probe the server for.
+_JUDGE_CAPABILITIES = Capabilities(native_n=False, logprobs=False, max_top_logprobs=0, streaming=True,
+                                   continue_final_message=False, prompt_scoring=False, seed=True)
 
-    `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1`; each prompt becomes one POST to
-    `{base_url}/chat/completions`, up to `max_workers` in flight at once. Token counts come from the server's
-    `usage` field when it reports one.
+
+class EndpointJudge:
+    """An OpenAI-compatible chat endpoint (vLLM, TGI, `transformers serve`, llama.cpp server, hosted APIs) as judge.
+
+    `base_url` is the API root, e.g. `http://127.0.0.1:8000/v1`; each prompt becomes one request to
+    `{base_url}/chat/completions` through `EndpointBackend` (`.backend`, whose ledger records every `complete`), up to
+    `max_workers` in flight at once. Token counts come from the server's `usage` field when it reports one.
+    Failures raise `BackendError` (a `RuntimeError`) naming the judge and its URL.
     """
 
     def __init__(
@@ -151,7 +157,6 @@ class EndpointJudge:
             raise ValueError(f"base_url must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}.")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}.")
-        self.url = chat_completions_url(base_url)
         self.model = model
         self.api_key = api_key
         self.max_tokens = max_tokens
@@ -161,32 +166,23 @@ class EndpointJudge:
         self.max_workers = max_workers
         self.system_prompt = system_prompt
         self.extra_body = dict(extra_body or {})
-        self.calls = 0
-        self.tokens = 0
-        self._lock = threading.Lock()
+        self.backend = EndpointBackend(
+            base_url, model, api_key=api_key, timeout=timeout, system=system_prompt, max_concurrency=max_workers,
+            capabilities=_JUDGE_CAPABILITIES, name=f"EndpointJudge({base_url.rstrip('/')})",
+            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, **self.extra_body,
+        )
+        self.url = self.backend.base_url + "/chat/completions"
 
-    def _post(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            **self.extra_body,
-        }
-        content, payload = post_chat_completion(self.url, body, api_key=self.api_key, timeout=self.timeout,
-                                                what="Judge endpoint")
-        usage = payload.get("usage") or {}
-        with self._lock:
-            self.calls += 1
-            self.tokens += int(usage.get("total_tokens", 0) or 0)
-        return content
+    @property
+    def calls(self) -> int:
+        return self.backend.ledger.total().requests
+
+    @property
+    def tokens(self) -> int:
+        return self.backend.ledger.total().total_tokens
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
-        if len(prompts) <= 1 or self.max_workers == 1:
-            return [self._post(p) for p in prompts]
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(prompts))) as pool:
-            return list(pool.map(self._post, prompts))
+        if not prompts:
+            return []
+        replies = self.backend.chat_batch([[{"role": "user", "content": p}] for p in prompts])
+        return [row[0].text for row in replies]

@@ -8,7 +8,8 @@ Back-ends:
   (one model's weights of extra memory), or a named model / model object;
 * `PolicyReflector` - the policy being trained, with its current weights (no extra memory; opt-in, not the paper's);
 * `HFReflector` - a local causal LM used as given (`transformers` `generate`);
-* `OpenAIReflector` - any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, hosted APIs), stdlib only;
+* `OpenAIReflector` - any OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, `transformers serve`, hosted APIs),
+  through the backend layer's `EndpointBackend`;
 * `FunctionReflector` - a Python callable, e.g. a rule-based rewriter or a scripted reflector in tests.
 
 `make_reflector("frozen" | "policy" | "<local path or model id>" | "http(s)://host/v1" | model | callable, ...)`
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..endpoints import chat_completions_url, post_chat_completion
+from ..backends.base import Capabilities
+from ..backends.endpoint import EndpointBackend
 from ..generation.padding import pad_token_id
 
 Record = dict[str, Any]  # {"Inputs": str, "Generated Outputs": str, "Feedback": str, "Score": float | None}
@@ -186,8 +188,15 @@ class PolicyReflector(HFReflector):
         self.model, self.tokenizer = model, tokenizer
 
 
+# One reply per prompt, no log-probs: nothing to probe the server for.
+_REFLECTOR_CAPABILITIES = Capabilities(native_n=False, logprobs=False, max_top_logprobs=0, streaming=True,
+                                       continue_final_message=False, prompt_scoring=False, seed=True)
+
+
 class OpenAIReflector(Reflector):
-    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`), e.g. a vLLM or TGI server."""
+    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`), e.g. a vLLM, TGI or `transformers serve`
+    server, through `EndpointBackend` (`.backend`; its ledger records every call). Failures raise `BackendError`
+    (a `RuntimeError`) naming the reflector and its URL."""
 
     def __init__(
         self,
@@ -201,18 +210,13 @@ class OpenAIReflector(Reflector):
         self.base_url = base_url.rstrip("/")
         self.model, self.api_key = model, api_key
         self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
+        self.backend = EndpointBackend(
+            self.base_url, model, api_key=api_key, timeout=timeout, capabilities=_REFLECTOR_CAPABILITIES,
+            name=f"OpenAIReflector({self.base_url})", max_new_tokens=max_tokens, temperature=temperature,
+        )
 
     def complete(self, prompt: str) -> str:
-        body: dict[str, Any] = {
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-        }
-        if self.model:
-            body["model"] = self.model
-        content, _ = post_chat_completion(chat_completions_url(self.base_url), body, api_key=self.api_key,
-                                          timeout=self.timeout, what="Reflection endpoint")
-        return content
+        return self.backend.chat([{"role": "user", "content": prompt}])[0].text
 
 
 REFLECTOR_CHOICES = ("'frozen' (a frozen copy of the initial policy, the default)", "'policy' (the trained policy)",

@@ -151,3 +151,15 @@ def test_served_stream_async_and_continuation(served_model):
     partial = USER + [{"role": "assistant", "content": reference.text[:4]}]
     (cont,) = be.chat(partial, continue_final_message=True, max_new_tokens=2)
     assert cont.completion_tokens == 2 and cont.text
+
+
+@pytest.mark.serve
+def test_served_judge_and_reflector_run_on_the_backend(served_model):
+    from hf_fastslow.generation.v1_judges import EndpointJudge
+    from hf_fastslow.trainers.reflection import OpenAIReflector
+
+    judge = EndpointJudge(served_model.base_url, served_model.model, max_tokens=3, max_workers=2)
+    replies = judge.complete(["Rate 2+2=4 from 1 to 9.", "Rate 2+2=5 from 1 to 9."])
+    assert len(replies) == 2 and all(replies) and judge.calls == 2 and judge.tokens > 6
+    reflector = OpenAIReflector(served_model.base_url, served_model.model, max_tokens=3, temperature=0.0)
+    assert reflector.complete("Improve: 'Answer.'") and reflector.backend.ledger.total().completion_tokens <= 3
