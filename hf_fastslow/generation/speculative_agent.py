@@ -123,6 +123,7 @@ class _AgentCore:
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._seen = 0  # timeline entries the current turn's context held
         self._execution_log: list[tuple[int, int, str, str]] = []
 
     # ---- clock, events, timeline ---------------------------------------------------------------------------------
@@ -188,6 +189,9 @@ class _AgentCore:
         """Stream one turn, stopping at the first complete action; None if interrupted before acting."""
         parser, text = TurnParser(), ""
         t0 = self._now()
+        # The action goes into the timeline where this context ended: it answers what the model saw, and chunks
+        # arriving while it generates come after it (the next context ends with them, not with the action).
+        self._seen = len(self._timeline)
         stream = self.backend.astream(self.render(), max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
         interrupted = False
         async with contextlib.aclosing(stream):
@@ -223,7 +227,9 @@ class _AgentCore:
         call = self.runtime.calls[action.call_id]
         if call.version == version:
             return False  # the same call again
-        self._timeline.append(_Entry(self._now(), "action", format_action(action), call.call_id, call.version))
+        seen_t = self._timeline[self._seen - 1].t if self._seen else 0.0
+        self._timeline.insert(self._seen, _Entry(seen_t, "action", format_action(action), call.call_id, call.version))
+        self._seen += 1
         return True
 
     def _finish(self, answer: str | None) -> None:

@@ -55,8 +55,8 @@ class ClockTraceBuilder:
         """trl's conversational prompt-completion row for a decision episode (the loss covers the action only)."""
         if not episode.events or episode.events[-1].kind != "action":
             raise ValueError("a decision episode ends with the action to learn")
-        messages = self.build(episode)["messages"]
-        return {"prompt": messages[:-1], "completion": messages[-1:]}
+        prompt = _render(episode.system, episode.events[:-1], self.clock)
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": episode.events[-1].text}]}
 
     def count_tokens(self, row: dict) -> int:
         """Tokens of a prompt-completion row under the builder's tokenizer's chat template."""
@@ -134,7 +134,8 @@ def clock_sft_trainer(model, tokenizer, train_dataset, *, output_dir: str, lora_
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "no"}
+    # No truncation by default: trl cuts from the right, i.e. the action - the only supervised part - goes first.
+    defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "no", "max_length": None}
     args = SFTConfig(output_dir=output_dir, **{**defaults, **sft_config})
     peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
