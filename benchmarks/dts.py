@@ -1,18 +1,19 @@
 """Benchmark: DTS preference pairs (Diversified-ThinkSolve, arXiv 2507.02173) vs temperature-sampled pairs, each
 trained with an unchanged trl DPOTrainer, on the default model (SmolLM2-135M-Instruct); the base model is the floor.
 
-Problems (generated here, seeded): 2-3 step word problems with integer answers. Both builders use K solutions per
-problem, the same mixed-correctness pair rule and the package's numeric extractor. Reported: pairs kept, generated
-tokens (DTS / sampling ratio), diversity of the K solutions (distinct final answers, token Jaccard), and greedy
-exact-match test accuracy after one epoch of DPO on each pair set (beta 0.1). A 135M model yields few usable pairs;
-the yield is part of the result.
+Problems (generated here, seeded): two-step word problems with one-digit operands (`--problems easy`, default), or
+the 2-3 step ones with a multiplication (`--problems multistep`, on which the 135M model scores 0). Both builders
+use K solutions per problem, the same mixed-correctness pair rule and the package's numeric extractor. Reported:
+pairs kept, generated tokens (DTS / sampling ratio), diversity of the K solutions (distinct final answers, token
+Jaccard), and greedy exact-match test accuracy after one epoch of DPO on each pair set (beta 0.1). A 135M model
+yields few usable pairs; the yield is part of the result.
 
 DPO on CPU: trl's DPOConfig defaults to bf16 and gradient checkpointing; this script passes `bf16=False,
 use_cpu=True, gradient_checkpointing=False`, and a reference model (a copy of the policy: the GGUF-loaded model has
 no Hub name trl could reload it from).
 
-    python benchmarks/dts.py                  # the figures in docs/trainers.md
-    python benchmarks/dts.py --quick          # 8 train / 8 test problems, K=2 (~3 min)
+    python benchmarks/dts.py --threads 1 --lr 2e-5   # the figures in docs/trainers.md (32 train / 64 test, K=4)
+    python benchmarks/dts.py --quick                 # 8 train / 8 test problems, K=2 (~3 min)
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ import time
 
 import torch
 
-TEMPLATES = [
+# Two-step problems with one-digit operands: SmolLM2-135M answered 2 of 8 right (greedy) in a probe of each of the
+# first two templates, so K samples of a problem are often mixed and pairs form. The "multistep" templates have
+# larger numbers and a multiplication: the 135M model got 0/12 right and 2-3 of 24 problems gave a pair.
+EASY_TEMPLATES = [
+    ("{n} had {a} coins. {n} spent {b} coins on bread and {c} coins on milk. How many coins are left?",
+     lambda a, b, c: a - b - c),
+    ("{n} has {a} apples. {n} buys {b} more apples. Then {n} gives {c} apples to a friend. How many apples does {n} "
+     "have now?", lambda a, b, c: a + b - c),
+    ("{n} has {a} pens. {n} gives {b} pens to a friend and then buys {c} new pens. How many pens does {n} have now?",
+     lambda a, b, c: a - b + c),
+]
+MULTISTEP_TEMPLATES = [
     ("{n} has {a} marbles. {n} buys {b} bags with {c} marbles in each bag, then gives away {d} marbles. "
      "How many marbles does {n} have now?", lambda a, b, c, d: a + b * c - d),
     ("A shop had {a} apples. It sold {d} apples in the morning and received {b} boxes of {c} apples in the "
@@ -36,14 +48,25 @@ TEMPLATES = [
 NAMES = ["Sam", "Ana", "Li", "Omar", "Eva", "Raj"]
 
 
-def word_problems(n: int, seed: int) -> list[dict]:
+def word_problems(n: int, seed: int, kind: str = "easy") -> list[dict]:
+    """`n` generated problems with integer answers, templates in turn; `kind` "easy" (2 steps, one-digit operands,
+    answers >= 1) or "multistep" (2-3 steps with a multiplication, operands up to 40)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        text, fn = TEMPLATES[i % len(TEMPLATES)]
-        a, b, c = rng.randint(5, 40), rng.randint(2, 6), rng.randint(2, 9)
-        d = rng.randint(1, a)
-        out.append({"question": text.format(n=rng.choice(NAMES), a=a, b=b, c=c, d=d), "answer": str(fn(a, b, c, d))})
+        if kind == "easy":
+            text, fn = EASY_TEMPLATES[i % len(EASY_TEMPLATES)]
+            b, c = rng.randint(2, 6), rng.randint(1, 4)
+            a = b + c + rng.randint(1, 5) if i % len(EASY_TEMPLATES) == 0 else rng.randint(b + 1, 9)
+            question, answer = text.format(n=rng.choice(NAMES), a=a, b=b, c=c), fn(a, b, c)
+        elif kind == "multistep":
+            text, fn = MULTISTEP_TEMPLATES[i % len(MULTISTEP_TEMPLATES)]
+            a, b, c = rng.randint(5, 40), rng.randint(2, 6), rng.randint(2, 9)
+            d = rng.randint(1, a)
+            question, answer = text.format(n=rng.choice(NAMES), a=a, b=b, c=c, d=d), fn(a, b, c, d)
+        else:
+            raise ValueError(f"unknown problem kind {kind!r} (easy, multistep)")
+        out.append({"question": question, "answer": str(answer)})
     return out
 
 
@@ -82,13 +105,14 @@ def dpo_epoch(base, tok, pairs, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=int, default=60)
-    p.add_argument("--test", type=int, default=60)
+    p.add_argument("--problems", choices=["easy", "multistep"], default="easy")
+    p.add_argument("--train", type=int, default=32)
+    p.add_argument("--test", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--max-solve-tokens", type=int, default=160)
-    p.add_argument("--max-think-tokens", type=int, default=96)
+    p.add_argument("--max-solve-tokens", type=int, default=128)
+    p.add_argument("--max-think-tokens", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=128)  # rows per generate call; big batches are cheap on CPU
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -102,7 +126,8 @@ def main(argv=None):
 
     model, tok = load_default_model()
     system = "You are a helpful assistant."  # the same system message in every arm
-    train, test = word_problems(args.train, args.seed), word_problems(args.test, args.seed + 1000)
+    train = word_problems(args.train, args.seed, args.problems)
+    test = word_problems(args.test, args.seed + 1000, args.problems)
     cfg = DTSConfig(num_strategies=args.k, max_think_tokens=args.max_think_tokens,
                     max_solve_tokens=args.max_solve_tokens, batch_size=args.batch_size, seed=args.seed, system=system)
     results = {}
@@ -122,7 +147,7 @@ def main(argv=None):
                        "distinct_answers": rep["mean_distinct_answers"], "jaccard": rep["mean_jaccard"],
                        "correct_solutions": rep["correct_solutions"], "accuracy": acc}
     ratio = results["DTS"]["report"]["generated_tokens"] / max(results["sampling"]["report"]["generated_tokens"], 1)
-    print(f"\n{len(train)} train / {len(test)} test problems, K={args.k}, DPO 1 epoch lr {args.lr:g}; "
+    print(f"\n{len(train)} train / {len(test)} test {args.problems} problems, K={args.k}, DPO 1 epoch lr {args.lr:g}; "
           f"generated tokens DTS / sampling = {ratio:.2f}")
     print(f"{'arm':<12}{'pairs':>7}{'tokens':>9}{'distinct ans':>14}{'jaccard':>9}{'test acc':>10}")
     for name, row in table.items():
