@@ -277,13 +277,15 @@ def main(argv=None):
         args.seeds, args.train, args.val, args.test, args.epochs = [0], [400], 80, 80, 3
         args.teacher_examples, args.teacher_epochs = 64, 1.0
     torch.set_num_threads(args.threads)
-    # The teacher trains once (on its own balanced rows) and labels every size's training rows in one pass.
+    # The teacher trains once (on its own balanced rows) and labels each distinct text of every size's training rows
+    # once (the task has a few thousand distinct sentences; the smaller sizes' rows are drawn first by the same rng).
     train_sets = [make_split(n, 0.95, random.Random(args.seed)) for n in args.train]
-    logits, teacher_acc = teacher_logits([r for rows in train_sets for r in rows], args)
-    results, start = {}, 0
-    for n in args.train:
-        results[n] = run_budget(n, logits[start:start + n], teacher_acc, args)
-        start += n
+    texts = sorted({r["text"] for rows in train_sets for r in rows})
+    logits, teacher_acc = teacher_logits([{"text": t} for t in texts], args)
+    by_text = dict(zip(texts, logits))
+    results = {}
+    for n, rows in zip(args.train, train_sets):
+        results[n] = run_budget(n, [by_text[r["text"]] for r in rows], teacher_acc, args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "teacher": teacher_acc, "results": results}, fh, indent=1)
