@@ -8,8 +8,10 @@ of an item get the same seed, so they see the same proposals and differ only in 
 
 Items: two-digit additions (`evaluation.prompts.arithmetic_problems`, scored with `evaluation.answers`) and short
 instructions (latency only). Settings: `in-process` (`HFLocalBackend`) and `serve` (`EndpointBackend` against
-`transformers serve` started by `backends.serve.LocalServer`; the aggregator continues through /v1/completions
-with a locally rendered prompt). Reported per arm: TTFT median and p90, total time, answer tokens per second,
+`transformers serve --continuous-batching` started by `backends.serve.LocalServer`; the aggregator continues through
+/v1/completions with a locally rendered prompt). Without continuous batching `transformers serve` runs one
+`generate` at a time on one inference thread, so the aggregator's first request would queue behind the proposals
+(`--serve-args ""` measures that). Reported per arm: TTFT median and p90, total time, answer tokens per second,
 tokens per run (every call: proposals, every stair's prompt and answer), aggregator prompt tokens and those served
 from its prefix cache, this process's CPU seconds (and the server's, over serve), addition accuracy.
 
@@ -19,7 +21,7 @@ timings measured in isolation: each item's proposals streamed alone (arrival tim
 aggregator calls re-run alone in order; stair j starts when every proposal has T_j tokens and the previous stair
 has ended, as with proposers and aggregator on separate devices.
 
-    python benchmarks/staircase.py --quick          # 2 additions + 1 instruction, both settings (< 3 min idle)
+    python benchmarks/staircase.py --quick          # 1 addition + 1 instruction, both settings (< 3 min idle)
     python benchmarks/staircase.py --additions 20 --instructions 20 --chunks 16 32 --proposal-tokens 96 \\
         --answer-tokens 64 --out staircase.json
 """
@@ -262,7 +264,7 @@ def replay_table(model: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 additions + 1 instruction, short caps (< 3 min idle)")
+    p.add_argument("--quick", action="store_true", help="1 addition + 1 instruction, short caps (< 3 min idle)")
     p.add_argument("--additions", type=int, default=20)
     p.add_argument("--instructions", type=int, default=20)
     p.add_argument("--chunks", type=int, nargs="+", default=[16, 32])
@@ -270,13 +272,15 @@ def main():
     p.add_argument("--proposal-tokens", type=int, default=96)
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--settings", nargs="+", default=["in-process", "serve"], choices=["in-process", "serve"])
+    p.add_argument("--serve-args", default="--continuous-batching",
+                   help="extra `transformers serve` arguments (\"\" for the one-generate-at-a-time server)")
     p.add_argument("--no-replay", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
-        args.additions, args.instructions, args.chunks = 2, 1, [8]
+        args.additions, args.instructions, args.chunks = 1, 1, [8]
         args.proposal_tokens, args.answer_tokens = 24, 16
     torch.set_num_threads(args.threads)
     from hf_fastslow.backends.hf_local import HFLocalBackend
@@ -297,16 +301,14 @@ def main():
             if not args.no_replay:
                 report["replay"] = replay(local_props, local_aggregator, items, rows, args)
         else:
-            from hf_fastslow.backends.endpoint import EndpointBackend
             from hf_fastslow.backends.serve import LocalServer
             from hf_fastslow.default_model import default_model_path
 
-            with LocalServer(default_model_path()) as server:
-                props = [EndpointBackend(server.base_url, server.model, system=s, temperature=0.7, tokenizer=tok)
-                         for s in PERSONAS]
+            with LocalServer(default_model_path(), threads=args.threads, extra_args=args.serve_args.split()) as server:
+                props = [server.backend(system=s, temperature=0.7) for s in PERSONAS]
 
-                def served_aggregator():
-                    return EndpointBackend(server.base_url, server.model, temperature=0.0, tokenizer=tok)
+                def served_aggregator():  # continues its answer through /v1/completions, rendered with `tok`
+                    return server.backend(temperature=0.0, tokenizer=tok)
 
                 rows = run_setting(setting, props, served_aggregator, items, args, CpuMeter(server.pid))
             report["settings"][setting] = {"summary": summarize(rows), "rows": rows}

@@ -85,3 +85,20 @@ def test_prefix_cache_continuation_equals_a_full_reprefill(model_and_tokenizer, 
     assert outs[0].token_ids == outs[1].token_ids
     torch.testing.assert_close(torch.tensor(outs[0].top_logprobs), torch.tensor(outs[1].top_logprobs), atol=1e-4,
                                rtol=0)
+
+
+def test_batch_key_groups_only_compatible_local_backends(model_and_tokenizer):
+    from hf_fastslow.backends import ScriptedBackend
+    from hf_fastslow.generation.staircase_runtime import batch_key, group_proposers
+
+    model, tok = model_and_tokenizer
+    a, b = (HFLocalBackend(model, tok, system=p, temperature=0.7) for p in PERSONAS[:2])
+    greedy = HFLocalBackend(model, tok, system=PERSONAS[2], temperature=0.0)
+    other_model = HFLocalBackend(tiny_llama(vocab=259, seed=4), tok, system=PERSONAS[0], temperature=0.7)
+    no_persona = HFLocalBackend(model, tok, temperature=0.7)
+    scripted = ScriptedBackend("x")
+    assert batch_key(a) == batch_key(b)
+    assert len({batch_key(x) for x in (a, greedy, other_model, no_persona, scripted)}) == 5
+    groups = group_proposers([a, scripted, b, greedy, scripted], USER)
+    assert [(g.backend, g.indices) for g in groups] == [(a, [0, 2]), (scripted, [1, 4]), (greedy, [3])]
+    assert [conv[0]["content"] for conv in groups[0].conversations] == PERSONAS[:2]  # each row keeps its persona
