@@ -200,7 +200,8 @@ class HFLocalBackend(Backend):
             kw.update(cache_kwargs(self.model, cache))
         self.last_reused_tokens = reused
         self.reused_prompt_tokens += reused
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+        on_cpu = self.device.type == "cpu"  # the seed must not leak into the caller's RNG streams: fork them
+        with torch.random.fork_rng(devices=[] if on_cpu else [self.device], device_type=self.device.type):
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
             with torch.no_grad():

@@ -154,6 +154,7 @@ def test_served_stream_async_and_continuation(served_model):
 
 
 @pytest.mark.serve
+@pytest.mark.slow  # the one default real-server check per method is above; this one runs with -m slow
 def test_served_judge_and_reflector_run_on_the_backend(served_model):
     from hf_fastslow.generation.v1_judges import EndpointJudge
     from hf_fastslow.trainers.reflection import OpenAIReflector
