@@ -201,10 +201,13 @@ class EndpointBackend(Backend):
             kw["extra_body"] = extra
         return kw
 
-    def _completion(self, choice: Any, usage: Any, share: int) -> Completion:
+    def _completion(self, choice: Any, usage: Any, share: int, stop: list[str] | None = None) -> Completion:
         text = _get(_get(choice, "message"), "content") if _get(choice, "message") is not None else None
         if text is None:
             text = _get(choice, "text") or ""
+        # OpenAI semantics (and HFLocalBackend's): a stop string is not part of the reply, whatever the server does
+        cut = min((text.index(s) for s in stop or () if s and s in text), default=None)
+        text = text if cut is None else text[:cut]
         chosen, tops = _parse_logprobs(choice)
         completion_tokens = _get(usage, "completion_tokens")
         if completion_tokens is None or share > 1:
@@ -240,7 +243,7 @@ class EndpointBackend(Backend):
         if len(choices) < wanted:
             raise BackendError(f"{self.name} returned {len(choices)} choices for n={wanted}; pass capabilities= "
                                f"with native_n=False to fan out.")
-        return [self._completion(c, _get(out, "usage"), len(choices)) for c in choices[:wanted]]
+        return [self._completion(c, _get(out, "usage"), len(choices), opts.stop) for c in choices[:wanted]]
 
     def _chat_batch(self, conversations, opts, meter: CallMeter) -> list[list[Completion]]:
         requests = self._requests(conversations, opts)
@@ -316,7 +319,7 @@ class EndpointBackend(Backend):
         choices = payload.get("choices") or []
         if not choices:
             raise BackendError(f"{self.name} /completions sent a reply without choices: {str(payload)[:300]}")
-        return self._completion(choices[0], payload.get("usage"), 1)
+        return self._completion(choices[0], payload.get("usage"), 1, opts.stop)
 
     def _continue_stream(self, conv: Messages, opts: GenerationOptions) -> Iterator[tuple[str, Any]]:
         body = self._completions_body(conv, opts, 0, stream=True)

@@ -55,13 +55,15 @@ def test_fan_out_with_seeds_and_transformers_serve_sampling():
         be = EndpointBackend(srv.url, "m", capabilities=BARE, server=TRANSFORMERS_SERVE, max_concurrency=2)
         out = be.chat_batch([USER, USER], n=3, temperature=0.8, top_p=0.9, seed=10)
         async_out = asyncio.run(be.achat(USER, n=2, seed=0, temperature=0))
+        (cut,) = be.chat(USER, seed=5, stop=["5"])  # a server that leaves the stop string in: cut like OpenAI
+    assert cut.text == "seed " and srv.requests[-1]["body"]["stop"] == ["5"]
     assert [[c.text for c in row] for row in out] == [["seed 10", "seed 11", "seed 12"]] * 2
     bodies = [r["body"] for r in srv.requests[:6]]
-    assert len(srv.requests) == 8 and all("n" not in b for b in bodies)
+    assert len(srv.requests) == 9 and all("n" not in b for b in bodies)
     assert json.loads(bodies[0]["generation_config"]) == {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
     assert be.ledger.records[0].requests == 6
     assert [c.text for c in async_out] == ["seed 0", "seed 1"]
-    assert "generation_config" not in srv.requests[-1]["body"]  # greedy needs no sampling config
+    assert "generation_config" not in srv.requests[-2]["body"]  # greedy needs no sampling config
 
 
 def test_probe_detects_missing_n_and_logprobs_and_errors_name_the_url():

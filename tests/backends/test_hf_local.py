@@ -160,3 +160,23 @@ def test_batch_chunk_streamer_unit():
     assert rows[1] == [([2], True)]  # ended at its stop id; the padding after it is ignored
     with pytest.raises(ValueError, match="chunk_tokens"):
         BatchChunkStreamer(0)
+
+
+def test_sampled_continuation_with_n_over_a_repeated_cached_prefix():
+    cached = make_backend(max_new_tokens=5)
+    fresh = HFLocalBackend(cached.model, cached.tokenizer, prefix_cache=False, max_new_tokens=5)
+    cached.chat(B, temperature=0)
+    partial = B + [{"role": "assistant", "content": "ok"}]
+    out = cached.chat(partial, continue_final_message=True, n=3, temperature=1.0, seed=7)
+    assert cached.last_reused_tokens > 0  # the cached row was repeated for the 3 samples
+    ref = fresh.chat(partial, continue_final_message=True, n=3, temperature=1.0, seed=7)
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+
+
+def test_bf16_model_logprobs_and_stream():
+    model = tiny_llama(vocab=259).to(torch.bfloat16)
+    be = HFLocalBackend(model, byte_tokenizer(), max_new_tokens=5, temperature=0)
+    (c,) = be.chat(A, top_logprobs=2)
+    assert len(c.token_logprobs) == len(c.token_ids) == 5 and all(lp <= 0 for lp in c.token_logprobs)
+    assert all(top[0] >= top[1] for top in c.top_logprobs)
+    assert "".join(be.stream(A)) == c.text
