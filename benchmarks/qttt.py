@@ -169,6 +169,7 @@ def main(argv=None):
         test = [make_example(tokenizer, length, rng) for _ in range(args.examples)]
         lr_q, dev_q = pick_lr(model, tokenizer, dev, "q_proj", args.lrs, args.steps, args.span)
         lr_full, dev_full = pick_lr(model, tokenizer, dev, "all", args.lrs, args.steps, args.span)
+        print(f"  [{length}] dev split: qTTT {dev_q}, full TTT {dev_full}", flush=True)
         ctx = statistics.mean(len(tokenizer(ex["context"])["input_ids"]) for ex in test)
         budget = thinking_budget(model, int(ctx), args.steps, args.span)
         arms = {
@@ -184,6 +185,9 @@ def main(argv=None):
             for name in order:
                 cfg, max_new, think, mass = arms[name]
                 rows[name].append(answer(model, tokenizer, ex, cfg, max_new, think=think, measure_mass=mass))
+            if (i + 1) % 5 == 0:  # progress: a full run takes hours of CPU on 2 cores
+                done = {name: sum(r["correct"] for r in got) for name, got in rows.items()}
+                print(f"  [{length}] {i + 1}/{len(test)} examples, correct so far {done}", flush=True)
         summary = {}
         for name, got in rows.items():
             summary[name] = {
@@ -200,9 +204,9 @@ def main(argv=None):
         for name, s in summary.items():
             mass = "-" if s["gold_attention_mass"] is None else f"{s['gold_attention_mass']:.4f}"
             print(f"{name:<26}{s['exact_match']:>12.2f}{s['seconds_per_example']:>11.1f}{mass:>16}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        if args.json:  # after every length: a long run keeps what it finished
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
     return results
 
 
