@@ -241,25 +241,29 @@ class _Aggregation:
         ledger = self.aggregator.ledger
         mark = ledger.mark()
         stair.start_s = self.clock() - metrics.start_s
-        for delta in self.aggregator.stream(conversation, **kwargs):
-            if not delta:
-                continue
-            now = self.clock() - metrics.start_s
-            if metrics.ttft_s is None:
-                metrics.ttft_s = now
-            if stair.first_text_s is None:
-                stair.first_text_s = now
-            stair.text += delta
-            yield delta
-        stair.seconds = self.clock() - metrics.start_s - stair.start_s
-        stair.reused_prompt_tokens = getattr(self.aggregator, "last_reused_tokens", None)  # HFLocalBackend reports it
-        # The record this call wrote: the last "stream" record of one request since the mark (a proposer group sharing
-        # this backend object writes its own record once, when its whole stream ends).
-        own = [r for r in ledger.records[mark:] if r.kind == "stream" and r.requests == 1]
-        if own:
-            stair.prompt_tokens, stair.new_tokens = own[-1].prompt_tokens, own[-1].completion_tokens
-            metrics.aggregator_tokens = metrics.aggregator_tokens + Usage.of(own[-1:])
-        metrics.stairs.append(stair)
+        deltas = self.aggregator.stream(conversation, **kwargs)
+        try:
+            for delta in deltas:
+                if not delta:
+                    continue
+                now = self.clock() - metrics.start_s
+                if metrics.ttft_s is None:
+                    metrics.ttft_s = now
+                if stair.first_text_s is None:
+                    stair.first_text_s = now
+                stair.text += delta
+                yield delta
+        finally:  # also when the consumer closes the stream mid-call: the call is closed, accounted and recorded
+            deltas.close()
+            stair.seconds = self.clock() - metrics.start_s - stair.start_s
+            stair.reused_prompt_tokens = getattr(self.aggregator, "last_reused_tokens", None)  # HFLocalBackend's
+            # The record this call wrote: the last "stream" record of one request since the mark (a proposer group
+            # sharing this backend object writes its own record once, when its whole stream ends).
+            own = [r for r in ledger.records[mark:] if r.kind == "stream" and r.requests == 1]
+            if own:
+                stair.prompt_tokens, stair.new_tokens = own[-1].prompt_tokens, own[-1].completion_tokens
+                metrics.aggregator_tokens = metrics.aggregator_tokens + Usage.of(own[-1:])
+            metrics.stairs.append(stair)
 
     async def astream(self, messages: Messages) -> AsyncIterator[str]:
         """Async `stream`: the same run in a worker thread, its text handed over as it comes."""

@@ -310,3 +310,16 @@ def test_injected_clock_times_the_run():
     _, metrics = run(sc)
     assert metrics.total_s % 5 == 0 and metrics.ttft_s % 5 == 0 and 0 < metrics.ttft_s < metrics.total_s
 
+
+
+def test_closing_the_stream_early_closes_the_proposers_and_keeps_the_metrics():
+    props = [ScriptedBackend(persona_proposer, system=p, token_delay_s=0.01) for p in LENGTHS]
+    sc = StaircaseMoA(props, ScriptedBackend(counting_aggregator(30)), chunk_tokens=1, agg_chunk_tokens=2)
+    stream = sc.stream(USER)
+    taken = [next(stream), next(stream)]
+    stream.close()
+    m = sc.last_metrics
+    assert m.answer == "".join(taken) == m.stairs[0].text and len(m.stairs) == 1  # the open call, closed
+    assert m.aggregator_tokens.calls == 1
+    assert [len(p.ledger) for p in props] == [1, 1, 1]  # each proposal stream was closed and accounted
+    assert all(len(text.split()) < n for text, n in zip(m.proposals, LENGTHS.values()))  # and stopped early
