@@ -84,7 +84,7 @@ class RunningTotalEnv:
     an episode at its first wrong step (cheaper, but an agent could not know).
     """
 
-    def __init__(self, n_steps: int = 3, low: int = 1, high: int = 9, start_low: int = 10, start_high: int = 19, *,
+    def __init__(self, n_steps: int = 3, low: int = 1, high: int = 9, start_low: int = 1, start_high: int = 9, *,
                  seed: int = 0, stop_on_error: bool = False, system: str | None = None):
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -108,8 +108,7 @@ class RunningTotalEnv:
 
     def observation_text(self) -> str:
         total, x = self._shown, self.numbers[self._t + 1]
-        return (f"Step {self._t + 1} of {self.max_steps}. The running total is {total}. Add {x} to it. "
-                f"What is {total} + {x}? Reply with just the number.")
+        return f"The running total is {total}. Add {x} to it. What is {total} + {x}? Reply with just the number."
 
     def _observation(self) -> Messages:
         messages = [{"role": "user", "content": self.observation_text()}]
@@ -127,8 +126,10 @@ class RunningTotalEnv:
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 return None
             answer = extract_answer(str(value))
-        else:
-            answer = extract_answer(text.rsplit("=", 1)[-1]) if re.search(r"=\s*-?\d", text) else extract_answer(text)
+        else:  # the number after the last "=" / "equals" / "answer is", or a bare number; other prose is no action
+            stated = re.findall(r"(?:=|\bequals\b|\banswer\s*(?:is|:))\s*(-?[\d,]+(?:\.\d+)?)", text, re.IGNORECASE)
+            bare = re.fullmatch(r"\s*(-?[\d,]+(?:\.\d+)?)\s*\.?\s*", text)
+            answer = extract_answer(stated[-1]) if stated else extract_answer(bare.group(1)) if bare else None
         if answer is None or not re.fullmatch(r"-?\d+", answer):
             return None
         return {"action": "add", "value": int(answer)}

@@ -316,6 +316,9 @@ def test_running_total_env():
     assert env.parse_action(f"{start} + {x1} = {start + x1}.") == {"action": "add", "value": start + x1}
     assert env.parse_action('{"action": "add", "value": "1,020"}') == {"action": "add", "value": 1020}
     assert env.parse_action("The answer is 2.5") is None and env.parse_action("no number") is None
+    assert env.parse_action("Here is the answer: 17.") == {"action": "add", "value": 17}
+    assert env.parse_action("12 + 2 equals 14.") == env.parse_action(" 14 ") == {"action": "add", "value": 14}
+    assert env.parse_action("To add 2 to 12, which is 24, we need to multiply 12") is None  # prose: no action
     tr = env.step({"action": "add", "value": start + x1 + 1})  # wrong: the error carries on
     assert tr.correct is False and not tr.done and f"running total is {start + x1 + 1}" in tr.observation[0]["content"]
     tr = env.step({"action": "add", "value": start + x1 + 1 + x2})  # locally right
