@@ -44,7 +44,7 @@ from hf_fastslow import load_default_model  # noqa: E402
 from hf_fastslow.evaluation.answers import answers_match  # noqa: E402
 from hf_fastslow.evaluation.prompts import arithmetic_problems  # noqa: E402
 from hf_fastslow.evaluation.timing import load_average, machine_state, rotated  # noqa: E402
-from hf_fastslow.generation.staircase import MixtureOfAgents, StaircaseMoA  # noqa: E402
+from hf_fastslow.generation.staircase import MixtureOfAgents, StaircaseMoA, interleaved_prompt  # noqa: E402
 
 PERSONAS = (
     "You are a careful assistant. Check your work before you answer.",
@@ -101,6 +101,11 @@ def build_arms(proposers, make_aggregator: Callable[[], object], args) -> dict:
     for c in args.chunks:
         arms[f"staircase c={c}"] = StaircaseMoA(proposers, make_aggregator(), chunk_tokens=c,
                                                 agg_chunk_tokens=args.agg_chunk or c, **common)
+    if args.interleaved:  # the append-only layout: more of each stair's prompt comes from the prefix cache
+        c = min(args.chunks)
+        arms[f"staircase c={c} interleaved"] = StaircaseMoA(
+            proposers, make_aggregator(), chunk_tokens=c, agg_chunk_tokens=args.agg_chunk or c,
+            prompt_builder=interleaved_prompt, **common)
     return arms
 
 
@@ -274,6 +279,8 @@ def main():
     p.add_argument("--settings", nargs="+", default=["in-process", "serve"], choices=["in-process", "serve"])
     p.add_argument("--serve-args", default="--continuous-batching",
                    help="extra `transformers serve` arguments (\"\" for the one-generate-at-a-time server)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="add a staircase arm (smallest chunk) with the append-only interleaved_prompt layout")
     p.add_argument("--no-replay", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     p.add_argument("--seed", type=int, default=0)
