@@ -156,9 +156,11 @@ def _tool_call(attrs: str, body: str, text: str) -> Action | GrammarError:
 
 class TurnParser:
     """Streaming parser of one model turn: `feed(delta)` returns the action as soon as its closing tag arrives (once);
-    `finish()` flushes what is left (unclosed tags, stray text) and returns the `Turn`."""
+    `finish()` flushes what is left (unclosed tags, stray text) and returns the `Turn`. With `stop_at_action=True`
+    nothing after the first action is read (the runtime stops generating there): a turn is judged up to its action."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at_action: bool = False) -> None:
+        self.stop_at_action = stop_at_action
         self.buffer = ""
         self.pos = 0
         self.turn = Turn()
@@ -204,7 +206,7 @@ class TurnParser:
         return start, ""
 
     def _scan(self, final: bool) -> None:
-        while True:
+        while not (self.stop_at_action and self.turn.action is not None):
             rest = self.buffer[self.pos:]
             start = self.pos + len(rest) - len(rest.lstrip())
             if start >= len(self.buffer):
@@ -236,9 +238,9 @@ class TurnParser:
             self.pos = end
 
 
-def parse_turn(text: str) -> Turn:
+def parse_turn(text: str, stop_at_action: bool = False) -> Turn:
     """Parse a whole model turn (the same parser the runtime streams through)."""
-    parser = TurnParser()
+    parser = TurnParser(stop_at_action)
     parser.feed(text)
     return parser.finish()
 

@@ -11,6 +11,11 @@ an id larger than any before, or `<pause>`. Re-issuing an id with new arguments 
 it, both cancel the calls depending on it in cascade; an answer before the final chunk is held (recorded as
 tentative, not returned). Malformed actions are recorded as protocol errors and never executed.
 
+`max_turns` bounds the model turns after the final user chunk (the same budget for both agents; turns while the user
+types are bounded by the input's events). `prefix_reuse=True` asks the backend to continue an empty assistant message
+(`continue_final_message`): the prompt text is the same as with a generation prompt for ChatML-style templates, and
+`HFLocalBackend` then prefills only what follows its cached longest common prefix - each context extends the last.
+
     agent = SpeculativeAgent(backend, tools=[Tool("lookup", lookup, safe=True, schema=...), ...])
     for chunk, final in chunks:            # e.g. words arriving every 0.3 s
         await agent.feed_user(chunk, final=final)
@@ -103,9 +108,12 @@ class _Entry:  # one line of the timeline the context is rebuilt from
 class _AgentCore:
     def __init__(self, backend, tools: list[Tool], *, system_prompt: str | None = None, max_turns: int = 16,
                  tick_seconds: float = 0.25, clock_marker: str = "<t={tick}>", max_new_tokens: int = 96,
-                 interrupt: bool = False, **generation_kwargs):
+                 interrupt: bool = False, prefix_reuse: bool = False, **generation_kwargs):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if prefix_reuse:
+            backend.require("continue_final_message", f"{type(self).__name__}(prefix_reuse=True)")
+        self.prefix_reuse = prefix_reuse
         self.backend = backend
         self.tools = list(tools)
         self.clock = ClockFormat(tick_seconds, clock_marker)
@@ -187,12 +195,15 @@ class _AgentCore:
     # ---- one model turn ------------------------------------------------------------------------------------------
     async def _model_turn(self) -> Turn | None:
         """Stream one turn, stopping at the first complete action; None if interrupted before acting."""
-        parser, text = TurnParser(), ""
+        parser, text = TurnParser(stop_at_action=True), ""
         t0 = self._now()
         # The action goes into the timeline where this context ended: it answers what the model saw, and chunks
         # arriving while it generates come after it (the next context ends with them, not with the action).
         self._seen = len(self._timeline)
-        stream = self.backend.astream(self.render(), max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+        messages, extra = self.render(), {}
+        if self.prefix_reuse:  # same prompt text, but the backend may resume from its cached longest common prefix
+            messages, extra = [*messages, {"role": "assistant", "content": ""}], {"continue_final_message": True}
+        stream = self.backend.astream(messages, max_new_tokens=self.max_new_tokens, **extra, **self.generation_kwargs)
         interrupted = False
         async with contextlib.aclosing(stream):
             async for delta in stream:

@@ -67,11 +67,13 @@ class ClockTraceBuilder:
 
 
 def synthesize_episodes(tasks, seed: int, builder: ClockTraceBuilder | None = None, *,
-                        words_per_second: tuple[float, float] = (2.0, 4.0), seconds_per_token: float = 0.03,
+                        words_per_second: tuple[float, float] = (2.0, 4.0), words_per_chunk: int = 3,
+                        seconds_per_token: float = 0.03,
                         agents: Sequence[str] = ("speculative", "react"), pause_keep: float = 0.25,
                         system_prompt: str | None = None) -> list[TimedEpisode]:
     """Decision episodes from running the runtime with the scripted teacher (`agent_tasks.teacher_policy`) on each
-    task, for each agent kind, under a virtual clock: typing speed drawn per task from `words_per_second`, tool
+    task, for each agent kind, under a virtual clock: typing speed drawn per task from `words_per_second` (the
+    request arrives in chunks of `words_per_chunk` words, as the agent will be fed at inference), tool
     latencies scaled by a factor in [0.5, 1.5]. Pauses dominate a word-by-word stream, so only a `pause_keep` share
     of the pause decisions is kept (seeded). Same inputs, same episodes."""
     from hf_fastslow.backends import ScriptedBackend
@@ -101,7 +103,7 @@ def synthesize_episodes(tasks, seed: int, builder: ClockTraceBuilder | None = No
                 prompt = grammar_prompt([t.prompt_line() for t in tools], TASK_EXAMPLE)
             agent = kinds[kind](InlineStream(backend, seconds_per_token), tools, system_prompt=prompt,
                                 tick_seconds=builder.clock.tick_seconds, clock_marker=builder.clock.marker)
-            run_virtual(agent.run(feed_words(task.request, rate)))
+            run_virtual(agent.run(feed_words(task.request, rate, words_per_chunk)))
             for call in backend.calls:
                 target = backend.responder(call.messages, 0, {})
                 if isinstance(parse_turn(target).action, PauseAction) and rng.random() >= pause_keep:

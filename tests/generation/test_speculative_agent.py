@@ -8,9 +8,9 @@ import random
 import pytest
 
 from hf_fastslow.backends import ScriptedBackend
-from hf_fastslow.generation.agent_grammar import ClockFormat
+from hf_fastslow.generation.agent_grammar import ClockFormat, ToolCallAction
 from hf_fastslow.generation.agent_tasks import make_fact_tasks, teacher_policy
-from hf_fastslow.generation.agent_tools import CallStatus, InlineStream, Tool, run_virtual
+from hf_fastslow.generation.agent_tools import CallStatus, InlineStream, Tool, ToolRuntime, run_virtual
 from hf_fastslow.generation.speculative_agent import (
     SequentialReActAgent,
     SpeculativeAgent,
@@ -74,17 +74,17 @@ def random_model(rng):
     def respond(messages, index, kwargs):
         r = rng.random()
         top = issued[0]
-        if r < 0.4:
-            i = rng.randint(1, top + 1)
+        if r < 0.5:
+            i = rng.randint(1, max(1, top - 1)) if rng.random() < 0.25 else top + 1  # new ids, some revisions
             issued[0] = max(top, i)
-            ref = [f"${rng.randint(1, top)}"] if top and rng.random() < 0.6 else []
-            name = rng.choice(["read", "read", "write", "flaky", "nope"])
-            return call(i, name, x=rng.choice(["a", "b", *ref]))
-        if r < 0.5 and top:
-            return f"<tool_call id={rng.randint(1, top)}>REMOVE</tool_call>"
-        if r < 0.75:
-            return "<think>wait</think><pause>"
+            recent = f"${rng.randint(max(1, top - 2), top)}" if top else "a"  # chains: depend on recent calls
+            name = rng.choice(["read", "read", "read", "write", "write2", "flaky", "nope"])
+            return call(i, name, x=recent if rng.random() < 0.7 else rng.choice(["a", "b"]))
+        if r < 0.62 and top:  # withdraw mostly older calls: the roots of chains
+            return f"<tool_call id={rng.randint(1, max(1, top - 2))}>REMOVE</tool_call>"
         if r < 0.85:
+            return "<think>wait</think><pause>"
+        if r < 0.9:
             return "<answer>done</answer>"
         return rng.choice(GARBAGE)
 
@@ -113,7 +113,7 @@ def random_episode(seed):
     backend = InlineStream(ScriptedBackend(random_model(rng)), rng.uniform(0, 0.05))
     agent = SpeculativeAgent(backend, tools, max_turns=6, interrupt=rng.random() < 0.5)
     t, chunks = 0.0, []
-    for k in range(rng.randint(1, 6)):
+    for k in range(rng.randint(1, 10)):
         t += rng.uniform(0, 1.2)
         chunks.append((t, f"chunk{k}", False))
     chunks[-1] = (chunks[-1][0], chunks[-1][1], True)
@@ -122,7 +122,7 @@ def random_episode(seed):
 
 @pytest.mark.parametrize("block", range(4))
 def test_commit_rule_and_cascade_hold_over_random_event_orders(block):
-    unsafe_started = 0
+    unsafe_started = transitive = 0
     for seed in range(block * 250, (block + 1) * 250):
         agent, result = random_episode(seed)
         events = result.events
@@ -136,6 +136,9 @@ def test_commit_rule_and_cascade_hold_over_random_event_orders(block):
                 commits += 1
                 ids = {int(i) for i in e.text.split(",") if i}
                 assert not ids & cancelled, seed
+            if e.kind == "cancelled" and "depends on" in e.text:  # a cascade reaching past direct dependents
+                root = int(e.text.split("depends on ")[1].rstrip(")"))
+                transitive += root not in agent.runtime.calls[e.call_id].deps
             if e.kind == "started" and not e.safe:
                 unsafe_started += 1
                 assert e.t >= final_t and commits, seed
@@ -149,10 +152,49 @@ def test_commit_rule_and_cascade_hold_over_random_event_orders(block):
         for c in calls.values():
             if c.status is CallStatus.CANCELLED:
                 assert f"result {c.call_id}:" not in context, seed
-    assert unsafe_started > 20  # the property was exercised, not vacuous
+    assert unsafe_started > 20 and transitive >= 1  # the properties were exercised, not vacuous
 
 
 # ---- cascade, revision, REMOVE -------------------------------------------------------------------------------
+@pytest.mark.parametrize("revise", [False, True])
+def test_cancelling_a_call_cancels_exactly_its_transitive_dependents_over_random_graphs(revise):
+    async def scenario(seed):
+        rng = random.Random(seed)
+
+        async def read(x):
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            return "r"
+
+        runtime = ToolRuntime([Tool("read", read, safe=True)], lambda event: None)
+        graph: dict[int, set[int]] = {}
+        for i in range(1, rng.randint(3, 14)):
+            live = [k for k in graph if runtime.calls[k].status is not CallStatus.CANCELLED]
+            deps = set(rng.sample(live, rng.randint(0, min(3, len(live)))))
+            assert runtime.submit(ToolCallAction(i, "read", {"x": " ".join(f"${d}" for d in deps) or "a"})) is None
+            graph[i] = deps
+            await asyncio.sleep(rng.uniform(0, 0.2))  # some results are in before the cancel, some not
+        target = rng.choice(list(graph))
+        expected, grew = {target}, True
+        while grew:  # the transitive closure, computed here from the graph the test built
+            more = {k for k, deps in graph.items() if deps & expected} - expected
+            expected |= more
+            grew = bool(more)
+        before = {k for k, c in runtime.calls.items() if c.status is CallStatus.CANCELLED}
+        if revise:
+            runtime.submit(ToolCallAction(target, "read", {"x": "changed"}))
+            expected.discard(target)  # the revised call lives on as its new version
+        else:
+            runtime.remove(target)
+        after = {k for k, c in runtime.calls.items() if c.status is CallStatus.CANCELLED}
+        assert after == before | expected, seed
+        await asyncio.sleep(5)  # whatever survived finishes; nothing cancelled comes back
+        assert {k for k, c in runtime.calls.items() if c.status is CallStatus.CANCELLED} == after
+        return len(expected)
+
+    sizes = [run_virtual(scenario(seed)) for seed in range(300)]
+    assert sum(n > 2 for n in sizes) > 30  # deep cascades were exercised
+
+
 def test_remove_cancels_exactly_the_transitive_dependents_and_retracts_their_results():
     outputs = [call(1, "read", x="a"), call(2, "read", x="$1"), call(3, "read", x="$2"), call(4, "read", x="b"),
                call(5, "read", x="$4"), "<tool_call id=1>REMOVE</tool_call>", "<answer>ok</answer>"]

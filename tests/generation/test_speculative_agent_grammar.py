@@ -137,3 +137,14 @@ def test_render_then_parse_recovers_the_timeline():
     for got, want in zip(back, events):
         assert 0 <= want.t - got.t < clock.tick_seconds
     assert render_messages("sys", back, clock) == messages
+
+
+def test_stop_at_action_judges_a_turn_up_to_its_action():
+    text = "<think>ok</think><pause> trailing <junk"
+    assert not parse_turn(text).valid
+    turn = parse_turn(text, stop_at_action=True)
+    assert turn.valid and turn.action == PauseAction() and turn.think == "ok"
+    parser = TurnParser(stop_at_action=True)
+    assert parser.feed("<pause><answer>x</answer>") == PauseAction()
+    assert parser.finish().valid
+    assert not parse_turn("junk <pause>", stop_at_action=True).valid  # what comes before still counts

@@ -83,3 +83,27 @@ def test_speculative_agent_over_transformers_serve(served_model):
     assert all(e.text for e in turns)  # the server streamed text for every turn
     assert unsafe_violations(result.events) == []
     assert sum(r.kind == "stream" for r in backend.ledger.records) == len(turns) + result.metrics.interrupted_turns
+
+
+def test_prefix_reuse_gives_the_same_turns_and_prefills_less():
+    from transformers import AutoTokenizer
+
+    from hf_fastslow.backends.hf_local import HFLocalBackend
+
+    try:
+        from hf_fastslow.default_model import default_model_path
+
+        tok = AutoTokenizer.from_pretrained(str(default_model_path()))  # SmolLM2's ChatML template
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(str(err))
+    model = tiny_llama(vocab=len(tok), hidden=32, num_layers=2)
+    task = make_fact_tasks(1, seed=0, lookup_latency_s=0.0, send_latency_s=0.0)[0]
+    runs = {}
+    for reuse in (False, True):
+        backend = HFLocalBackend(model, tok, temperature=0)
+        agent = SpeculativeAgent(backend, task.tools(), max_turns=3, max_new_tokens=5, prefix_reuse=reuse)
+        chunks = [(0.0, c) for _, c in feed_words(task.request, 100.0, words_per_chunk=4)]
+        result = asyncio.run(agent.run(chunks))
+        runs[reuse] = ([e.text for e in result.events if e.kind == "turn"], backend.reused_prompt_tokens)
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) >= 3
+    assert runs[False][1] == 0 and runs[True][1] > 200  # later turns resumed from the cached context
