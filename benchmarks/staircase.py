@@ -4,7 +4,9 @@ Three proposers (SmolLM2-135M-Instruct with three system personas, temperature 0
 row) and one greedy aggregator (the same model). Arms, in one process, the order rotated from item to item:
 `moa` (full proposals, then the aggregator's answer, streamed) and `staircase c=<c>` for each chunk size (aggregate
 as soon as every proposer has c tokens, continue the partial answer over a prefix cache at every stair). Both arms
-of an item get the same seed, so they see the same proposals and differ only in how they aggregate.
+of an item get the same seed, so that they can see the same proposals and differ only in how they aggregate; the
+table says for how many items they did (a generate running concurrently in another thread can disturb the seeded
+sampler's RNG stream).
 
 Items: two-digit additions (`evaluation.prompts.arithmetic_problems`, scored with `evaluation.answers`) and short
 instructions (latency only). Settings: `in-process` (`HFLocalBackend`) and `serve` (`EndpointBackend` against
@@ -222,6 +224,7 @@ def replay(proposers, make_aggregator, items, rows, args) -> dict:
 def summarize(rows: dict) -> dict:
     out = {}
     for arm, rs in rows.items():
+        same = sum(r["proposals"] == m["proposals"] for r, m in zip(rs, rows["moa"]))
         ttft = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
         adds = [r["correct"] for r in rs if r["correct"] is not None]
         out[arm] = {
@@ -235,7 +238,7 @@ def summarize(rows: dict) -> dict:
             "cpu_s_per_run": statistics.mean(r["cpu_s"] for r in rs),
             "server_cpu_s_per_run": statistics.mean(r["server_cpu_s"] for r in rs),
             "addition_correct": sum(adds), "additions": len(adds),
-            "stopped_early": sum(r["stopped_early"] for r in rs),
+            "stopped_early": sum(r["stopped_early"] for r in rs), "same_proposals_as_moa": same,
         }
     return out
 
@@ -243,8 +246,8 @@ def summarize(rows: dict) -> dict:
 def table(setting: str, summary: dict) -> str:
     moa = summary["moa"]["ttft_median_s"]
     lines = [f"### {setting}", "", "| arm | TTFT median s (x MoA) | TTFT p90 s | total median s | answer tok/s | "
-             "tokens/run | aggregator prompt tok/run (from cache) | stairs | CPU s/run | additions right |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens/run | aggregator prompt tok/run (from cache) | stairs | CPU s/run | additions right | "
+             "same proposals as MoA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         cpu = f"{s['cpu_s_per_run']:.1f}" + (f" + server {s['server_cpu_s_per_run']:.1f}"
                                              if s["server_cpu_s_per_run"] else "")
@@ -252,7 +255,8 @@ def table(setting: str, summary: dict) -> str:
             f"| {arm} | {s['ttft_median_s']:.2f} ({s['ttft_median_s'] / moa:.2f}x) | {s['ttft_p90_s']:.2f} | "
             f"{s['total_median_s']:.2f} | {s['answer_tokens_per_s']:.1f} | {s['tokens_per_run']:,.0f} | "
             f"{s['agg_prompt_tokens_per_run']:,.0f} ({s['agg_reused_tokens_per_run']:,.0f}) | "
-            f"{s['stairs_per_run']:.1f} | {cpu} | {s['addition_correct']}/{s['additions']} |")
+            f"{s['stairs_per_run']:.1f} | {cpu} | {s['addition_correct']}/{s['additions']} | "
+            f"{s['same_proposals_as_moa']}/{s['runs']} |")
     return "\n".join(lines)
 
 
