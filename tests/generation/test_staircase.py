@@ -246,6 +246,12 @@ def test_astream_yields_what_stream_yields():
     async_pieces, metrics = asyncio.run(collect())
     assert async_pieces == sync_pieces and metrics.answer == "".join(sync_pieces)
 
+    async def bad_input():
+        return [p async for p in make().astream([{"role": "assistant", "content": "hi"}])]
+
+    with pytest.raises(ValueError, match="must end with the user's turn"):  # errors reach the event loop
+        asyncio.run(bad_input())
+
 
 def test_interleaved_prompt_is_append_only_and_moa_at_one_stair():
     sc = StaircaseMoA(proposers(), ScriptedBackend(counting_aggregator(20)), chunk_tokens=2, agg_chunk_tokens=2,
