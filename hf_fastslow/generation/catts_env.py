@@ -76,12 +76,14 @@ class Environment(Protocol):
 class RunningTotalEnv:
     """Keep a running total: start from a number in [start_low, start_high], then add one number in [low, high] per
     step for `n_steps` steps. The action is `{"action": "add", "value": <new total>}`; a reply may give it as that
-    JSON object or as plain text whose answer is the number after its last "=" (or its last number) — SmolLM2-135M
-    cannot write the JSON form (0 of 20 valid replies when asked), but restates the sum, "14 + 8 = 22".
+    JSON object or as plain text: the number after its last "=", "equals" or "answer is", or a bare number (prose
+    without one is an invalid sample) — SmolLM2-135M cannot write the JSON form (0 of 20 valid replies when asked),
+    but restates the sum, "14 + 8 = 22".
 
-    Defaults (single-digit numbers, 3 steps) put SmolLM2-135M-Instruct in the useful band: about 55 % of steps right
-    greedily and 90 % pass@8 (20 sampled steps), so episodes succeed 15-30 % of the time. `stop_on_error=True` ends
-    an episode at its first wrong step (cheaper, but an agent could not know).
+    Defaults (single digits, 3 steps) keep SmolLM2-135M-Instruct in a useful band (`benchmarks/catts.py --quick`:
+    greedy right on 50 % of steps and 1 of 6 episodes, majority of 6 samples on 61 % and 2 of 6); starting from
+    10-19 instead, every arm solved 0 of 6 episodes (the card's 10-49 over 5 steps is harder still).
+    `stop_on_error=True` ends an episode at its first wrong step (cheaper, but an agent could not know).
     """
 
     def __init__(self, n_steps: int = 3, low: int = 1, high: int = 9, start_low: int = 1, start_high: int = 9, *,
