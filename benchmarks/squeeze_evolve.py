@@ -12,6 +12,8 @@ the default model scores between 20 % and 80 % (the card's calibration: greedy 7
 Arms, interleaved per problem in a rotating order, each with its own backends (own ledgers):
 - `squeeze_evolve`: expensive tier seeds N, T loops of M groups of K routed by confidence (top-k log-probs the tiers
   return while generating) at one percentile;
+- `squeeze_evolve_lite`: the same, with `--lite-fraction` of the cheap groups settled by a vote of their members
+  (the reference's "lite" route; the 135M cheap model is a poor aggregator, see docs/agents_parts/squeeze_evolve.md);
 - `rsa`: the same N, K, M, T with every group recombined by the expensive tier;
 - `majority_vote`: N + M*T samples from the expensive tier (as many generations as RSA), voted.
 `rsa` loop 0's vote is also reported (`vote@N`, self-consistency over the N seeds, free).
@@ -24,6 +26,7 @@ the command line), fraction of groups routed cheap, process CPU-seconds from the
 """
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -98,8 +101,7 @@ def build_arms(args, cheap_model, cheap_tok, strong_model, strong_tok):
     """Fresh backends per arm, so each arm's ledger holds its own calls only."""
     cfg = SqueezeEvolveConfig(population=args.population, group_size=args.group_size, groups=args.groups,
                               loops=args.loops, percentiles=(args.percentile,), fitness=args.fitness,
-                              top_k=args.top_k, lite_fraction=args.lite_fraction, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature,
+                              top_k=args.top_k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=1.0, seed=args.seed)
     strong_gen = {"max_new_tokens": args.max_new_tokens * (2 if args.expensive == "smollm2-fp32x2" else 1)}
 
@@ -110,11 +112,15 @@ def build_arms(args, cheap_model, cheap_tok, strong_model, strong_tok):
         return Tier(HFLocalBackend(strong_model, strong_tok), "expensive", args.price_expensive_in,
                     args.price_expensive_out, generation=strong_gen)
 
-    return {
+    arms = {
         "squeeze_evolve": SqueezeEvolve([cheap(), strong()], cfg),
         "rsa": RSA(strong(), cfg),
         "majority_vote": MajorityVote(strong(), cfg, samples=args.population + args.groups * args.loops),
     }
+    if args.lite_fraction > 0:
+        arms["squeeze_evolve_lite"] = SqueezeEvolve([cheap(), strong()],
+                                                    dataclasses.replace(cfg, lite_fraction=args.lite_fraction))
+    return arms
 
 
 def summarize(rows, arms, args) -> dict:
@@ -169,7 +175,8 @@ def main():
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--percentile", type=float, default=33.0)
     ap.add_argument("--fitness", choices=["confidence", "diversity"], default="confidence")
-    ap.add_argument("--lite-fraction", type=float, default=0.0, help="share of cheap groups settled by a vote")
+    ap.add_argument("--lite-fraction", type=float, default=0.5, help="adds the arm squeeze_evolve_lite, where this "
+                    "share of the cheap-tier groups is settled by a vote of its members (0: no such arm)")
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -179,12 +186,12 @@ def main():
                     "0.63B/0.135B) for qwen-coder-0.5b, 4x for the fallback")
     ap.add_argument("--price-expensive-out", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 problems, N=4, K=2, M=4, T=1, 12 tokens (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="3 problems, N=4, K=2, M=4, T=1, 16 tokens (< 3 min)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
         args.problems, args.population, args.group_size, args.groups, args.loops = 3, 4, 2, 4, 1
-        args.max_new_tokens = 12
+        args.max_new_tokens = 16
     ratio = 4.7 if args.expensive == "qwen-coder-0.5b" else 4.0
     args.price_expensive_in = args.price_expensive_in or args.price_cheap_in * ratio
     args.price_expensive_out = args.price_expensive_out or args.price_cheap_out * ratio

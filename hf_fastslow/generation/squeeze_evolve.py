@@ -60,17 +60,20 @@ def strip_think(text: str) -> str:
 
 
 def recombination_messages(problem: str, candidates: Sequence[str]) -> Messages:
-    """r(q, g): the problem itself (no candidates), a refine prompt (one) or an aggregate prompt (several)."""
+    """r(q, g): the problem itself (no candidates), a refine prompt (one) or an aggregate prompt (several).
+
+    "Combine them into one correct solution" (RSA's aggregation wording), not "improve": asked to improve, the
+    default 135M model changed right, unanimous answers (SmolLM2 kept a unanimous right sum in 9/24 samples with
+    "improve", 15/24 with "combine", on two-digit sums)."""
     if not candidates:
         return [{"role": "user", "content": problem}]
     if len(candidates) == 1:
         body = (f"{problem}\n\nHere is a candidate solution (it may be wrong):\n\n{candidates[0].strip()}\n\n"
-                "Check it and write one improved solution. End with the final answer in the format the problem asks.")
+                "Check it and write one correct solution. End with the final answer in the format the problem asks.")
     else:
         blocks = "\n\n".join(f"Solution {i + 1}:\n{c.strip()}" for i, c in enumerate(candidates))
-        body = (f"{problem}\n\nHere are candidate solutions (they may be wrong):\n\n{blocks}\n\n"
-                "Compare them and write one improved solution. End with the final answer in the format the problem "
-                "asks.")
+        body = (f"{problem}\n\nHere are candidate solutions (some may be wrong):\n\n{blocks}\n\n"
+                "Combine them into one correct solution. End with the final answer in the format the problem asks.")
     return [{"role": "user", "content": body}]
 
 

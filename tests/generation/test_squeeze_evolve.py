@@ -117,7 +117,7 @@ def test_strip_think_and_prompts():
     assert recombination_messages(PROBLEM, []) == [{"role": "user", "content": PROBLEM}]
     refine = recombination_messages(PROBLEM, ["The answer is 41"])[0]["content"]
     agg = recombination_messages(PROBLEM, ["The answer is 41", "The answer is 42"])[0]["content"]
-    assert "improved" in refine and "Solution 2:\nThe answer is 42" in agg and agg.startswith(PROBLEM)
+    assert "one correct solution" in refine and "Solution 2:\nThe answer is 42" in agg and agg.startswith(PROBLEM)
 
 
 # ----- scripted tiers ----------------------------------------------------------------------------------------
@@ -264,6 +264,10 @@ def test_local_scorer_for_a_server_without_logprobs():
     assert res.cost_by_tier["scoring"] == pytest.approx(usage.prompt_tokens * 5.0 / 1e6)
     rec = res.per_loop[1]
     assert set(rec.routes) == {0, 1}
+    # accumulate: old members keep their score; only the 6 new children of loop 1 are scored in loop 2
+    scored.clear()
+    SqueezeEvolve(ts, config(loops=2, update="accumulate"), scorer=scorer).run(PROBLEM)
+    assert len(scored) == 12
     scorer_no_scoring = ScriptedBackend("x", name="no-score")
     with pytest.raises(ValueError, match="cannot score"):
         SqueezeEvolve(ts, config(), scorer=scorer_no_scoring)
