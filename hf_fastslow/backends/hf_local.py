@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -200,9 +201,15 @@ class HFLocalBackend(Backend):
             kw.update(cache_kwargs(self.model, cache))
         self.last_reused_tokens = reused
         self.reused_prompt_tokens += reused
-        on_cpu = self.device.type == "cpu"  # the seed must not leak into the caller's RNG streams: fork them
-        with torch.random.fork_rng(devices=[] if on_cpu else [self.device], device_type=self.device.type):
-            if opts.seed is not None:
+        # A seed must not leak into the caller's RNG streams, so a seeded call forks them. Only a seeded one: torch's
+        # RNG is process-global, and restoring it when an unseeded call ends (e.g. an aggregator in one thread) would
+        # rewind a seeded sampler running in another thread. Seeded calls on different backends in concurrent
+        # threads still share that one RNG: runs that must be reproducible sample one seeded call at a time.
+        seeded = opts.seed is not None
+        on_cpu = self.device.type == "cpu"
+        with (torch.random.fork_rng(devices=[] if on_cpu else [self.device], device_type=self.device.type)
+              if seeded else contextlib.nullcontext()):
+            if seeded:
                 torch.manual_seed(opts.seed)
             with torch.no_grad():
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)

@@ -45,6 +45,23 @@ def test_batched_sampling_n_and_seeds():
         be.chat(A, n=2, temperature=0)
 
 
+def test_seeded_calls_leave_the_rng_alone_unseeded_calls_draw_from_it():
+    # A seeded call forks torch's RNG (the caller's stream is untouched); an unseeded one samples from the global RNG
+    # like plain generate and must not restore it afterwards: restoring would rewind a seeded sampler in another thread.
+    be = make_backend(max_new_tokens=6)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    be.chat(A, temperature=1.0, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(123)
+    first = be.chat(A, temperature=1.0)[0].token_ids
+    assert not torch.equal(torch.random.get_rng_state(), before)
+    second = be.chat(A, temperature=1.0)[0].token_ids  # continues the stream rather than replaying it
+    torch.manual_seed(123)
+    assert be.chat(A, temperature=1.0)[0].token_ids == first
+    assert be.chat(A, temperature=1.0)[0].token_ids == second
+
+
 def test_left_padded_batch_equals_rows_alone():
     be = make_backend(max_new_tokens=8, temperature=0)
     batched = be.chat_batch([A, B])
