@@ -145,14 +145,14 @@ def main():
     ap.add_argument("--signals", nargs="+", default=["entropy", "margin"], choices=["entropy", "margin"])
     ap.add_argument("--arbiter", choices=["score", "generate"], default="score")
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-retries", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="6 episodes, 1 seed, N=6, tau 0.4 (< 3 min on an idle box)")
     ap.add_argument("--out", help="write the report as JSON here")
     args = ap.parse_args()
     if args.quick:
-        args.episodes, args.seeds, args.n, args.taus, args.max_new_tokens = 6, [0], 6, [0.4], 16
+        args.episodes, args.seeds, args.n, args.taus = 6, [0], 6, [0.4]
     torch.set_num_threads(args.threads)
     report = {"args": vars(args), "machine_before": machine_state()}
     wall0, cpu0 = time.perf_counter(), time.process_time()
