@@ -215,7 +215,7 @@ def main():
             wall, cpu = time.perf_counter(), time.process_time()
             res = arms[name].run(problem)
             usage = res.usage_by_tier
-            row[name] = {"answer": res.answer, "correct": res.answer == gold,
+            row[name] = {"answer": res.answer, "correct": res.answer == gold, "text": res.text[:200],
                          "tokens": {t: u.total_tokens for t, u in usage.items()},
                          "cost": res.cost_by_tier, "cost_total": res.cost,
                          "cpu_s": {t: u.cpu_seconds for t, u in usage.items()},
