@@ -215,8 +215,9 @@ def main():
         print(arms_table("SmolLM2-135M-Instruct after clock SFT, real time:", report["tuned"]))
 
     report["machine_after"] = {"load_average": load_average()}
-    report["total_wall_s"] = time.perf_counter() - t_start
-    print(f"total {report['total_wall_s']:.0f} s, load {load_average()}")
+    report["total_wall_s"], report["total_cpu_s"] = time.perf_counter() - t_start, time.process_time()
+    print(f"total {report['total_wall_s']:.0f} s wall, {report['total_cpu_s']:.0f} s process CPU, "
+          f"load {load_average()}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)

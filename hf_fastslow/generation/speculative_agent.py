@@ -197,6 +197,7 @@ class _AgentCore:
         """Stream one turn, stopping at the first complete action; None if interrupted before acting."""
         parser, text = TurnParser(stop_at_action=True), ""
         t0 = self._now()
+        after_final = self._final_t is not None  # the turn budget counts turns started after the final chunk
         # The action goes into the timeline where this context ended: it answers what the model saw, and chunks
         # arriving while it generates come after it (the next context ends with them, not with the action).
         self._seen = len(self._timeline)
@@ -220,7 +221,7 @@ class _AgentCore:
             return None
         turn = parser.finish()
         self.metrics.turns += 1
-        self.metrics.turns_after_final += self._final_t is not None
+        self.metrics.turns_after_final += after_final
         self.metrics.valid_turns += turn.valid
         self._record("turn", text)
         for err in turn.errors:
