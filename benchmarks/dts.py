@@ -28,7 +28,7 @@ import torch
 
 # Two-step problems with one-digit operands: SmolLM2-135M answered 2 of 8 right (greedy) in a probe of each of the
 # first two templates, so K samples of a problem are often mixed and pairs form. The "multistep" templates have
-# larger numbers and a multiplication: the 135M model got 0/12 right and 2-3 of 24 problems gave a pair.
+# larger numbers and a multiplication: the 135M model answered none of 40 right and 2-3 of 24 problems gave a pair.
 EASY_TEMPLATES = [
     ("{n} had {a} coins. {n} spent {b} coins on bread and {c} coins on milk. How many coins are left?",
      lambda a, b, c: a - b - c),
