@@ -27,8 +27,8 @@ def tiers():
     return [cheap, expensive]  # cheapest first; the last tier seeds the population
 
 
-config = SqueezeEvolveConfig(population=4, group_size=2, groups=4, loops=1, percentiles=(50.0,), lite_fraction=0.5,
-                             fitness="confidence", top_k=20, temperature=0.5, seed=0)
+config = SqueezeEvolveConfig(population=4, group_size=2, groups=4, loops=1, percentiles=(25.0,), lite_fraction=0.5,
+                             fitness="confidence", top_k=20, temperature=0.8, seed=0)
 problem = "What is 23 + 14? Reply with just the number."
 result = SqueezeEvolve(tiers(), config).run(problem)
 print(f"Squeeze Evolve answer: {result.answer} (the right answer is 37)")
