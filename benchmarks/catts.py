@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from hf_fastslow import load_default_model  # noqa: E402
 from hf_fastslow.backends.hf_local import HFLocalBackend  # noqa: E402
+from hf_fastslow.evaluation.intervals import wilson_interval  # noqa: E402
 from hf_fastslow.evaluation.timing import load_average, machine_state  # noqa: E402
 from hf_fastslow.generation.catts import (  # noqa: E402
     AlwaysArbitratePolicy,
@@ -47,7 +48,6 @@ from hf_fastslow.generation.catts_env import (  # noqa: E402
     RunningTotalEnv,
     run_episode,
     summarize,
-    wilson_interval,
 )
 
 

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import shutil
 import time
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from hf_fastslow import load_default_model  # noqa: E402
 from hf_fastslow.backends.hf_local import HFLocalBackend  # noqa: E402
 from hf_fastslow.evaluation.answers import normalize_number  # noqa: E402
+from hf_fastslow.evaluation.intervals import wilson_interval  # noqa: E402
 from hf_fastslow.evaluation.prompts import arithmetic_problems  # noqa: E402
 from hf_fastslow.generation.evolution_baselines import RSA, MajorityVote  # noqa: E402
 from hf_fastslow.generation.squeeze_evolve import SqueezeEvolve  # noqa: E402
@@ -89,14 +89,6 @@ def load_qwen_coder_05b():
     return model, tok
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
-
-
 def build_arms(args, cheap_model, cheap_tok, strong_model, strong_tok):
     """Fresh backends per arm, so each arm's ledger holds its own calls only."""
     cfg = SqueezeEvolveConfig(population=args.population, group_size=args.group_size, groups=args.groups,
@@ -130,7 +122,7 @@ def summarize(rows, arms, args) -> dict:
         per = [r[name] for r in rows]
         correct = sum(p["correct"] for p in per)
         summary = {"correct": correct, "problems": n, "accuracy": correct / n if n else 0.0,
-                   "ci95": wilson(correct, n)}
+                   "ci95": wilson_interval(correct, n)}
         if name != "vote@N":
             tiers = sorted({t for p in per for t in p["tokens"]})
             summary["tokens_per_problem"] = {t: sum(p["tokens"].get(t, 0) for p in per) / n for t in tiers}

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from hf_fastslow.backends.base import Backend, CallMeter, Capabilities, Completion, Messages, Usage
 from hf_fastslow.evaluation.answers import extract_answer
+from hf_fastslow.evaluation.intervals import wilson_interval
 from hf_fastslow.generation.catts import StepFailed, parse_json_action
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "episode_seed",
     "run_episode",
     "summarize",
-    "wilson_interval",
 ]
 
 
@@ -225,16 +225,6 @@ def run_episode(policy, env: Environment, *, episode: int = 0, seed: int = 0,
             return EpisodeResult(episode, seed, tr.success, steps)
         observation = tr.observation
     return EpisodeResult(episode, seed, False, steps, failed=f"no end within {limit} steps")
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n ((0, 1) when n = 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarize(results: Sequence[EpisodeResult], consensus_margin: float = 0.7) -> dict[str, Any]:
