@@ -1,15 +1,31 @@
 """Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models),
 V1-Infer pairwise tournaments, CREST test-time head steering (with the SEAL-style and token-ban peers), diffusion-LM
-decoding (block diffusion, I-DLM's introspective strided decoding and its stationary batch, RCD) and qTTT."""
+decoding (block diffusion, I-DLM's introspective strided decoding and its stationary batch, RCD), qTTT, and the
+test-time-scaling methods that orchestrate backends (Squeeze Evolve, CATTS, staircase Mixture-of-Agents)."""
 
 import importlib
 
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
 from .block_diffusion import BlockDiffusionDecoder, block_diffusion_generate
+from .catts import (
+    AlwaysArbitratePolicy,
+    CATTSConfig,
+    CATTSPolicy,
+    GreedyPolicy,
+    MajorityVotePolicy,
+    StepDecision,
+    StepFailed,
+    VoteStats,
+    canonical_action,
+    parse_json_action,
+    vote_stats,
+)
+from .catts_env import Environment, EpisodeResult, RunningTotalEnv, Transition, run_episode, summarize
 from .crest import CRESTCalibrator, CRESTSteerer, CRESTVectors
 from .crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
 from .das import DASDrafter, LengthAwareBudget, SuffixHistory, SuffixTrie
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
+from .evolution_baselines import RSA, MajorityVote
 from .isd import IDLMGenerationMixin, ISDGenerateOutput, introspective_acceptance_rate, isd_generate
 from .isd_batch import StationaryBatchISD, StationaryBatchOutput
 from .isd_config import ISDConfig
@@ -17,6 +33,9 @@ from .isd_round import ISDRoundResult, ISDRows, isd_round
 from .qttt import QTTTConfig, QueryOnlyTTT, qttt_generate
 from .rcd import RCDConfig, RCDDecoder, entropy_weighted_residual, inject_residual, rcd_generate
 from .speculative import speculative_generate
+from .squeeze_evolve import SqueezeEvolve, recombination_messages
+from .squeeze_evolve_config import Candidate, EvolveResult, LoopRecord, SqueezeEvolveConfig, Tier
+from .staircase import AggregationMetrics, MixtureOfAgents, Stair, StaircaseMoA, aggregate_prompt, interleaved_prompt
 from .v1_infer import (
     EndpointJudge,
     HFJudge,
@@ -79,6 +98,38 @@ __all__ = [
     "entropy_weighted_residual",
     "inject_residual",
     "rcd_generate",
+    "AlwaysArbitratePolicy",
+    "CATTSConfig",
+    "CATTSPolicy",
+    "GreedyPolicy",
+    "MajorityVotePolicy",
+    "StepDecision",
+    "StepFailed",
+    "VoteStats",
+    "canonical_action",
+    "parse_json_action",
+    "vote_stats",
+    "Environment",
+    "EpisodeResult",
+    "RunningTotalEnv",
+    "Transition",
+    "run_episode",
+    "summarize",
+    "RSA",
+    "MajorityVote",
+    "SqueezeEvolve",
+    "recombination_messages",
+    "Candidate",
+    "EvolveResult",
+    "LoopRecord",
+    "SqueezeEvolveConfig",
+    "Tier",
+    "AggregationMetrics",
+    "MixtureOfAgents",
+    "Stair",
+    "StaircaseMoA",
+    "aggregate_prompt",
+    "interleaved_prompt",
 ]
 
 # Public names that live a floor up, in hf_fastslow.trainers (name -> module): they resolve on first use, so importing
