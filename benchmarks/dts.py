@@ -12,7 +12,8 @@ DPO on CPU: trl's DPOConfig defaults to bf16 and gradient checkpointing; this sc
 use_cpu=True, gradient_checkpointing=False`, and a reference model (a copy of the policy: the GGUF-loaded model has
 no Hub name trl could reload it from).
 
-    python benchmarks/dts.py --threads 1 --lr 2e-5   # the figures in docs/trainers.md (32 train / 64 test, K=4)
+    # the figures in docs/trainers.md (~40 min on a loaded 2-core box)
+    python benchmarks/dts.py --threads 1 --lr 2e-5 --train 24 --test 48 --max-solve-tokens 96 --max-think-tokens 48
     python benchmarks/dts.py --quick                 # 8 train / 8 test problems, K=2 (~3 min)
 """
 

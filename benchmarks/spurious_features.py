@@ -14,9 +14,9 @@ Reported: worst-group and average test accuracy (mean and spread over seeds), fo
 flags on the minority groups (base rate 5%), and the marker's linear decodability at the aux layer (probe accuracy,
 sieve vs ERM).
 
-    python benchmarks/spurious_features.py             # the figures in docs/trainers.md
+    python benchmarks/spurious_features.py             # one size (2,000 rows), 3 seeds
     python benchmarks/spurious_features.py --quick     # 1 seed, small sets (~2 min)
-    python benchmarks/spurious_features.py --train 1000 2000 3000 --threads 1   # the budget sweep in the docs
+    python benchmarks/spurious_features.py --train 3000 1000 2000 --threads 1   # the sweep in docs/trainers.md (~1 h)
 """
 
 from __future__ import annotations
