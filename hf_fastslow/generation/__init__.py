@@ -1,10 +1,14 @@
 """Generation strategies: lossless speculative decoding with pluggable drafters (DAS, Aurora, draft models),
 V1-Infer pairwise tournaments, CREST test-time head steering (with the SEAL-style and token-ban peers), diffusion-LM
 decoding (block diffusion, I-DLM's introspective strided decoding and its stationary batch, RCD), qTTT, and the
-test-time-scaling methods that orchestrate backends (Squeeze Evolve, CATTS, staircase Mixture-of-Agents)."""
+test-time-scaling methods that orchestrate backends (Squeeze Evolve, CATTS, staircase Mixture-of-Agents,
+speculative interaction agents)."""
 
 import importlib
 
+from .agent_grammar import ClockFormat, TurnParser, format_action, grammar_prompt
+from .agent_tasks import make_fact_tasks, teacher_policy
+from .agent_tools import InlineStream, Tool, ToolRuntime, VirtualClockLoop, run_virtual
 from .aurora import AuroraConfig, AuroraDrafter, AuroraHead, HotSwapHead
 from .block_diffusion import BlockDiffusionDecoder, block_diffusion_generate
 from .catts import (
@@ -33,6 +37,16 @@ from .isd_round import ISDRoundResult, ISDRows, isd_round
 from .qttt import QTTTConfig, QueryOnlyTTT, qttt_generate
 from .rcd import RCDConfig, RCDDecoder, entropy_weighted_residual, inject_residual, rcd_generate
 from .speculative import speculative_generate
+from .speculative_agent import (
+    AgentEvent,
+    AgentMetrics,
+    AgentResult,
+    InterruptOnEvent,
+    SequentialReActAgent,
+    SpeculativeAgent,
+    feed_words,
+    unsafe_violations,
+)
 from .squeeze_evolve import SqueezeEvolve, recombination_messages
 from .squeeze_evolve_config import Candidate, EvolveResult, LoopRecord, SqueezeEvolveConfig, Tier
 from .staircase import AggregationMetrics, MixtureOfAgents, Stair, StaircaseMoA, aggregate_prompt, interleaved_prompt
@@ -130,6 +144,25 @@ __all__ = [
     "StaircaseMoA",
     "aggregate_prompt",
     "interleaved_prompt",
+    "ClockFormat",
+    "TurnParser",
+    "format_action",
+    "grammar_prompt",
+    "make_fact_tasks",
+    "teacher_policy",
+    "InlineStream",
+    "Tool",
+    "ToolRuntime",
+    "VirtualClockLoop",
+    "run_virtual",
+    "AgentEvent",
+    "AgentMetrics",
+    "AgentResult",
+    "InterruptOnEvent",
+    "SequentialReActAgent",
+    "SpeculativeAgent",
+    "feed_words",
+    "unsafe_violations",
 ]
 
 # Public names that live a floor up, in hf_fastslow.trainers (name -> module): they resolve on first use, so importing
