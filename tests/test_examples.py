@@ -62,6 +62,16 @@ CASES = {
     "feature_sieve.py": ([r"\d+ aux steps, \d+ forget steps"], 600, (slow,)),
     "dts.py": ([r"DTS: \d+ pairs from 4 problems", r"sampling peer: \d+ pairs",
                 r"(DPO step done: loss [\d.]+|no mixed-correctness pair)"], 900, (slow,)),
+    "backends.py": ([r"streamed \d+ deltas, joined == greedy text: True", r"ledger: \d+ calls"], 300, (slow,)),
+    "squeeze_evolve.py": ([r"Squeeze Evolve answer: \S+", r"loop 1: routes \[", r"RSA \(expensive tier only\) answer"],
+                          300, (slow,)),
+    "catts.py": ([r"step 1: votes .* -> (arbiter|majority)", r"CATTS: \d/2 episodes solved, \d+ arbiter calls",
+                  r"majority vote: \d/2 episodes solved, 0 arbiter calls"], 900, (slow,)),
+    "staircase.py": ([r"MoA TTFT [\d.]+ s", r"staircase TTFT [\d.]+ s, total [\d.]+ s, \d+ aggregator call\(s\)",
+                      r"staircase TTFT / MoA TTFT = [\d.]+"], 600, (slow,)),
+    "speculative_agent.py": ([r"SpeculativeAgent \(teacher policy\): answer .*correct True.*unsafe calls before "
+                              r"commit: 0", r"SequentialReActAgent \(teacher policy\): answer .*correct True",
+                              r"SmolLM2-135M-Instruct, untrained: \d+ turns, \d+ valid"], 600, (slow,)),
 }
 
 
