@@ -11,15 +11,15 @@ has a native async path (the endpoint backend does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "iterate_in_thread",
     "Backend",
     "BackendError",
     "BackendFeatureError",
@@ -424,38 +424,10 @@ class Backend(ABC):
             meter.close()
 
     async def astream(self, messages: Messages, **kwargs: Any) -> AsyncIterator[str]:
-        """Async `stream`; the base drives the sync stream in a worker thread and hands deltas over a queue."""
+        """Async `stream`: the sync stream runs in a worker thread (`iterate_in_thread`)."""
         sync_iter = self.stream(messages, **kwargs)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-        stop = threading.Event()
-
-        def pump() -> None:
-            try:
-                for delta in sync_iter:
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-                    if stop.is_set():
-                        break
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            finally:
-                sync_iter.close()
-
-        worker = loop.run_in_executor(None, pump)
-        try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            with contextlib.suppress(Exception):
-                await worker
+        async for delta in iterate_in_thread(lambda: sync_iter):
+            yield delta
 
     def score(self, messages: Messages, continuation: str) -> list[float]:
         """log p of each token of `continuation` after the rendered prompt (generation prompt added)."""
@@ -469,3 +441,46 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return self.name
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Drive a blocking iterator in a worker thread and yield its items in the event loop; closing the async
+    iterator stops the worker at its next item and closes the sync one."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop closed under us: nobody is listening any more
+            stop.set()
+
+    def pump() -> None:
+        iterator = make_iterator()
+        try:
+            for item in iterator:
+                put(item)
+                if stop.is_set():
+                    break
+            put(end)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the event loop
+            put(err)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    worker = loop.run_in_executor(None, pump)
+    try:
+        while True:
+            item = await queue.get()
+            if item is end:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        await asyncio.shield(worker)

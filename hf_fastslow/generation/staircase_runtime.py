@@ -4,15 +4,14 @@ bridge."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hf_fastslow.backends.base import Backend, Messages, StreamChunk, with_system
+from hf_fastslow.backends.base import Backend, Messages, StreamChunk, iterate_in_thread, with_system
 
 __all__ = ["FeedView", "ProposalFeed", "ProposerGroup", "batch_key", "group_proposers", "iterate_in_thread"]
 
@@ -199,46 +198,3 @@ class ProposalFeed:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
-
-
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive a blocking iterator in a worker thread and yield its items in the event loop; closing the async
-    iterator stops the worker at its next item and closes the sync one."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop closed under us: nobody is listening any more
-            stop.set()
-
-    def pump() -> None:
-        iterator = make_iterator()
-        try:
-            for item in iterator:
-                put(item)
-                if stop.is_set():
-                    break
-            put(end)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the event loop
-            put(err)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    worker = loop.run_in_executor(None, pump)
-    try:
-        while True:
-            item = await queue.get()
-            if item is end:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        await asyncio.shield(worker)
