@@ -26,6 +26,7 @@ from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_session
 
+from ..integrations.backends_seam import endpoint_requests_allowed
 from .base import (
     Backend,
     BackendError,
@@ -160,9 +161,11 @@ class EndpointBackend(Backend):
 
     @contextlib.contextmanager
     def translate_errors(self):
-        """Map transport and HTTP failures to the layer's errors, naming this backend and its URL."""
+        """Map transport and HTTP failures to the layer's errors, naming this backend and its URL. Requests sent inside
+        go out even under `HF_HUB_OFFLINE=1` (that switch keeps the Hub offline, not a server the user named)."""
         try:
-            yield
+            with endpoint_requests_allowed():
+                yield
         except HfHubHTTPError as err:
             status = getattr(getattr(err, "response", None), "status_code", "?")
             raise BackendError(f"{self.name} returned HTTP {status}: {str(err)[:500]}") from err

@@ -166,3 +166,18 @@ def test_served_judge_and_reflector_run_on_the_backend(served_model):
     assert len(replies) == 2 and all(replies) and judge.calls == 2 and judge.tokens > 6
     reflector = OpenAIReflector(served_model.base_url, served_model.model, max_tokens=3, temperature=0.0)
     assert reflector.complete("Improve: 'Answer.'") and reflector.backend.ledger.total().completion_tokens <= 3
+
+
+def test_hub_offline_mode_does_not_block_a_named_server_but_still_blocks_the_hub(monkeypatch):
+    # HF_HUB_OFFLINE=1 makes huggingface_hub refuse every request, also to the local server a user runs offline
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import get_session
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with ScriptedChatServer(lambda body: "OK") as srv:
+        be = EndpointBackend(srv.url, "m", capabilities=FULL, server="openai", max_new_tokens=2)
+        assert be.chat(USER)[0].text == "OK"
+        assert asyncio.run(be.achat(USER))[0].text == "OK"
+        with pytest.raises(OfflineModeIsEnabled):  # outside the backend's calls the Hub stays offline
+            get_session().get(srv.url + "/models")
