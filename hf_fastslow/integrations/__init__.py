@@ -9,7 +9,8 @@ decoding loops need from `generate`), `trl` (the GRPOTrainer internals our train
 any layer), and one small seam per method that needs its own: `iha_seam`, `care_seam`, `steering_seam`, and for the
 diffusion LMs `block_diffusion_seam` (generate's dropped call arguments), `dlm_seam` (diffusers' LLaDA2Pipeline peer,
 key-mapping renames), `dlm_trainer_seam` (peft aLoRA checkpoint hooks), `isd_seam` (peft aLoRA offsets) and
-`isd_batch_seam` (stationary-batch cache layout).
+`isd_batch_seam` (stationary-batch cache layout); `backends_seam` (huggingface_hub's offline switch must not block
+the endpoint backend's named server).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from hf_fastslow.integrations.attention_capture import (  # noqa: E402
     attention_modules,
     capture_attention_inputs,
 )
+from hf_fastslow.integrations.backends_seam import endpoint_requests_allowed  # noqa: E402
 from hf_fastslow.integrations.block_diffusion_seam import generate_call_arguments  # noqa: E402
 from hf_fastslow.integrations.caches import (  # noqa: E402
     CacheFactory,
@@ -243,4 +245,5 @@ __all__ = [
     "alora_offsets",
     "unwrap_peft_model",
     "uses_alora",
+    "endpoint_requests_allowed",
 ]
