@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import queue
 import threading
@@ -26,7 +25,7 @@ from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_session
 
-from ..integrations.backends_seam import endpoint_requests_allowed
+from ..integrations.backends_seam import endpoint_requests_allowed, hub_transport_error
 from .base import (
     Backend,
     BackendError,
@@ -43,7 +42,7 @@ __all__ = ["EndpointBackend", "TRANSFORMERS_SERVE"]
 
 TRANSFORMERS_SERVE = "transformers serve"
 _PROBE = [{"role": "user", "content": "Say OK."}]
-_HTTP = importlib.import_module(type(get_session()).__module__.split(".")[0])  # httpx (huggingface_hub 1.x) or httpx2
+_TRANSPORT_ERROR = hub_transport_error()
 
 
 def _looks_like_transformers_serve(models: dict) -> bool:
@@ -169,7 +168,7 @@ class EndpointBackend(Backend):
         except HfHubHTTPError as err:
             status = getattr(getattr(err, "response", None), "status_code", "?")
             raise BackendError(f"{self.name} returned HTTP {status}: {str(err)[:500]}") from err
-        except (_HTTP.TransportError, ConnectionError, TimeoutError) as err:
+        except (_TRANSPORT_ERROR, ConnectionError, TimeoutError) as err:
             raise BackendUnreachableError(f"{self.name} is unreachable: {err}") from err
 
     def _params(self, opts: GenerationOptions, index: int, *, fan_out: bool) -> dict[str, Any]:

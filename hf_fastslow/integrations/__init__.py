@@ -43,7 +43,7 @@ from hf_fastslow.integrations.attention_capture import (  # noqa: E402
     attention_modules,
     capture_attention_inputs,
 )
-from hf_fastslow.integrations.backends_seam import endpoint_requests_allowed  # noqa: E402
+from hf_fastslow.integrations.backends_seam import endpoint_requests_allowed, hub_transport_error  # noqa: E402
 from hf_fastslow.integrations.block_diffusion_seam import generate_call_arguments  # noqa: E402
 from hf_fastslow.integrations.caches import (  # noqa: E402
     CacheFactory,
@@ -246,4 +246,5 @@ __all__ = [
     "unwrap_peft_model",
     "uses_alora",
     "endpoint_requests_allowed",
+    "hub_transport_error",
 ]

@@ -1,4 +1,5 @@
-"""huggingface_hub seam for the endpoint backend: `HF_HUB_OFFLINE=1` must not block a server the user named.
+"""huggingface_hub seam for the endpoint backend: `HF_HUB_OFFLINE=1` must not block a server the user named, and
+which HTTP library's transport errors mean "unreachable" (huggingface_hub 1.x uses httpx, 2.x its fork httpx2).
 
 huggingface_hub's HTTP clients (the ones `InferenceClient` and `get_session()` use) refuse EVERY request while
 offline mode is on, through a request hook that asks `huggingface_hub.constants.is_offline_mode()` — also requests to
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from collections.abc import Iterator
 
 import huggingface_hub.constants as _hub_constants
+from huggingface_hub.utils import get_session
 
-__all__ = ["endpoint_requests_allowed"]
+__all__ = ["endpoint_requests_allowed", "hub_transport_error"]
 
 _SENDING_TO_NAMED_ENDPOINT = contextvars.ContextVar("hf_fastslow_named_endpoint_request", default=False)
 
@@ -45,3 +48,9 @@ def endpoint_requests_allowed() -> Iterator[None]:
         yield
     finally:
         _SENDING_TO_NAMED_ENDPOINT.set(previous)
+
+
+def hub_transport_error() -> type[Exception]:
+    """The base class of connection / timeout errors raised by the HTTP library huggingface_hub's clients run on."""
+    http = importlib.import_module(type(get_session()).__module__.split(".")[0])
+    return http.TransportError
