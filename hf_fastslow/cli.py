@@ -1,11 +1,21 @@
-"""`hf-fastslow` command line: `demo` (the default model with and without XQuant) and `info`."""
+"""`hf-fastslow` command line: `demo` (the default model with and without XQuant), `info`, and one verb per tool
+whose parser lives beside the tool (`_VERB_MODULES`: each module has `add_parser(subparsers)` that sets `func`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
+
+# Verbs defined beside their tools; imported lazily at parse time so `hf-fastslow info` stays fast. A verb module
+# must import only the standard library at module level (its heavy imports go inside its `func`).
+_VERB_MODULES = (
+    "hf_fastslow.evaluation.ipw_cli",
+    "hf_fastslow.evaluation.ksort_cli",
+    "hf_fastslow.evaluation.mast_cli",
+)
 
 
 def _demo(args) -> int:
@@ -102,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions, registered integrations, kernel backend")
     info.set_defaults(func=_info)
+    for module_name in _VERB_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:  # a verb's own missing dependency is a bug, not an absent verb
+                raise
+            continue
+        module.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
