@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers import configuration_utils
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, configuration_utils
 
 
 def register_auto_model(config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel]) -> None:
