@@ -155,10 +155,10 @@ class ReplicaRouter(Backend):
     name=None, **generation_defaults)`.
 
     `replicas`: `Backend` instances, base URLs (each becomes `EndpointBackend(url, model, **replica_kwargs)`) or
-    `LocalServer`s (`server.backend(**replica_kwargs)`). `max_attempts` per unit of work defaults to twice the number
-    of replicas. `clock` (anything with `time()` and `sleep(s)`, e.g. `ManualClock`) times the backoff, the cool-down
-    and the ledger. `generation_defaults` take the backend options only (max_new_tokens, temperature, ...); set
-    backend-specific ones on the replicas.
+    `LocalServer`s (`server.backend(**replica_kwargs)`). `max_attempts` per unit of work defaults to three times the
+    number of replicas. `clock` (anything with `time()` and `sleep(s)`, e.g. `ManualClock`) times the backoff, the
+    cool-down and the ledger. `generation_defaults` take the backend options only (max_new_tokens, temperature,
+    ...); set backend-specific ones on the replicas.
     """
 
     def __init__(self, replicas: Sequence[Backend | str | Any], *, model: str | None = None,
@@ -201,7 +201,7 @@ class ReplicaRouter(Backend):
             for i, b in enumerate(backends)
         ]
         self.policy = policy
-        self.max_attempts = max_attempts if max_attempts is not None else 2 * len(backends)
+        self.max_attempts = max_attempts if max_attempts is not None else 3 * len(backends)
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}.")
         self.remove_after, self.cooldown_s = remove_after, cooldown_s
@@ -467,9 +467,10 @@ class ReplicaRouter(Backend):
         if errors:
             results = [None if row in errors else o for row, o in enumerate(outcomes)]
             failures = {row: attempts[row].tried for row in errors}
+            rows = "; ".join(f"row {row}: {str(err)[:1000]}" for row, err in list(errors.items())[:3])
             raise ReplicasUnavailableError(
                 f"{self.name}: {len(errors)} of {len(conversations)} conversations could not be answered (rows "
-                f"{sorted(errors)[:20]}); the others are in .results. Replicas: {self._describe_all()}",
+                f"{sorted(errors)[:20]}), the others are in .results. {rows}",
                 results=results, failures=failures, replicas=self.report())
         return outcomes
 
