@@ -323,7 +323,7 @@ class ReplicaRouter(Backend):
             trial, r.on_trial = r.on_trial, False
             if trial or (not s.removed and s.consecutive_failures >= self.remove_after):
                 why = "failed its trial request after the cool-down" if trial else \
-                    f"{s.consecutive_failures} consecutive failures"
+                    f"{s.consecutive_failures} consecutive failure" + "s" * (s.consecutive_failures != 1)
                 s.removed, s.removed_at = True, self.clock.time()
                 s.reason = f"{why}; last: {reason}"
                 self.events.append((s.removed_at, s.name, "removed", s.reason))
