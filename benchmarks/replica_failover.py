@@ -147,7 +147,7 @@ def main() -> None:
 
         print(f"{label:<24} {p['answered']:>8} {p['lost']:>5} {p['same_as_reference']:>9} "
               f"{f(p.get('attempts'), 'd'):>8} {f(p.get('retries'), 'd'):>7} {f(p.get('failovers'), 'd'):>9} "
-              f"{p['wall_s']:>7.1f} {f(p['latency_median_s']):>6} {f(p['latency_max_s']):>6} {p["cpu_s"]:>6.2f} "
+              f"{p['wall_s']:>7.1f} {f(p['latency_median_s']):>6} {f(p['latency_max_s']):>6} {p['cpu_s']:>6.2f} "
               f"{f(p['killed_at_s'], '.1f'):>9}")
     if args.out:
         with open(args.out, "w") as fh:
