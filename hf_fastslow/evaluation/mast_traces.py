@@ -204,20 +204,29 @@ _AGENT_SPEAKERS = {"user": "user", "user_final": "user", "turn": "agent", "proto
 def trace_from_agent(result, *, task: str | None = None, gold_answer: Any = None, trace_id: str = "0",
                      source: str = "speculative_agent", max_turns: int | None = None) -> Trace:
     """A `SpeculativeAgent` / `SequentialReActAgent` run: user chunks, the model's turns, tool events and the
-    answer, in event order."""
+    answer, in event order. `<pause>` turns are dropped (counted in `meta["pauses"]`) and consecutive user chunks
+    merged, so a judge reads the conversation rather than the typing."""
     turns: list[Turn] = []
+    pauses = 0
     for ev in result.events:
         speaker = _AGENT_SPEAKERS.get(ev.kind, f"tool {ev.name}".strip())
         text = ev.text if ev.kind in _AGENT_SPEAKERS else f"{ev.kind} call {ev.call_id} {ev.text}".strip()
         if ev.kind == "answer":
             text = f"FINAL ANSWER: {ev.text}"
+        if ev.kind == "turn" and text.strip() == "<pause>":  # the protocol's no-op while the user types
+            pauses += 1
+            continue
+        if speaker == "user" and turns and turns[-1].speaker == "user":  # user chunks typed in a row: one message
+            turns[-1] = Turn("user", f"{turns[-1].content} {text}")
+            continue
         turns.append(Turn(speaker, text))
     if result.answer is None:
         turns.append(Turn("runtime", "the agent stopped without an answer"))
     users = [e.text for e in result.events if e.kind in ("user", "user_final")]
     return Trace(trace_id, task if task is not None else "".join(users), turns, source=source,
                  task_completed=_completed(result.answer, gold_answer), max_turns=max_turns,
-                 meta={"turns": result.metrics.turns, "protocol_errors": result.metrics.protocol_errors})
+                 meta={"turns": result.metrics.turns, "protocol_errors": result.metrics.protocol_errors,
+                       "pauses": pauses})
 
 
 def traces_from_dicts(rows: Iterable[dict[str, Any]]) -> list[Trace]:

@@ -205,3 +205,20 @@ def test_mast_agreement_pairs_by_composite_key_and_counts_unparsed():
     garbage = MASTAnnotator(ScriptedBackend("nonsense"), "generate")
     r = mast_agreement(garbage.annotate_many(gold), gold)
     assert r["unparsed"] == 2 and r["missing"] == 28 and r["per_label"]["1.3"]["fn"] == 2
+
+
+# ----- the real judge ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_score_mode_on_smollm2_cached_equals_full(default_model):
+    model, tok = default_model
+    from hf_fastslow.evaluation.mast_fixtures import fixture_traces
+
+    trace = fixture_traces()[2]  # the step-repetition trace
+    convs = list(_score_conversations(trace.render()).values())
+    full, _ = label_probabilities(model, tok, convs, path="full")
+    cached, counters = label_probabilities(model, tok, convs, path="cached")
+    seq, _ = label_probabilities(model, tok, convs, path="cached_sequential")
+    assert cached == pytest.approx(full, abs=1e-5) and seq == pytest.approx(full, abs=1e-5)
+    assert all(0.0 < p < 1.0 for p in full)
+    per_row_suffix = (counters["prefilled_tokens"] - counters["prefix_tokens"]) / len(convs)
+    assert counters["prefix_tokens"] > 5 * per_row_suffix  # most of each row is the shared, once-prefilled prefix

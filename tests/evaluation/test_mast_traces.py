@@ -151,4 +151,7 @@ def test_trace_from_agent():
     assert trace.task == task.request and result.answer is not None
     assert trace.turns[-1].content == f"FINAL ANSWER: {result.answer}"
     assert any(t.speaker.startswith("tool ") for t in trace.turns)
-    assert sum(t.speaker == "agent" for t in trace.turns) >= result.metrics.turns
+    model_turns = [e for e in result.events if e.kind == "turn"]
+    kept = sum(t.speaker == "agent" and "FINAL ANSWER" not in t.content for t in trace.turns)
+    assert kept + trace.meta["pauses"] == len(model_turns)  # every model turn is shown or counted as a pause
+    assert not any(a.speaker == b.speaker == "user" for a, b in zip(trace.turns, trace.turns[1:]))
