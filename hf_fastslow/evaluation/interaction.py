@@ -137,9 +137,23 @@ class Policy:
         return scores.argmax(dim=1)  # ties: the lowest group index (torch returns the first maximum)
 
 
+INFLUENCES = ("confidence_change_v1", "confidence_change_v2", "expected_confidence_change", "signed")
+MAX_EXPECTED_GROUP = 12  # 2**12 answer patterns per group for "expected_confidence_change"
+
+
 @dataclass
 class CooPPolicy(Policy):
-    """CooP: `U(G) + beta * I(G) - gamma * cost(G)` (module docstring). `influence="signed"` drops the |.|."""
+    """CooP: `U(G) + beta * I(G) - gamma * cost(G)` (module docstring).
+
+    `influence` (how much G's answer moves the confidence pi(yhat) of the current prediction):
+    - `"confidence_change_v1"` (the paper's): all of G set to r(1) with weight q = mean p, or all to r(0).
+    - `"signed"`: v1 without the |.|.
+    - `"confidence_change_v2"` (the official code's variant for one-hot groups): one concept j at a time, set to
+      r(1) / r(0) with weights p_j / 1 - p_j, summed over j.
+    - `"expected_confidence_change"`: the exact expectation over G's 2^|G| joint answers under the predicted,
+      independent p (equal to v1 for one-concept groups). v1 treats a group as all-on or all-off, which scores a
+      confidently predicted mixed group such as {upper-right stroke on, upper-left off} (q = 0.5) as a coin flip.
+    """
 
     beta: float = 1.0
     gamma: float = 0.0
@@ -148,8 +162,8 @@ class CooPPolicy(Policy):
     name: str = "coop"
 
     def __post_init__(self):
-        if self.influence not in ("confidence_change_v1", "signed"):
-            raise ValueError(f"influence must be 'confidence_change_v1' or 'signed', got {self.influence!r}.")
+        if self.influence not in INFLUENCES:
+            raise ValueError(f"influence must be one of {INFLUENCES}, got {self.influence!r}.")
         self._costs = check_costs(self.costs)
 
     def uncertainty(self, state: InteractionState) -> torch.Tensor:
@@ -160,6 +174,10 @@ class CooPPolicy(Policy):
         base = torch.softmax(state.label_head(state.current), dim=-1)
         yhat = base.argmax(dim=-1)
         pi0 = base.gather(1, yhat[:, None])                                       # [B, 1]
+        if self.influence == "confidence_change_v2":
+            return self._per_concept_influence(state, yhat, pi0)
+        if self.influence == "expected_confidence_change":
+            return self._expected_influence(state, yhat, pi0)
         member = state.membership.to(state.probs.dtype)
         q = (state.probs @ member.T) / member.sum(1)                              # [B, K]
         probs = []
@@ -170,6 +188,40 @@ class CooPPolicy(Policy):
         if self.influence == "confidence_change_v1":
             d1, d0 = d1.abs(), d0.abs()
         return q * d1 + (1 - q) * d0
+
+    def _confidence(self, state: InteractionState, candidates: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:
+        """pi(yhat) for candidate bottlenecks [B, N, k] -> [B, N]."""
+        probs = torch.softmax(state.label_head(candidates), dim=-1)
+        return probs.gather(2, yhat[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)
+
+    def _per_concept_influence(self, state, yhat, pi0) -> torch.Tensor:
+        k = state.probs.shape[1]
+        eye = torch.eye(k, dtype=torch.bool)
+        hidden = eye[None] & ~state.revealed[:, None, :]                          # [B, k, k]: concept j alone
+        changes = []
+        for value in (state.stats.high, state.stats.low):
+            cand = torch.where(hidden, torch.tensor(value, dtype=state.current.dtype), state.current[:, None, :])
+            changes.append((self._confidence(state, cand, yhat) - pi0).abs())   # [B, k]
+        per_concept = state.probs * changes[0] + (1 - state.probs) * changes[1]
+        return per_concept @ state.membership.T.to(per_concept.dtype)
+
+    def _expected_influence(self, state, yhat, pi0) -> torch.Tensor:
+        out = torch.zeros(state.asked.shape, dtype=state.probs.dtype)
+        for g, members in enumerate(state.membership):
+            index = members.nonzero().flatten()
+            n = len(index)
+            if n > MAX_EXPECTED_GROUP:
+                raise ValueError(f"group {g} has {n} concepts; expected_confidence_change enumerates 2**n answers "
+                                 f"and allows n <= {MAX_EXPECTED_GROUP}.")
+            patterns = ((torch.arange(2**n)[:, None] >> torch.arange(n)) & 1).to(state.probs.dtype)  # [P, n]
+            p = state.probs[:, index]                                             # [B, n]
+            weight = (patterns[None] * p[:, None] + (1 - patterns[None]) * (1 - p[:, None])).prod(-1)  # [B, P]
+            cand = state.current[:, None, :].repeat(1, 2**n, 1)                   # [B, P, k]
+            values = state.stats.values(patterns)[None].expand(len(p), -1, -1)
+            hidden = ~state.revealed[:, None, index]
+            cand[:, :, index] = torch.where(hidden, values, cand[:, :, index])
+            out[:, g] = (weight * (self._confidence(state, cand, yhat) - pi0).abs()).sum(-1)
+        return out
 
     def scores(self, state: InteractionState) -> torch.Tensor:
         score = self.uncertainty(state)
@@ -357,19 +409,22 @@ def run_interaction(
     return InteractionTrace(accuracy, chosen, state.revealed, predictions)
 
 
-def tune_beta(
+def tune_coop(
     label_head: LabelHead, *, concept_logits: torch.Tensor, concept_labels: torch.Tensor, labels: torch.Tensor,
     groups: Sequence[Sequence[int]], stats: InterventionStats, queries: int = 3,
-    betas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0), gamma: float = 0.0,
-    costs: Sequence[float] | None = None,
-) -> tuple[float, dict[float, float]]:
-    """beta with the largest area under the accuracy curve over the first `queries` queries on the (validation)
-    split given; ties go to the smaller beta. Returns (beta, {beta: area})."""
+    betas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0),
+    influences: Sequence[str] = ("confidence_change_v1",), gamma: float = 0.0, costs: Sequence[float] | None = None,
+) -> tuple[CooPPolicy, dict[tuple[str, float], float]]:
+    """The CooP policy (beta, and the influence among `influences`) with the largest area under the accuracy curve
+    over the first `queries` queries on the (validation) split given; ties go to the smaller beta, then to the
+    influence listed first. Returns (policy, {(influence, beta): area})."""
     areas = {}
-    for beta in betas:
-        trace = run_interaction(label_head, CooPPolicy(beta=beta, gamma=gamma, costs=costs),
-                                concept_logits=concept_logits, concept_labels=concept_labels, labels=labels,
-                                groups=groups, stats=stats, steps=queries)
-        areas[float(beta)] = trace.area_under_curve(queries)
-    best = max(areas, key=lambda b: (areas[b], -b))
-    return best, areas
+    for influence in influences:
+        for beta in betas:
+            policy = CooPPolicy(beta=beta, gamma=gamma, costs=costs, influence=influence)
+            trace = run_interaction(label_head, policy, concept_logits=concept_logits, concept_labels=concept_labels,
+                                    labels=labels, groups=groups, stats=stats, steps=queries)
+            areas[(influence, float(beta))] = trace.area_under_curve(queries)
+    rank = {name: i for i, name in enumerate(influences)}
+    influence, beta = max(areas, key=lambda key: (areas[key], -key[1], -rank[key[0]]))
+    return CooPPolicy(beta=beta, gamma=gamma, costs=costs, influence=influence), areas

@@ -16,7 +16,7 @@ from hf_fastslow.evaluation.interaction import (
     binary_entropy,
     group_membership,
     run_interaction,
-    tune_beta,
+    tune_coop,
 )
 
 
@@ -73,6 +73,14 @@ def test_coop_score_on_a_hand_checked_case():
     signed = CooPPolicy(beta=1.0, influence="signed").influence_scores(state)
     expected = 0.5 * (sig(-0.7) - pi0) + 0.5 * (sig(0.9) - pi0)
     assert signed[0, 0].item() == pytest.approx(expected, abs=1e-6)
+    # the variants for groups of several concepts: per concept (v2) and the exact expectation over joint answers
+    v2 = CooPPolicy(influence="confidence_change_v2").influence_scores(state)
+    v2_pair = 0.9 * 0.0 + 0.1 * abs(sig(-0.7) - pi0) + 0.2 * abs(sig(0.8) - pi0) + 0.8 * abs(0.5 - pi0)
+    torch.testing.assert_close(v2, torch.tensor([[i0, v2_pair]]), rtol=0, atol=1e-6)
+    expected = CooPPolicy(influence="expected_confidence_change").influence_scores(state)
+    # answers (c1, c2): (0, 0) w 0.08 -> f = [1, 0.2]; (1, 0) w 0.72 and (0, 1) w 0.02 -> f = [1, 1]; (1, 1) w 0.18
+    pair = 0.08 * abs(sig(-0.8) - pi0) + 0.74 * abs(0.5 - pi0) + 0.18 * abs(sig(0.8) - pi0)
+    torch.testing.assert_close(expected, torch.tensor([[i0, pair]]), rtol=0, atol=1e-6)
     # a concept already revealed no longer counts towards its group's uncertainty
     partly = hand_state(revealed=torch.tensor([[False, True, False]]))
     assert policy.uncertainty(partly)[0, 1].item() == pytest.approx(h(0.2), abs=1e-6)
@@ -198,15 +206,16 @@ def test_static_greedy_fits_a_permutation_whose_first_group_is_the_best_single_g
                         groups=groups, stats=stats)
 
 
-def test_tune_beta_picks_the_best_validation_area():
+def test_tune_coop_picks_the_best_validation_area():
     head, logits, concepts, labels, groups = problem(batch=100)
     stats = InterventionStats.fit(logits)
-    beta, areas = tune_beta(head, concept_logits=logits, concept_labels=concepts, labels=labels, groups=groups,
-                            stats=stats, queries=2, betas=(0.0, 1.0, 10.0))
-    assert set(areas) == {0.0, 1.0, 10.0} and areas[beta] == max(areas.values())
-    again = run_interaction(head, CooPPolicy(beta=beta), concept_logits=logits, concept_labels=concepts,
-                            labels=labels, groups=groups, stats=stats, steps=2)
-    assert again.area_under_curve(2) == pytest.approx(areas[beta])
+    policy, areas = tune_coop(head, concept_logits=logits, concept_labels=concepts, labels=labels, groups=groups,
+                              stats=stats, queries=2, betas=(0.0, 1.0, 10.0),
+                              influences=("confidence_change_v1", "expected_confidence_change"))
+    assert len(areas) == 6 and areas[(policy.influence, policy.beta)] == max(areas.values())
+    again = run_interaction(head, policy, concept_logits=logits, concept_labels=concepts, labels=labels,
+                            groups=groups, stats=stats, steps=2)
+    assert again.area_under_curve(2) == pytest.approx(max(areas.values()))
 
 
 def test_percentile_stats_and_noisy_oracle():
