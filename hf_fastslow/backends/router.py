@@ -185,6 +185,9 @@ class ReplicaRouter(Backend):
                 raise ValueError(f"{label} must be >= {low}, got {value}.")
         if cooldown_s is not None and cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0 or None, got {cooldown_s}.")
+        if replica_kwargs and all(isinstance(r, Backend) for r in replicas):
+            raise ValueError("replica_kwargs= configure the backends built from URLs or LocalServers; every replica "
+                             "here is already a Backend: configure those directly.")
         backends = [self._as_backend(r, model, dict(replica_kwargs or {})) for r in replicas]
         models = {m for m in map(replica_model_name, backends) if m is not None}
         if model is not None and not allow_mixed_models and models - {model}:
@@ -226,6 +229,8 @@ class ReplicaRouter(Backend):
 
             return EndpointBackend(replica, model, **kwargs)
         if callable(getattr(replica, "backend", None)) and hasattr(replica, "base_url"):  # a LocalServer
+            if getattr(replica, "pid", 0) is None:
+                raise ValueError(f"{replica!r} is not running: start() it (or use it as a context manager) first.")
             return replica.backend(**kwargs)
         raise TypeError(f"A replica is a Backend, a base URL or a LocalServer, got {type(replica).__name__}.")
 

@@ -294,6 +294,12 @@ def test_configuration_errors_are_clear():
         ReplicaRouter([x], model="model-z")
     assert ReplicaRouter([x, y], allow_mixed_models=True).model is None
     assert ReplicaRouter([x, echo("a")]).model == "model-x"
+    with pytest.raises(ValueError, match="already a Backend"):
+        ReplicaRouter([echo("a")], replica_kwargs={"timeout": 5})
+    from hf_fastslow.backends.serve import LocalServer
+
+    with pytest.raises(ValueError, match="not running"):
+        ReplicaRouter([LocalServer("some/model")])
     twins = ReplicaRouter([echo("same"), echo("same")])
     assert [s.name for s in twins.report()] == ["same#0", "same#1"]
 
