@@ -327,22 +327,14 @@ def test_a_replica_that_refuses_connections_is_failed_over_and_removed():
 
 # ----- the real server ---------------------------------------------------------------------------------------------
 @pytest.mark.serve
-def test_two_served_replicas_one_killed_mid_run_every_request_answered():
-    pytest.importorskip("fastapi", reason="the serving extra is missing: pip install 'transformers[serving]'")
-    pytest.importorskip("uvicorn", reason="the serving extra is missing: pip install 'transformers[serving]'")
+def test_two_served_replicas_one_killed_mid_run_every_request_answered(served_model):
+    # the session's server survives; a second LocalServer of the same model is the one killed by its pid
     from hf_fastslow.backends.serve import LocalServer
-    from hf_fastslow.default_model import default_model_path
 
+    victim = LocalServer(served_model.model_path, threads=1).start()
     try:
-        path = default_model_path()
-    except (ImportError, FileNotFoundError) as err:
-        pytest.skip(str(err))
-    servers = [LocalServer(path, threads=1) for _ in range(2)]
-    try:
-        for server in servers:
-            server.start()
-        router = ReplicaRouter(servers, max_concurrency=2, backoff_s=0.2, max_new_tokens=4, temperature=0)
-        victim = router.report()[0].name
+        router = ReplicaRouter([victim, served_model], max_concurrency=2, backoff_s=0.2, max_new_tokens=4,
+                               temperature=0)
         result: dict = {}
 
         def run():
@@ -357,15 +349,14 @@ def test_two_served_replicas_one_killed_mid_run_every_request_answered():
         while router.report()[0].answered < 2 and worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert worker.is_alive(), "the run ended before the kill: nothing was tested"
-        os.kill(servers[0].pid, signal.SIGKILL)  # mid-run: requests may be in flight on it
+        os.kill(victim.pid, signal.SIGKILL)  # mid-run: requests may be in flight on it
         worker.join(timeout=300)
         assert "error" not in result, result.get("error")
         out = result["out"]
         assert len(out) == 16 and all(row and row[0].text for row in out)
-        first, second = router.report()
-        assert first.name == victim and first.removed and first.failures >= 1, router.summary()
-        assert first.answered + second.answered == 16 and not second.removed
+        killed, survivor = router.report()
+        assert killed.removed and killed.failures >= 1 and "unreachable" in killed.reason, router.summary()
+        assert killed.answered + survivor.answered == 16 and not survivor.removed
         assert router.stats.answered == 16 and router.stats.failed == 0 and router.stats.failovers >= 1
     finally:
-        for server in servers:
-            server.stop()
+        victim.stop()
