@@ -109,6 +109,15 @@ def test_inner_loop_adapts_gates_per_task(train_classes):
         assert all(torch.equal(meta[n], p) for n, p in model.named_parameters())  # meta-parameters untouched
     assert not masks[0].all() and not masks[1].all()  # some kernels closed in the inner loop
     assert not torch.equal(masks[0], masks[1])  # ... and not the same ones for two tasks
+    # the scores have their own inner learning rate: 0 freezes them while the weights move, and the other way round
+    sx, sy = episodes[0]["support_x"], episodes[0]["support_y"]
+    frozen_gates = adapt(model, meta, sx, sy, InnerLoop(steps=1, lr=0.05, gate_lr=0.0), gates)
+    frozen_weights = adapt(model, meta, sx, sy, InnerLoop(steps=1, lr=0.0, gate_lr=5.0), gates)
+    scores = set(gates.score_names)
+    assert all(torch.equal(frozen_gates[n], meta[n]) for n in scores)
+    assert any(not torch.equal(frozen_gates[n], meta[n]) for n in meta if n not in scores)
+    assert all(torch.equal(frozen_weights[n], meta[n]) for n in meta if n not in scores)
+    assert any(not torch.equal(frozen_weights[n], meta[n]) for n in scores)
 
 
 def test_episodes_splits_and_errors(train_classes):
