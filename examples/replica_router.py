@@ -79,7 +79,7 @@ def served_tour():
         t.join()
     try:
         router = ReplicaRouter(servers, max_concurrency=2, backoff_s=0.2, max_new_tokens=8, temperature=0)
-        print(f"2 replicas of {router.model}: pids {[s.pid for s in servers]}")
+        print(f"2 replicas of {os.path.basename(router.model)}: pids {[s.pid for s in servers]}")
         result = {}
         worker = threading.Thread(target=lambda: result.update(out=router.chat_batch(questions(10))))
         worker.start()
