@@ -50,20 +50,22 @@ def parse_args(argv=None):
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--queries", type=int, default=10, help="query images per class and episode")
-    p.add_argument("--width", type=int, default=64, help="Conv4 width of the dense and gated models")
+    p.add_argument("--width", type=int, default=32, help="Conv4 width of the dense and gated models")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--inner-steps", type=int, default=8)
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--meta-lr", type=float, default=1e-3)
     p.add_argument("--budget-weight", type=float, default=50.0)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--val-episodes", type=int, default=100)
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="metadock_report.json")
+    p.add_argument("--merge", nargs="+", metavar="REPORT",
+                   help="build the table from these reports' rows (runs split over processes) instead of running")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.width, args.budgets = args.seeds[:1], 32, [0.25]
@@ -215,10 +217,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    classes = {split: digit_rotation_classes(split) for split in ("train", "val", "test")}
-    print(f"classes per split: { {k: len(v) for k, v in classes.items()} }; settings: {vars(args)}", flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
-    rows = [row for shots in args.shots for seed in args.seeds for row in run_setting(args, shots, seed, classes)]
+    if args.merge:
+        reports = [json.load(open(path)) for path in args.merge]
+        rows = [row for report in reports for row in report["rows"]]
+        args.budgets = reports[0]["settings"]["budgets"]
+    else:
+        classes = {split: digit_rotation_classes(split) for split in ("train", "val", "test")}
+        print(f"classes per split: { {k: len(v) for k, v in classes.items()} }; settings: {vars(args)}", flush=True)
+        rows = [row for shots in args.shots for seed in args.seeds for row in run_setting(args, shots, seed, classes)]
     table = summarise(rows)
     print("\n| shots | arm | seeds | meta-test acc (mean ± seed std) | mean 95% CI | active conv params | "
           "active frac (task std) | s / meta-step |")
@@ -230,6 +237,8 @@ def main(argv=None) -> int:
     lines = verdicts(table, args)
     print("\n".join(lines))
     total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": time.process_time() - cpu}
+    if args.merge:  # the runs' own totals, added up (they may have run side by side)
+        total = {key: sum(report["total"][key] for report in reports) for key in total}
     print(f"total: {total['wall_s']:.0f} s wall, {total['process_cpu_s']:.0f} s process CPU"
           + (" (--quick: a smoke run, too short to rank the arms)" if args.quick else ""))
     with open(args.out, "w") as f:
