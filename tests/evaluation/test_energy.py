@@ -53,6 +53,7 @@ def test_rapl_sums_packages_and_dram_not_core(tmp_path):
     root = powercap_tree(tmp_path, {
         "intel-rapl:0": ("package-0", 1_000_000, 2**32), "intel-rapl:1": ("package-1", 5_000_000, 2**32),
         "intel-rapl:0:0": ("core", 0, 2**32), "intel-rapl:0:1": ("dram", 100, 2**32),
+        "intel-rapl:0:2": ("uncore", 0, 2**32),
         "intel-rapl-mmio:0": ("package-0", 0, 2**32),  # the MMIO twin of package-0: not counted twice
     })
     clock = FakeClock()
@@ -70,6 +71,8 @@ def test_rapl_sums_packages_and_dram_not_core(tmp_path):
 
     both = RAPLMeter(("package", "dram"), root=root, clock=clock)
     assert both.available() and sorted(z[0] for z in both.zones) == ["dram", "package-0", "package-1"]
+    core = RAPLMeter(("core",), root=root, clock=clock)
+    assert core.available() and [z[0] for z in core.zones] == ["core"]  # a domain is a name, not a substring
     with pytest.raises(ValueError, match="twice"):
         RAPLMeter(("package", "core"), root=root)
 
