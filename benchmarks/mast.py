@@ -16,7 +16,7 @@ the package's agent loops (Squeeze Evolve, CATTS, MixtureOfAgents, the ReAct age
 (`--agent-runs model`) or on scripted models (`--agent-runs scripted`, the quick mode); these have no gold failure
 labels, so the report gives each arm's failure rates and the pairwise kappa between arms there.
 
-    python benchmarks/mast.py --quick          # 6 fixtures, scripted agent runs, short answers (~3 min idle box)
+    python benchmarks/mast.py --quick          # 4 fixtures, scripted agent runs, 64-token answers
     python benchmarks/mast.py                  # all 24 fixtures, agent runs on the default model
 """
 
@@ -167,9 +167,9 @@ def print_tables(report, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="6 fixtures, scripted agent runs, 120-token answers")
-    ap.add_argument("--limit", type=int, default=None, help="fixture traces (default 24, quick 6)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="generate-mode answer (default 200, quick 120)")
+    ap.add_argument("--quick", action="store_true", help="4 fixtures, scripted agent runs, 64-token answers")
+    ap.add_argument("--limit", type=int, default=None, help="fixture traces (default 24, quick 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="generate-mode answer (default 200, quick 64)")
     ap.add_argument("--agentdash-max-tokens", type=int, default=None, help="cap on agentdash's answers (same default)")
     ap.add_argument("--agent-runs", choices=("model", "scripted", "none"), default=None)
     ap.add_argument("--no-agentdash", action="store_true")
@@ -177,8 +177,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="mast_benchmark.json")
     args = ap.parse_args(argv)
-    limit = args.limit or (6 if args.quick else 24)
-    max_new = args.max_new_tokens or (120 if args.quick else 200)
+    limit = args.limit or (4 if args.quick else 24)
+    max_new = args.max_new_tokens or (64 if args.quick else 200)
     runs = args.agent_runs or ("scripted" if args.quick else "model")
     torch.set_num_threads(args.threads)
     logging.getLogger("agentdash").setLevel(logging.ERROR)  # it logs one warning per code it cannot find
@@ -215,6 +215,7 @@ def main(argv=None):
         progress = lambda i, n: print(f"\r  {i}/{n} traces", end="", flush=True)  # noqa: E731
         rep_fix = evaluate_annotators(annotators, fixtures, progress=progress)
         print()
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rep_fix, default=str))
         rep_agents = evaluate_annotators(annotators, agents, progress=progress) if agents else None
         print()
     finally:

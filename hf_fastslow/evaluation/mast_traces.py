@@ -226,7 +226,7 @@ def trace_from_agent(result, *, task: str | None = None, gold_answer: Any = None
     return Trace(trace_id, task if task is not None else "".join(users), turns, source=source,
                  task_completed=_completed(result.answer, gold_answer), max_turns=max_turns,
                  meta={"turns": result.metrics.turns, "protocol_errors": result.metrics.protocol_errors,
-                       "pauses": pauses})
+                       "pauses": pauses, "steps": result.metrics.turns_after_final})
 
 
 def traces_from_dicts(rows: Iterable[dict[str, Any]]) -> list[Trace]:

@@ -77,6 +77,9 @@ def test_heuristic_rules_individually():
     assert heuristic_modes(Trace("r", "t", base[:1] + [("a", long_msg), ("b", long_msg.upper() + " ")] + base[1:]))[
         "1.3"]
     assert heuristic_modes(Trace("l", "t", base[:2], max_turns=2))["1.5"]
+    # adapters say how many agent steps ran: 4 rendered lines of a 1-step run under a 3-step limit hit nothing
+    assert not heuristic_modes(Trace("s", "t", base, max_turns=3, meta={"steps": 1}))["1.5"]
+    assert heuristic_modes(Trace("s", "t", base, max_turns=3, meta={"steps": 3}))["1.5"]
     assert heuristic_modes(Trace("p", "t", base[:2]))["3.1"]
     assert heuristic_modes(Trace("v", "t", [base[0], base[1], base[3]]))["3.2"]
     assert heuristic_modes(Trace("z", "t", base[:2] + [("a", "Let's start over from scratch.")] + base[2:]))["2.1"]
