@@ -199,3 +199,21 @@ def test_trainer_meta_learns_gate_initialisation_and_keeps_best_on_validation(tm
     assert all(torch.equal(state[k], evaluated[best_index][1][k]) for k in state)
     metrics = trainer.meta_test(val, metric_key_prefix="test")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 < metrics["test_active_fraction"] <= 1.0
+
+
+def test_implicit_meta_gradient_through_gated_transformers_resnet(train_classes):
+    """The ResNet-from-config path: torch.func's jvp-over-grad runs through transformers' ResNet with gates."""
+    from hf_fastslow.modeling.conv4 import resnet_for_few_shot
+
+    torch.manual_seed(5)
+    resnet = resnet_for_few_shot(num_labels=5, width=4, depth=2)
+    gates = attach_kernel_gates(resnet, budget=0.5)
+    episode = EpisodeDataset(train_classes, ways=5, shots=1, queries=2, seed=3)[0]
+    loop = InnerLoop(steps=2, lr=0.1, budget=0.5, budget_weight=1.0)
+    meta = {n: p.detach() for n, p in resnet.named_parameters()}
+    fast = adapt(resnet, meta, episode["support_x"], episode["support_y"], loop, gates)
+    v, loss, _ = implicit_meta_gradient(resnet, fast, (episode["support_x"], episode["support_y"]),
+                                        (episode["query_x"], episode["query_y"]), loop, 2, 1.0, 10.0, gates)
+    assert set(v) == set(meta) and torch.isfinite(torch.tensor(loss))
+    assert all(torch.isfinite(t).all() for t in v.values())
+    assert all(v[name].abs().sum() > 0 for name in gates.score_names)
