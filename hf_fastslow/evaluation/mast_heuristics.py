@@ -3,7 +3,7 @@
 | code | rule |
 |---|---|
 | 1.3 | two turns of 40+ characters whose texts are >= 90 % alike (difflib ratio, case and spaces folded) |
-| 1.5 | the run hit its limit (`Trace.max_turns` vs `meta["steps"]`, else the turn count) or a turn reports a limit |
+| 1.5 | the run hit its limit (`meta["hit_limit"]` from an adapter, else turns >= `Trace.max_turns`) or says so |
 | 2.1 | a turn after the first two says the conversation restarts ("start over", "from scratch", ...) |
 | 2.2 | a turn says information is missing / it will assume or guess, and that agent never asks a question |
 | 3.1 | no final answer and no limit hit: the conversation just stopped |
@@ -50,8 +50,11 @@ def heuristic_modes(trace: Trace) -> dict[str, bool]:
     long_ = [t for t in texts if len(t) >= 40]
     out["1.3"] = any(difflib.SequenceMatcher(None, a, b).ratio() >= 0.9
                      for i, a in enumerate(long_) for b in long_[i + 1:])
-    steps = trace.meta.get("steps", len(turns))  # adapters count agent steps, not every rendered line
-    limit_hit = (trace.max_turns is not None and steps >= trace.max_turns) or any(
+    if "hit_limit" in trace.meta:  # adapters know whether the run was stopped by its limit
+        limit_hit = bool(trace.meta["hit_limit"])
+    else:
+        limit_hit = trace.max_turns is not None and len(turns) >= trace.max_turns
+    limit_hit = limit_hit or any(
         _LIMIT.search(t.content) for t in turns)
     out["1.5"] = limit_hit
     out["2.1"] = any(_RESET.search(t.content) for t in turns[2:])

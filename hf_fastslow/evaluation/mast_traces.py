@@ -173,9 +173,10 @@ def trace_from_catts(result, task: str | Sequence[dict[str, str]], *, decisions:
         turns.append(Turn("environment", f"step {i}: action {verdict}"))
     end = result.failed or ("episode succeeded" if result.success else "episode ended unsuccessfully")
     turns.append(Turn("environment", end))
+    hit_limit = (result.failed or "").startswith("no end within")  # run_episode's words for running out of steps
     return Trace(trace_id or f"{result.episode}-{result.seed}", task_text, turns, source=source,
                  task_completed=bool(result.success), max_turns=max_steps,
-                 meta={"steps": len(result.steps)})
+                 meta={"steps": len(result.steps), "hit_limit": hit_limit})
 
 
 def trace_from_staircase(metrics, question: str | Sequence[dict[str, str]], *, gold_answer: Any = None,
@@ -226,7 +227,9 @@ def trace_from_agent(result, *, task: str | None = None, gold_answer: Any = None
     return Trace(trace_id, task if task is not None else "".join(users), turns, source=source,
                  task_completed=_completed(result.answer, gold_answer), max_turns=max_turns,
                  meta={"turns": result.metrics.turns, "protocol_errors": result.metrics.protocol_errors,
-                       "pauses": pauses, "steps": result.metrics.turns_after_final})
+                       "pauses": pauses, "steps": result.metrics.turns_after_final,
+                       "hit_limit": result.answer is None and max_turns is not None
+                       and result.metrics.turns_after_final >= max_turns})
 
 
 def traces_from_dicts(rows: Iterable[dict[str, Any]]) -> list[Trace]:

@@ -77,9 +77,9 @@ def test_heuristic_rules_individually():
     assert heuristic_modes(Trace("r", "t", base[:1] + [("a", long_msg), ("b", long_msg.upper() + " ")] + base[1:]))[
         "1.3"]
     assert heuristic_modes(Trace("l", "t", base[:2], max_turns=2))["1.5"]
-    # adapters say how many agent steps ran: 4 rendered lines of a 1-step run under a 3-step limit hit nothing
-    assert not heuristic_modes(Trace("s", "t", base, max_turns=3, meta={"steps": 1}))["1.5"]
-    assert heuristic_modes(Trace("s", "t", base, max_turns=3, meta={"steps": 3}))["1.5"]
+    # adapters say whether the run hit its limit: 4 rendered lines under a 3-step limit are not a hit by themselves
+    assert not heuristic_modes(Trace("s", "t", base, max_turns=3, meta={"hit_limit": False}))["1.5"]
+    assert heuristic_modes(Trace("s", "t", base, max_turns=30, meta={"hit_limit": True}))["1.5"]
     assert heuristic_modes(Trace("p", "t", base[:2]))["3.1"]
     assert heuristic_modes(Trace("v", "t", [base[0], base[1], base[3]]))["3.2"]
     assert heuristic_modes(Trace("z", "t", base[:2] + [("a", "Let's start over from scratch.")] + base[2:]))["2.1"]
@@ -122,6 +122,8 @@ def test_trace_from_catts():
     assert sum(t.speaker == "policy" for t in trace.turns) == len(result.steps)
     verdicts = [t.content for t in trace.turns if t.speaker == "environment"][1:-1]
     assert verdicts == [f"step {i}: action {'correct' if s.correct else 'wrong'}" for i, s in enumerate(result.steps)]
+    assert trace.meta["hit_limit"] is False  # the episode ended by itself after its 3 steps
+    assert not heuristic_modes(trace)["1.5"]
 
 
 def test_trace_from_staircase():
