@@ -266,12 +266,14 @@ def test_composite_mixing_measured_and_estimated_is_estimated(tmp_path):
 
 
 def test_auto_meter_falls_back_with_reasons_and_prefers_counters(tmp_path, monkeypatch):
-    import pynvml  # nvidia-ml-py: part of the eval extra
+    import hf_fastslow.evaluation.energy as energy
 
-    def no_driver():
-        raise pynvml.NVMLError_LibraryNotFound()
+    class NoDriver(FakeNVML):
+        def nvmlInit(self):
+            raise self.NVMLError("NVML Shared Library Not Found")
 
-    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    # hermetic on GPU machines too: NVML answers as on a machine without an NVIDIA driver
+    monkeypatch.setattr(energy, "NVMLMeter", lambda indices=None: NVMLMeter(indices, nvml=NoDriver([])))
     with pytest.warns(UserWarning, match="ESTIMATED"):
         meter = auto_meter(rapl_root=tmp_path / "absent")
     assert isinstance(meter, CPUTimeEstimateMeter) and not meter.measured
@@ -333,3 +335,9 @@ def test_sampler_thread_collects_and_stops():
     assert len(sampler.samples) == n  # stopped
     with pytest.raises(EnergyMeterError):
         PowerSampler(RAPLMeter(root="/nonexistent/powercap")).start()
+
+
+def test_nvml_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    meter = NVMLMeter()
+    assert not meter.available() and "nvidia-ml-py is not installed" in meter.reason
