@@ -15,11 +15,13 @@ mean / median |mu - true skill|, rank error (place by mu among the 20 vs true pl
 Part 2, real text arena (skipped with --skip-text): `--prompts` short instructions answered greedily by the default
 model (SmolLM2-135M-Instruct); the arena's four "models" are those answers with 0 / 25 / 50 / 75 % of their words
 shuffled (known quality order = the human ranking; leaderboard mu 30 / 27 / 24 / 21, sigma 0.5); the model under test
-is the 35 % variant (true place 3 of 5, interpolated skill 25.8). Judge: the same default model through
-`TextRankJudge(HFLocalBackend)`, lenient parser (a 135M model rarely keeps the strict format; failures are counted).
-Arms: K-Sort, no correction, static matching, and the peer a user would otherwise run: a static judge over the whole
-benchmark + Bradley-Terry for the new model (its pairwise wins/losses implied by the static arm's rankings, opponents
-fixed at the leaderboard, logistic scale beta), no extra judge calls.
+is the 35 % variant (true place 3 of 5, interpolated skill 25.8). Judges, both the default model itself:
+- generate mode (the paper's): `TextRankJudge(HFLocalBackend)`, lenient parser, on `--generate-judge-runs` runs
+  only: a 135M model rarely returns a permutation of the five labels; every failure is counted;
+- score mode: `LikelihoodRankJudge`, the outputs ranked by the model's mean token log-prob (memoised across arms).
+Arms (score-mode judge): K-Sort, no correction, static matching, and the peer a user would otherwise run: a static
+judge over the whole benchmark + Bradley-Terry for the new model (its pairwise wins/losses implied by the static
+arm's rankings, opponents fixed at the leaderboard, logistic scale beta), no extra judge calls.
 
     python benchmarks/ksort.py --quick                      # < 3 min on an idle box (5 seeds x 2 models, 12 prompts)
     python benchmarks/ksort.py --out ksort.json             # the documented size (50 seeds x 5 models, 60 prompts)
@@ -39,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hf_fastslow.evaluation.ksort import Arena, ArenaInstance, KSortEvaluator  # noqa: E402
 from hf_fastslow.evaluation.ksort_judges import (  # noqa: E402
     BiasedJudge,
+    LikelihoodRankJudge,
     PlackettLuceJudge,
     SyntheticOutput,
     TextRankJudge,
@@ -117,6 +120,21 @@ def degrade(text, fraction, rng):
     return " ".join(words)
 
 
+class CachedLikelihoodJudge(LikelihoodRankJudge):
+    """The score-mode judge with its per-output scores memoised: arms that show the same outputs share the cost
+    (the ranking of a shown order is a pure function of the outputs)."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.memo = {}
+
+    def reply(self, prompt, outputs):
+        key = (prompt, tuple(outputs))
+        if key not in self.memo:
+            self.memo[key] = super().reply(prompt, outputs)
+        return self.memo[key]
+
+
 def bradley_terry_new(wins, opponents_mu, scale):
     """MLE of the new model's strength s with P(new beats k) = sigmoid((s - mu_k) / scale), opponents fixed, on a
     0.1 grid over [0, 50] (all wins / all losses have no finite MLE and land on the grid's ends)."""
@@ -151,24 +169,33 @@ def text_part(args):
     new_outputs = {p: degrade(a, 0.35, random.Random(1000 + i)) for i, (p, a) in enumerate(zip(prompts, answers))}
     true_skill = 27.0 - 3.0 * (0.35 - 0.25) / 0.25  # 25.8, between the 25 % and 50 % models
     judge_backend = HFLocalBackend(model, tok, max_new_tokens=30, do_sample=False)
-    judge = TextRankJudge(judge_backend, strict=False, max_new_tokens=30)
     out = {"answers_cost": answer_cost, "true_skill": true_skill, "true_place": 3, "prompts": len(prompts)}
-    arms = {"k-sort": {}, "no-correction": {"correction": False}, "static-matching": {"matching": "static"}}
+    # The generate-mode judge (the paper's: "rank these, reply 'Answer 3, Answer 1, ...'") on a few runs: a 135M
+    # model rarely returns a permutation, and every failure is counted. Then the score-mode judge on every arm.
+    gen_judge = TextRankJudge(judge_backend, strict=False, max_new_tokens=30)
+    lik_judge = CachedLikelihoodJudge(judge_backend)
+    arms = {"generate-judge/k-sort": (gen_judge, {"max_runs": args.generate_judge_runs}),
+            "likelihood-judge/k-sort": (lik_judge, {}), "likelihood-judge/no-correction": (lik_judge,
+                                                                                         {"correction": False}),
+            "likelihood-judge/static-matching": (lik_judge, {"matching": "static"})}
     static_steps = None
-    for arm, kw in arms.items():
+    for arm, (judge, kw) in arms.items():
         mark = judge_backend.ledger.mark()
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        res = KSortEvaluator(arena, judge, max_runs=len(arena), seed=0, **kw).evaluate(lambda p: new_outputs[p])
+        kw = {"max_runs": len(arena), **kw}
+        res = KSortEvaluator(arena, judge, seed=0, **kw).evaluate(lambda p: new_outputs[p])
         usage = judge_backend.ledger.since(mark)
         lams = [s.lam for s in res.steps if s.lam is not None]
+        rhos = [s.rho for s in res.steps if s.rho is not None]
         out[arm] = {"mu": res.mu, "sigma": res.sigma, "score": res.score, "place_by_mu": _true_place(res.mu, board),
                     "runs": res.runs, "converged": res.converged, "judge_calls": usage.calls,
                     "judge_failures": res.judge_failures, "skipped_runs": res.skipped_runs,
                     "mean_lambda": statistics.mean(lams) if lams else None,
-                    "mean_rho": statistics.mean([s.rho for s in res.steps if s.rho is not None] or [float("nan")]),
+                    "mean_rho": statistics.mean(rhos) if rhos else None,
                     "abs_err": abs(res.mu - true_skill), "wall_s": time.perf_counter() - wall0,
-                    "cpu_s": time.process_time() - cpu0}
-        if arm == "static-matching":
+                    "cpu_s": time.process_time() - cpu0,
+                    "failed_replies_sample": [r for s in res.steps for r in s.judge_replies][:3]}
+        if arm == "likelihood-judge/static-matching":
             static_steps = res.steps
         print(f"  text arm {arm}: {out[arm]}", flush=True)
     wins, opp_mu = [], []
@@ -195,6 +222,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--answer-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--generate-judge-runs", type=int, default=6, help="runs of the generate-mode LLM judge")
     ap.add_argument("--skip-text", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--quick", action="store_true", help="5 seeds x 2 models, 12 prompts")
@@ -220,15 +248,18 @@ def main():
         text = text_part(args)
         report["text"] = text
         print(f"\nText arena: {text['prompts']} prompts, default model answers shuffled 0/25/50/75 %; new model = 35 % "
-              f"(true skill {text['true_skill']:.1f}, place 3 of 5); judge = the default model (lenient parser)")
-        print("| arm | mu | place | runs | converged | judge calls | failures | mean rho | mean lambda "
+              f"(true skill {text['true_skill']:.1f}, place 3 of 5); judges = the default model (generate mode, "
+              "lenient parser; score mode = mean token log-prob)")
+        print("| judge / arm | mu | place | runs | converged | judge calls | failures | mean rho | mean lambda "
               "| abs(mu - true) | CPU s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for arm in ("k-sort", "no-correction", "static-matching"):
+        for arm in ("generate-judge/k-sort", "likelihood-judge/k-sort", "likelihood-judge/no-correction",
+                    "likelihood-judge/static-matching"):
             r = text[arm]
             lam = "-" if r["mean_lambda"] is None else f"{r['mean_lambda']:.2f}"
+            rho = "-" if r["mean_rho"] is None else f"{r['mean_rho']:.2f}"
             print(f"| {arm} | {r['mu']:.2f} | {r['place_by_mu']} | {r['runs']} | {r['converged']} | "
-                  f"{r['judge_calls']} | {r['judge_failures']} | {r['mean_rho']:.2f} | {lam} | {r['abs_err']:.2f} | "
+                  f"{r['judge_calls']} | {r['judge_failures']} | {rho} | {lam} | {r['abs_err']:.2f} | "
                   f"{r['cpu_s']:.0f} |")
         bt = text["static-judge+bradley-terry"]
         if bt["mu"] is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TEXT_RUBRIC",
     "BiasedJudge",
     "JudgeFormatError",
+    "LikelihoodRankJudge",
     "PlackettLuceJudge",
     "RankJudge",
     "ScriptedRankJudge",
@@ -156,6 +157,30 @@ class TextRankJudge(RankJudge):
 
     def reply(self, prompt, outputs):
         return self.backend.chat(self.messages(prompt, outputs), **self.chat_kwargs)[0].text
+
+
+class LikelihoodRankJudge(RankJudge):
+    """Score mode for small LLMs that cannot keep a ranking format: ranks the outputs by the judge model's mean
+    per-token log-probability of each output as the reply to the prompt (`backend.score`, in-process models or a
+    server returning prompt log-probs). It judges fluency / plausibility, not instruction following; ties keep the
+    shown order. The ranking is rendered as text and parsed like any other judge's."""
+
+    item_word = "Answer"
+
+    def __init__(self, backend):
+        backend.require("prompt_scoring", "LikelihoodRankJudge")
+        self.backend = backend
+
+    def reply(self, prompt, outputs):
+        if not all(isinstance(o, str) and o.strip() for o in outputs):
+            raise TypeError("LikelihoodRankJudge scores non-empty text outputs.")
+        messages = [{"role": "user", "content": prompt}]
+        means = []
+        for o in outputs:
+            logps = self.backend.score(messages, o.strip())
+            means.append(sum(logps) / len(logps) if logps else -math.inf)
+        order = sorted(range(len(outputs)), key=lambda i: -means[i])
+        return format_ranking(order, self.item_word, self.labels)
 
 
 def _image_bytes(item: Any) -> tuple[bytes, str]:
