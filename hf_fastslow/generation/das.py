@@ -47,6 +47,7 @@ _TRAINER_MODULES = {
 
 __all__ = [
     "DASDrafter",
+    "StagedRollouts",
     "DraftAcceptanceModel",
     "LengthAwareBudget",
     "LinearRoundCost",
@@ -80,6 +81,24 @@ class _LiveRequest:
         self.hist_version = -1
         self.hist_seen = 0
         self.hist_matches: list = []
+
+
+class StagedRollouts:
+    """Rollouts finished inside `DASDrafter.staged_recording()`: one trie per problem (drafted from at once, so an
+    early sibling still helps the ones running) and the finished list, in finish order, for the caller to publish."""
+
+    def __init__(self, max_depth: int):
+        self.max_depth = max_depth
+        self.tries: dict[Hashable, SuffixTrie] = {}
+        self.finished: list[tuple[Hashable, tuple[int, ...], int]] = []  # (problem id, tokens, response length)
+
+    def add(self, problem_id: Hashable, tokens, response_length: int) -> None:
+        seq = tuple(int(t) for t in tokens)
+        trie = self.tries.get(problem_id)
+        if trie is None:
+            trie = self.tries[problem_id] = SuffixTrie(self.max_depth)
+        trie.add(seq)
+        self.finished.append((problem_id, seq, int(response_length)))
 
 
 class DASDrafter(Drafter):
@@ -158,6 +177,7 @@ class DASDrafter(Drafter):
         self._cutoffs_cache: tuple[int, Any] = (-1, None)
         self._clock = time.perf_counter
         self._last_round: tuple[int, float] | None = None  # (tokens fed, start time) of the round in flight
+        self._staged: StagedRollouts | None = None
 
     def reset(self) -> None:
         self._live.clear()
@@ -176,6 +196,28 @@ class DASDrafter(Drafter):
             yield self
         finally:
             self._round_holds -= 1
+
+    @contextlib.contextmanager
+    def staged_recording(self):
+        """Inside this block finished rollouts are not added to `history` but staged (`StagedRollouts`, yielded): drafts
+        still come from them at once, and the caller publishes them with `publish_rollouts`, e.g. every rank's
+        rollouts in rank order after an all-gather, so every process's history holds the same rollouts in the same
+        order (`das_rollout_func(share_across_ranks=True)`)."""
+        if self._staged is not None:
+            raise RuntimeError("DASDrafter.staged_recording() blocks do not nest.")
+        self._staged = StagedRollouts(self.history.max_depth)
+        try:
+            yield self._staged
+        finally:
+            self._staged = None
+
+    def publish_rollouts(self, rollouts) -> int:
+        """Add `(problem_id, tokens, response_length)` rollouts to `history` in the order given; returns how many."""
+        n = 0
+        for problem_id, tokens, response_length in rollouts:
+            self.history.add_rollout(problem_id, tokens, response_length=response_length)
+            n += 1
+        return n
 
     def advance_window(self, steps: int = 1) -> int:
         """Move the history to the next step (a new round; with `window_steps`, evicts rollouts that aged out)."""
@@ -229,6 +271,13 @@ class DASDrafter(Drafter):
             tree = self.history.tree(context.problem_ids[i])
             if tree is not None:
                 best = tree.draft_from(self._history_matches(state, tree, context.input_ids[i]), *args)
+        staged = self._staged.tries.get(context.problem_ids[i]) if self._staged is not None else None
+        if staged is not None:
+            # This round's own finished siblings (not yet published): matched afresh, the trie grows within the call.
+            ids = context.input_ids[i][-(self.history.max_depth - 1) :].tolist()
+            draft = staged.draft_from(staged.match_nodes(ids), *args)
+            if best is None or draft.score > best.score:
+                best = draft
         if state.trie is not None:
             # Own tokens (prompt + generated so far): the appender's open suffixes are exactly the context's matches.
             local = state.trie.draft_from(state.appender.active, *args)
@@ -296,6 +345,9 @@ class DASDrafter(Drafter):
                 seq = feedback.sequences[i] if feedback.sequences is not None else None
                 if self.record_rollouts and seq is not None:
                     response = len(seq) - feedback.prompt_lengths[i]
+                    if self._staged is not None:
+                        self._staged.add(feedback.problem_ids[i], seq, response)
+                        continue
                     self.history.add_rollout(
                         feedback.problem_ids[i], seq, rollout_id=("das", next(self._rollout_ids)),
                         response_length=response,

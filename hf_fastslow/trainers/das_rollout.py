@@ -4,6 +4,7 @@ step. Moved here from `hf_fastslow.generation.das`, which re-exports both names 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,10 @@ from ..generation.padding import cut_at_eos, left_pad, pad_token_id
 __all__ = ["DASWindowCallback", "das_rollout_func"]
 
 
-def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Callable[[list, Any], dict]:
+def das_rollout_func(
+    drafter: DASDrafter, batch_size: int | None = None, *, share_across_ranks: bool = True,
+    max_shared_rollouts: int | None = None,
+) -> Callable[[list, Any], dict]:
     """A TRL `GRPOTrainer(rollout_func=...)` that generates rollouts with `speculative_generate` + `drafter`.
 
     Prompts are tokenized exactly as GRPOTrainer does (chat template, tools) and generated in left-padded batches of
@@ -26,6 +30,14 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
     Returns `prompt_ids`, `completion_ids` (up to and including the first EOS) and `logprobs=None`, like TRL's
     transformers path.
 
+    Several processes (`torchrun` / `accelerate launch`): with `share_across_ranks` (default) a rank's finished
+    rollouts are staged during the call (its own siblings still draft from them at once) and, after generation, every
+    rank's rollouts are all-gathered and added to the history in rank order on every rank, so all ranks hold the same
+    history (same tries, same length estimates) and draft from every rank's rollouts: drafting quality does not fall
+    with the number of ranks. `max_shared_rollouts` bounds what one rank sends per call (its first finished rollouts;
+    default: all, i.e. its generation batch). `share_across_ranks=False` keeps a history per process (the comparison
+    in docs/scaling.md). Needs an all-gather of Python objects (gloo / NCCL; not XLA).
+
     Set `TRL_EXPERIMENTAL_SILENCE=1` to silence TRL's experimental-API warning for `rollout_func`.
     """
     from ..generation.speculative import speculative_generate
@@ -35,8 +47,17 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
         raise TypeError(f"`drafter` must be a DASDrafter, got {type(drafter).__name__}.")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if max_shared_rollouts is not None and max_shared_rollouts < 1:
+        raise ValueError(f"`max_shared_rollouts` must be >= 1 or None, got {max_shared_rollouts}.")
+    checked: set[int] = set()
 
     def rollout_func(prompts: list, trainer: Any) -> dict:
+        from .distributed import all_gather_objects, check_distributed_launch
+
+        if id(trainer) not in checked:
+            check_distributed_launch(trainer.accelerator, "das_rollout_func", needs_object_gather=share_across_ranks)
+            checked.add(id(trainer))
+        sharing = share_across_ranks and trainer.accelerator.num_processes > 1
         step = int(trainer.state.global_step)
         if step > drafter.history.step:
             drafter.history.begin_step(step)
@@ -45,7 +66,8 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
         eos_ids = trainer.generation_config.eos_token_id
         completions: list[list[int]] = []
         stack, model = trl_generation_context(trainer)
-        with stack, drafter.same_round():
+        staging = drafter.staged_recording() if sharing else contextlib.nullcontext()
+        with stack, drafter.same_round(), staging as staged:
             device = next(model.parameters()).device
             size = batch_size or len(prompt_ids)
             for start in range(0, len(prompt_ids), size):
@@ -58,6 +80,10 @@ def das_rollout_func(drafter: DASDrafter, batch_size: int | None = None) -> Call
                     custom_generate=speculative_generate, drafter=drafter,
                 )
                 completions.extend(cut_at_eos(row, eos_ids) for row in out[:, width:].tolist())
+        if sharing:
+            mine = staged.finished if max_shared_rollouts is None else staged.finished[:max_shared_rollouts]
+            for rank_rollouts in all_gather_objects(mine):  # rank order: the same history on every rank
+                drafter.publish_rollouts(rank_rollouts)
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
 
     return rollout_func

@@ -26,6 +26,7 @@ from ..generation.padding import cut_at_eos, left_pad, pad_token_id
 from ..integrations import FST_GRPO_HOOKS, check_grpo_hooks, fst_generation_model, fst_log_metric, trl_tokenize_prompts
 from ..model_card import save_model_card
 from .config_checks import trainer_owned_copy
+from .distributed import all_gather_objects, check_distributed_launch, rank_shard, unshard
 from .fst_config import FSTConfig
 from .reflection import Reflector, make_reflector
 from .tasks import VerifiableTask, completion_text, feedback_for_reward_funcs, prompt_text
@@ -135,6 +136,7 @@ class FSTTrainer(GRPOTrainer):
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )
+        check_distributed_launch(self.accelerator, "FSTTrainer (one fast-context pool for all ranks)")
         if isinstance(reflector, torch.nn.Module) and (reflector is model or reflector is self.model):
             # Freezing the trained model itself would stop RL; the live policy as reflector is spelled "policy".
             raise ValueError("FSTTrainer: reflector= is the model being trained; pass reflector='policy' to reflect "
@@ -274,13 +276,34 @@ class FSTTrainer(GRPOTrainer):
             for r, c, (s, f) in zip(rows, completions, results, strict=True)
         ]
 
+    def evaluate_context_across_ranks(self, model, context: str, rows: Sequence[dict]) -> list[dict[str, Any]]:
+        """`evaluate_context` with the rows split over the ranks and the results all-gathered: every rank gets the
+        same results (each row rolled out once, on one rank), so every fast-round decision is the same everywhere.
+        Every rank must call it (it is a collective)."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return self.evaluate_context(model, context, rows)
+        local = rank_shard(list(rows), self.accelerator.process_index, world)
+        mine = self.evaluate_context(model, context, local) if local else []
+        self.fast_rollouts += len(rows) - len(local)  # count every rank's generations on every rank
+        return unshard(all_gather_objects(mine), len(rows))
+
+    def _propose_on_main(self, parent: str, records: list[dict]) -> str:
+        """The reflector runs on the main process only; the other ranks receive its proposal."""
+        if self.accelerator.num_processes == 1:
+            return self.reflector.propose(parent, records)
+        box = [self.reflector.propose(parent, records) if self.accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
     @staticmethod
     def _total(results: Sequence[dict]) -> float:
         return sum(r["Score"] for r in results if r["Score"] is not None and not math.isnan(r["Score"]))
 
     def _score_on_pareto(self, model, context: str) -> list[float]:
         rows = [self._pareto_rows[i] for i in self._pareto_indices]
-        return [0.0 if r["Score"] is None else float(r["Score"]) for r in self.evaluate_context(model, context, rows)]
+        results = self.evaluate_context_across_ranks(model, context, rows)
+        return [0.0 if r["Score"] is None else float(r["Score"]) for r in results]
 
     def build_reflective_records(self, results: Sequence[dict]) -> list[dict]:
         """What the reflector sees: every minibatch item (failures carry the information, successes the contrast)."""
@@ -316,18 +339,18 @@ class FSTTrainer(GRPOTrainer):
                 parent = self.select_parent()
                 n = min(args.reflection_minibatch_size, len(self._fst_train_rows))
                 batch = [self._fst_train_rows[i] for i in self._fst_rng.sample(range(len(self._fst_train_rows)), n)]
-                parent_results = self.evaluate_context(model, self.fast_pool[parent], batch)
+                parent_results = self.evaluate_context_across_ranks(model, self.fast_pool[parent], batch)
                 event = {"step": self.state.global_step, "parent": parent, "parent_score": self._total(parent_results)}
                 scores = [r["Score"] for r in parent_results]
                 if self._perfect_score is not None and all(s is not None and s >= self._perfect_score for s in scores):
                     self.fast_history.append({**event, "outcome": "skipped: minibatch already solved"})
                     continue
-                child = self.reflector.propose(self.fast_pool[parent], self.build_reflective_records(parent_results))
+                child = self._propose_on_main(self.fast_pool[parent], self.build_reflective_records(parent_results))
                 reason = self._reject_reason(child, self.fast_pool[parent])
                 if reason is not None:
                     self.fast_history.append({**event, "outcome": f"rejected: {reason}"})
                     continue
-                child_total = self._total(self.evaluate_context(model, child, batch))
+                child_total = self._total(self.evaluate_context_across_ranks(model, child, batch))
                 event.update(child=child, child_score=child_total)
                 # Strict improvement on the same minibatch (GEPA): ties keep the pool unchanged.
                 if child_total > event["parent_score"]:
@@ -338,7 +361,9 @@ class FSTTrainer(GRPOTrainer):
                     self._prune_pool()
                 else:
                     self.fast_history.append({**event, "outcome": "rejected: not better on minibatch"})
-        if self.accelerator.num_processes > 1:  # reflection may sample: every rank adopts rank 0's pool
+        if self.accelerator.num_processes > 1:
+            # Every decision above already used gathered results and rank 0's proposals; adopting rank 0's state also
+            # covers subclasses whose hooks (select_parent, build_reflective_records) draw per-rank randomness.
             state = [self._fst_state()]
             broadcast_object_list(state, from_process=0)
             self._load_fst_state(state[0])
