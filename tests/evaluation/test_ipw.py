@@ -246,3 +246,21 @@ def test_cli_verb_writes_report_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ESTIMATED" in printed
     assert out.with_suffix(".png").exists() or "plot skipped" in printed
+
+
+@pytest.mark.serve
+def test_endpoint_arm_meters_the_server_process(served_model):
+    import os
+    import time
+
+    pids = [served_model.pid, os.getpid()]
+    profiler = IPWProfiler(served_model.backend(), problems(2), meter=CPUTimeEstimateMeter(10.0, pids=pids),
+                           warmup=1, max_new_tokens=8, cpu_pids=pids, sampler_interval_s=0.05)
+    client0 = time.process_time()
+    rep = profiler.run()
+    client = time.process_time() - client0
+    assert rep.kind == "estimated" and "pids" in rep.meter_source and rep.n == 2
+    assert all(r.completion_tokens > 0 and r.ttft_s is not None for r in rep.records)
+    # the forward passes run in the server: the metered CPU time is well above what this client spent
+    assert sum(r.cpu_seconds for r in rep.records) > client
+    assert rep.energy_per_query_j == pytest.approx(10.0 * rep.cpu_seconds_per_query, rel=0.25)
