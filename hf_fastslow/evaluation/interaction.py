@@ -137,7 +137,7 @@ class Policy:
         return scores.argmax(dim=1)  # ties: the lowest group index (torch returns the first maximum)
 
 
-INFLUENCES = ("confidence_change_v1", "confidence_change_v2", "expected_confidence_change", "signed")
+INFLUENCES = ("confidence_change_v1", "confidence_change_v2", "expected_confidence_change", "expected_kld", "signed")
 MAX_EXPECTED_GROUP = 12  # 2**12 answer patterns per group for "expected_confidence_change"
 
 
@@ -153,6 +153,9 @@ class CooPPolicy(Policy):
     - `"expected_confidence_change"`: the exact expectation over G's 2^|G| joint answers under the predicted,
       independent p (equal to v1 for one-concept groups). v1 treats a group as all-on or all-off, which scores a
       confidently predicted mixed group such as {upper-right stroke on, upper-left off} (q = 0.5) as a coin flip.
+    - `"expected_kld"`: the same expectation of the symmetric KL between the label distributions after and before
+      (the official code's `label_kld` metric, there with the v1 weighting): the whole distribution's change, not
+      only the current top class's.
     """
 
     beta: float = 1.0
@@ -176,8 +179,8 @@ class CooPPolicy(Policy):
         pi0 = base.gather(1, yhat[:, None])                                       # [B, 1]
         if self.influence == "confidence_change_v2":
             return self._per_concept_influence(state, yhat, pi0)
-        if self.influence == "expected_confidence_change":
-            return self._expected_influence(state, yhat, pi0)
+        if self.influence in ("expected_confidence_change", "expected_kld"):
+            return self._expected_influence(state, base, yhat, pi0)
         member = state.membership.to(state.probs.dtype)
         q = (state.probs @ member.T) / member.sum(1)                              # [B, K]
         probs = []
@@ -205,7 +208,7 @@ class CooPPolicy(Policy):
         per_concept = state.probs * changes[0] + (1 - state.probs) * changes[1]
         return per_concept @ state.membership.T.to(per_concept.dtype)
 
-    def _expected_influence(self, state, yhat, pi0) -> torch.Tensor:
+    def _expected_influence(self, state, base, yhat, pi0) -> torch.Tensor:
         out = torch.zeros(state.asked.shape, dtype=state.probs.dtype)
         for g, members in enumerate(state.membership):
             index = members.nonzero().flatten()
@@ -220,7 +223,13 @@ class CooPPolicy(Policy):
             values = state.stats.values(patterns)[None].expand(len(p), -1, -1)
             hidden = ~state.revealed[:, None, index]
             cand[:, :, index] = torch.where(hidden, values, cand[:, :, index])
-            out[:, g] = (weight * (self._confidence(state, cand, yhat) - pi0).abs()).sum(-1)
+            if self.influence == "expected_kld":
+                new = torch.softmax(state.label_head(cand), dim=-1).clamp_min(1e-12)    # [B, P, m]
+                old = base.clamp_min(1e-12)[:, None, :]
+                change = ((new - old) * (new.log() - old.log())).sum(-1)            # KL(new||old) + KL(old||new)
+            else:
+                change = (self._confidence(state, cand, yhat) - pi0).abs()
+            out[:, g] = (weight * change).sum(-1)
         return out
 
     def scores(self, state: InteractionState) -> torch.Tensor:

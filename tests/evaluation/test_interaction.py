@@ -81,6 +81,13 @@ def test_coop_score_on_a_hand_checked_case():
     # answers (c1, c2): (0, 0) w 0.08 -> f = [1, 0.2]; (1, 0) w 0.72 and (0, 1) w 0.02 -> f = [1, 1]; (1, 1) w 0.18
     pair = 0.08 * abs(sig(-0.8) - pi0) + 0.74 * abs(0.5 - pi0) + 0.18 * abs(sig(0.8) - pi0)
     torch.testing.assert_close(expected, torch.tensor([[i0, pair]]), rtol=0, atol=1e-6)
+    def sym_kl(a, b):  # two-class distributions given by the probability of class 1
+        return sum((x - y) * (math.log(x) - math.log(y)) for x, y in ((a, b), (1 - a, 1 - b)))
+
+    kld = CooPPolicy(influence="expected_kld").influence_scores(state)
+    kld0 = 0.5 * sym_kl(sig(-0.7), pi0) + 0.5 * sym_kl(sig(0.9), pi0)
+    kld1 = 0.08 * sym_kl(sig(-0.8), pi0) + 0.74 * sym_kl(0.5, pi0) + 0.18 * sym_kl(sig(0.8), pi0)
+    torch.testing.assert_close(kld, torch.tensor([[kld0, kld1]]), rtol=0, atol=1e-6)
     # a concept already revealed no longer counts towards its group's uncertainty
     partly = hand_state(revealed=torch.tensor([[False, True, False]]))
     assert policy.uncertainty(partly)[0, 1].item() == pytest.approx(h(0.2), abs=1e-6)

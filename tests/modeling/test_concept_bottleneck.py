@@ -131,7 +131,7 @@ def test_trainer_detects_both_label_names_and_trains(tmp_path):
 
     from hf_fastslow.modeling.concept_digits import load_concept_digits
 
-    data = load_concept_digits(seed=0)
+    data = load_concept_digits(seed=0, image_size=8)
     model = ConceptBottleneckModel(ConceptBottleneckConfig(
         backbone_config=ResNetConfig(**TINY_RESNET), n_concepts=data.n_concepts, n_classes=10,
         concept_groups=data.concept_groups, concept_names=data.concept_names))
