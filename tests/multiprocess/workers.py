@@ -160,7 +160,52 @@ def run_heal(opts) -> dict:
                                                                  if "loss" in h]}
 
 
-METHODS = {"fst": run_fst, "das": run_das, "heal": run_heal}
+# ------------------------------------------------------------------------------------------------------------ PairRL
+def run_pairrl(opts) -> dict:
+    """PairRL: every rank builds the same global judge rows; each judges its own slice (each pair judged once)."""
+    from datasets import Dataset
+
+    from hf_fastslow.trainers import PairRLConfig, PairRLTrainer, VerifiableTask
+    from hf_fastslow.trainers.pairrl_trainer import VERIFY_ROLE
+
+    class ParityTask(VerifiableTask):
+        def score(self, prompt, completion, **columns):
+            ok = bool(completion) and ord(completion[0]) % 2 == 0
+            return float(ok), "even" if ok else "odd"
+
+    judged: list[str] = []
+    built: list[int] = []
+
+    class CountingPairRL(PairRLTrainer):
+        def _build_judge_rows(self, batch):
+            rows = super()._build_judge_rows(batch)
+            built.append(len(rows))
+            return rows
+
+    tok = byte_tokenizer()
+    args = PairRLConfig(output_dir=opts.out_dir, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                        per_device_train_batch_size=8 // opts.world, num_generations=4, max_completion_length=4,
+                        max_steps=opts.steps, learning_rate=1e-3, logging_steps=1, seed=0, max_solution_tokens=4)
+    trainer = CountingPairRL(model=tiny_llama(vocab=len(tok)), reward_funcs=ParityTask(), args=args,
+                             train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": f"task {i}"}]
+                                                                         for i in range(8)]}),
+                             processing_class=tok)
+    verifier = trainer.verification_reward
+    score = type(verifier).__call__
+
+    def counting(self, prompts, completions, completion_ids=None, role=None, pair_labels=None, **kw):
+        for p, r in zip(prompts, role or [None] * len(prompts)):
+            if r == VERIFY_ROLE:
+                judged.append(p if isinstance(p, str) else p[-1]["content"])
+        return score(self, prompts, completions, completion_ids, role=role, pair_labels=pair_labels, **kw)
+
+    type(verifier).__call__ = counting
+    trainer.train()
+    return {"judge_rows_built": built, "judged": judged, "num_processes": trainer.accelerator.num_processes,
+            "weights": weights_digest(trainer.model)}
+
+
+METHODS = {"fst": run_fst, "das": run_das, "heal": run_heal, "pairrl": run_pairrl}
 
 
 def parse(argv=None):
