@@ -7,10 +7,12 @@ import statistics
 
 import pytest
 
+from hf_fastslow.backends import BackendFeatureError
 from hf_fastslow.evaluation.ksort import Arena, ArenaInstance, KSortEvaluator, gaussian_overlap, select_instance
 from hf_fastslow.evaluation.ksort_judges import (
     BiasedJudge,
     JudgeFormatError,
+    LikelihoodRankJudge,
     PlackettLuceJudge,
     ScriptedRankJudge,
     SyntheticOutput,
@@ -232,6 +234,21 @@ def test_text_judge_through_backend_layer():
     assert 24 < res.mu < 27 and len(backend.ledger) == res.runs
     system = backend.calls[0].messages[0]["content"]
     assert "Answer 1, Answer 2, Answer 3, Answer 4, Answer 5" in system
+
+
+def test_likelihood_judge_ranks_by_mean_token_logprob():
+    from hf_fastslow.backends.testing import ScriptedBackend
+
+    def scorer(messages, continuation):  # "[k]" tagged answers: higher k, less likely tokens
+        k = int(continuation.split("]")[0].strip("["))
+        return [-float(k)] * (3 + k)  # lengths differ: the judge must average, not sum
+
+    backend = ScriptedBackend("unused", scorer=scorer)
+    judge = LikelihoodRankJudge(backend)
+    assert judge.rank("q", ["[3] c", "[1] a", "[5] e", "[2] b"]) == [1, 3, 0, 2]
+    assert len(backend.ledger) == 4
+    with pytest.raises(BackendFeatureError):
+        LikelihoodRankJudge(ScriptedBackend("no scorer"))
 
 
 def test_scripted_judge_garbage_through_evaluator():

@@ -90,6 +90,9 @@ def test_correction_limits_and_shape():
     for lam in (0.1, 0.3, 0.5, 0.7, 0.9):  # the code's normalised weight keeps sigma between the two inputs
         s = corrected_skill(prior, post, lam, "code").sigma
         assert post.sigma < s < prior.sigma
+    w = 0.8 ** 2 / (0.8 ** 2 + 0.2 ** 2)  # the official code's normalised weight, not lambda or lambda^2
+    assert corrected_skill(prior, post, 0.8, "code").sigma == pytest.approx(math.sqrt(w * 25 + (1 - w) * 64))
+    assert corrected_skill(prior, post, 0.8, "paper").sigma == pytest.approx(math.sqrt(0.64 * 25 + 0.04 * 64))
     same = Skill(25.0, 4.0)  # the paper's rule shrinks below both inputs at lambda = 0.5
     assert corrected_skill(same, same, 0.5, "paper").sigma == pytest.approx(4.0 / math.sqrt(2))
     assert corrected_skill(same, same, 0.5, "code").sigma == pytest.approx(4.0)
