@@ -71,12 +71,13 @@ def train_loop(model, data, steps, lr, batch, seed):
     return float(loss.detach())
 
 
-def search(model, masks, data, steps, batch, lr, out_dir, mask_lr=None):
+def search(model, masks, data, steps, batch, lr, out_dir, mask_lr=None, train_weights=True):
     from hf_fastslow.trainers.slim_config import SlimSearchConfig
     from hf_fastslow.trainers.slim_trainer import SlimSearchTrainer
 
     args = SlimSearchConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-                            mask_lr=mask_lr, weight_decay=1e-4, max_grad_norm=1.0, use_cpu=True, report_to=[],
+                            mask_lr=mask_lr, train_weights=train_weights, weight_decay=1e-4, max_grad_norm=1.0,
+                            use_cpu=True, report_to=[],
                             save_strategy="no", logging_steps=max(1, steps // 4), dataloader_num_workers=0, seed=0,
                             disable_tqdm=True)
     trainer = SlimSearchTrainer(model=model, masks=masks, args=args, train_dataset=data)
@@ -196,7 +197,7 @@ def lm_arm(a) -> dict:
     t = cpu_clock()
     masks = attach_slim_masks(base, cfg)
     search(base, masks, _Chunks(cal), a.lm_search_steps, a.lm_batch, a.lm_mask_lr, f"{a.scratch}/lm-search",
-           a.lm_mask_lr)
+           a.lm_mask_lr, train_weights=False)  # mask-only: the weights stay the pretrained ones
     zetas = [g.param.detach().clone() for g in masks.groups]
     search_cost = since(t)
     rows = []
