@@ -179,7 +179,8 @@ class BlockDiffusionTrainer(SFTTrainer):
         """Logits [B, S, V] of the denoiser on the laid-out batch (one forward, no cache)."""
         from ..modeling.block_diffusion import model_attention_mask
 
-        base = unwrapped_base_model(model)  # bool mask for SDPA/flex, additive for eager, flash refused
+        # Under DDP `model` is the DistributedDataParallel wrapper (no dtype / attention settings): unwrap it first.
+        base = unwrapped_base_model(self.accelerator.unwrap_model(model))  # bool mask for SDPA/flex, additive for eager
         mask = model_attention_mask(base, batch["attention_mask"], base.dtype)
         outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **batch["model_kwargs"])
