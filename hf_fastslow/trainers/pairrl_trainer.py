@@ -29,6 +29,7 @@ from ..generation.padding import pad_token_id
 from ..generation.v1_infer import parse_pair_ratings
 from ..integrations import PAIRRL_GRPO_HOOKS, check_grpo_hooks, grpo_metric_buffer, pairrl_merge_generation_batches
 from .config_checks import trainer_owned_copy
+from .distributed import check_distributed_launch
 from .pairrl_config import PairRLConfig
 from .tasks import TRL_REWARD_CONTROL_KWARGS, VerifiableTask, completion_text, prompt_text
 
@@ -213,6 +214,7 @@ class PairRLTrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        check_distributed_launch(self.accelerator, "PairRLTrainer (judge rows split over the ranks)")
         self._pairrl_rng = random.Random(args.seed)
         self._pairrl_solver_batch: dict[str, Any] | None = None
 

@@ -142,3 +142,39 @@ def test_launch_check_and_shards_in_process(monkeypatch):
     shards = [rank_shard(items, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == items and unshard(shards, 7) == items
     assert os.environ.get("WORLD_SIZE") is None
+
+
+@pytest.mark.slow
+def test_other_trainers_run_under_two_processes(tmp_path):
+    """Early readout, feature sieve, block diffusion, I-DLM and clock SFT train 2 steps under 2 ranks; DDP keeps
+    the weights equal."""
+    from tests.multiprocess.smoke_trainers import TRAINERS
+
+    r0, r1 = launch("tests/multiprocess/smoke_trainers.py", [str(tmp_path)], nproc=2, timeout=TIMEOUT)
+    for name in TRAINERS:
+        assert r0[name]["ok"], (name, r0[name].get("trace"))
+        assert r0[name]["num_processes"] == 2 and r0[name]["global_step"] == 2
+        assert r0[name]["weights"] == r1[name]["weights"], name
+
+
+def test_staged_rollouts_are_drafted_from_but_published_only_when_asked():
+    """The DAS drafter's staged recording (what the cross-rank all-gather builds on), in one process."""
+    from hf_fastslow.generation import DASDrafter, SuffixHistory
+    from hf_fastslow.generation.speculative import speculative_generate
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(vocab=64)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    drafter = DASDrafter(history=SuffixHistory(max_depth=8), cost_aware=False, budget=None, use_local=False)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(max_new_tokens=12, do_sample=False, custom_generate=speculative_generate, drafter=drafter,
+              problem_ids=["p"])
+    with drafter.staged_recording() as staged:
+        first = model.generate(prompt, **kw)
+        assert len(drafter.history) == 0 and [p for p, _, _ in staged.finished] == ["p"]
+        before = drafter.stats.accepted
+        second = model.generate(prompt, **kw)  # greedy: the staged first rollout drafts the whole answer
+        assert torch.equal(first, second) and drafter.stats.accepted - before >= 8
+    assert len(drafter.history) == 0
+    assert drafter.publish_rollouts(staged.finished) == 2 and len(drafter.history) == 2
+    assert drafter.history.predicted_length("p") == 12
