@@ -91,6 +91,9 @@ def test_coop_score_on_a_hand_checked_case():
     # a concept already revealed no longer counts towards its group's uncertainty
     partly = hand_state(revealed=torch.tensor([[False, True, False]]))
     assert policy.uncertainty(partly)[0, 1].item() == pytest.approx(h(0.2), abs=1e-6)
+    # ... and keeps its revealed value in the candidates built for its group (here revealed absent: r(0) = 0.1)
+    partly.current[0, 1] = 0.1
+    assert partly.with_group(0.9)[0, 1].tolist() == pytest.approx([0.5, 0.1, 0.9])
 
 
 @torch.no_grad()
