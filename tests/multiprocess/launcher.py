@@ -79,6 +79,14 @@ def torchrun_command(script: str | os.PathLike, args=(), nproc: int = 2) -> list
             *map(str, args)]
 
 
+def accelerate_command(script: str | os.PathLike, args=(), nproc: int = 2) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes N script args`: the accelerate spelling that starts N processes
+    on a CPU-only machine too (it runs torchrun); the trainer's `use_cpu=True` then selects gloo. `--cpu` (or a
+    MULTI_CPU config file with `use_cpu: true`) starts one process only."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(script), *map(str, args)]
+
+
 def launch(script: str | os.PathLike, args=(), nproc: int = 2, timeout: float = 600.0, command: list[str] | None = None,
            env: dict | None = None) -> list[dict]:
     """Run `script` as `nproc` processes (default: `torchrun_command`; pass `command` for another launcher) and return

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from tests.multiprocess.launcher import LaunchError, launch  # noqa: E402
+from tests.multiprocess.launcher import LaunchError, accelerate_command, launch  # noqa: E402
 from tests.multiprocess.workers import main as run_in_process  # noqa: E402
 
 WORKERS = "tests/multiprocess/workers.py"
@@ -66,6 +66,16 @@ def test_das_two_ranks_draft_from_every_ranks_rollouts(tmp_path):
     # over 2 ranks = 12, 6 finished on each rank; no cap or window is reached).
     assert r0["local_rollouts"] == r1["local_rollouts"] == 6
     assert r0["rollouts_in_history"] == 12 == sum(len(v) for v in r0["history"].values())
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_flag_starts_two_gloo_processes_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only spelling")
+    args = ["das", str(tmp_path), "--steps", "2"]
+    r0, r1 = launch(WORKERS, nproc=2, timeout=TIMEOUT, command=accelerate_command(WORKERS, args, nproc=2))
+    assert (r0["rank"], r1["rank"], r0["num_processes"]) == (0, 1, 2)
+    assert r0["history"] == r1["history"] and r0["rollouts_in_history"] == 2 * r0["local_rollouts"]
 
 
 @pytest.mark.slow
