@@ -56,6 +56,8 @@ def test_parser_canonical_and_tolerant():
         f"  FM-{c}:  {'YES!' if c == '2.1' else 'No.'}  " for c in MAST_CODES) + "\n@@ trailing 9.9 yes"
     p = parse_mast_answer(messy)
     assert p.modes == {c: c == "2.1" for c in MAST_CODES} and p.task_completed is False
+    # a paraphrased name holding "no": the verdict is what follows the colon
+    assert parse_mast_answer("C.\n3.2 No verification was done: yes\n2.4 Withheld info?: no").modes["3.2"] is True
 
 
 def test_parser_legacy_codes_missing_duplicates():
