@@ -182,10 +182,10 @@ def lm_arm(a) -> dict:
     t0 = cpu_clock()
     base, tok = load_default_model()
     ids = bundled_text_ids(tok)[0]
-    L = a.lm_seq
-    n_cal, n_eval = a.lm_search_steps * a.lm_batch, a.lm_eval_chunks
-    if (n_cal + n_eval) * L > len(ids):
-        raise SystemExit(f"bundled text has {len(ids)} tokens, fewer than the {(n_cal + n_eval) * L} requested.")
+    L, n_eval = a.lm_seq, a.lm_eval_chunks
+    n_cal = len(ids) // L - n_eval  # every chunk before the held-out tail calibrates (the search cycles over them)
+    if n_cal < 1:
+        raise SystemExit(f"bundled text has {len(ids)} tokens: too few for {n_eval} held-out chunks of {L}.")
     cal = [ids[i * L:(i + 1) * L] for i in range(n_cal)]
     held = [ids[len(ids) - (i + 1) * L:len(ids) - i * L] for i in range(n_eval)]  # from the far end: disjoint
     pristine = copy.deepcopy(base.state_dict())
@@ -250,8 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--lm-budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     p.add_argument("--lm-search-steps", type=int, default=40)
     p.add_argument("--lm-batch", type=int, default=2)
-    p.add_argument("--lm-seq", type=int, default=256)
-    p.add_argument("--lm-eval-chunks", type=int, default=16)
+    p.add_argument("--lm-seq", type=int, default=128)
+    p.add_argument("--lm-eval-chunks", type=int, default=12, help="held-out chunks from the end of the bundled text")
     p.add_argument("--lm-mask-lr", type=float, default=0.02)
     p.add_argument("--lm-w-mlp", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=1)
