@@ -18,6 +18,7 @@ accuracy per CPU-second, TTFT and latency. Every energy figure says whether it i
 
     python benchmarks/ipw.py --quick                 # 8 problems, all four arms (< 3 min on an idle box)
     python benchmarks/ipw.py --problems 50 --out ipw.json
+    python benchmarks/ipw.py --random-weights --device cuda --problems 200 --max-new-tokens 64   # GPU: NVML J/token
 
 Threads: one torch thread per process (`OMP_WAIT_POLICY=PASSIVE`: OpenMP spinning on a loaded box inflates CPU
 time several-fold); the server also gets one thread.
@@ -103,6 +104,10 @@ def main() -> None:
     ap.add_argument("--serve-scope", default="pids", choices=("pids", "machine"))
     ap.add_argument("--no-codecarbon", action="store_true")
     ap.add_argument("--out", default=None, help="JSON report (a PNG is written beside it)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a random-init model of the default model's shape (GPU calibration: joules per token, no "
+                         "accuracy, so no IPW); arms fp32/bf16 only")
+    ap.add_argument("--device", default="cpu", help="device of the in-process arms (e.g. cuda)")
     args = ap.parse_args()
     n = 8 if args.quick else args.problems
     if args.quick:
@@ -114,7 +119,13 @@ def main() -> None:
     t_start, cpu_start = time.perf_counter(), time.process_time()
 
     model, tok = load_default_model()
-    model.eval()
+    if args.random_weights:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(model.config)  # same shape, random weights
+        arms = [a for a in arms if a in ("fp32", "bf16")]
+    model = model.to(args.device).eval()
     backends = {}
     if "fp32" in arms:
         backends["fp32"] = HFLocalBackend(model, tok, name="fp32")
@@ -176,6 +187,9 @@ def main() -> None:
             server.stop()
 
     peer = "fp32" if "fp32" in reports else next(iter(reports))
+    if args.random_weights:
+        print_random_weights(reports, n, args, state_before)
+        return
     print(f"\nIPW on {n} two-digit additions (greedy, <= {args.max_new_tokens} new tokens), arms interleaved per "
           f"query; {machine_state()['cpus']} CPUs, load average {state_before['load_average']} before, "
           f"{machine_state()['load_average']} after")
@@ -230,6 +244,28 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=2, default=str)
         plot(reports, os.path.splitext(args.out)[0] + ".png")
+
+
+def print_random_weights(reports, n, args, state_before) -> None:
+    """Energy per token of a random-weight model: no accuracy (random weights answer nothing), so no IPW or APJ."""
+    print(f"\nRandom-weight model of the default model's shape on {args.device}, {n} queries of up to "
+          f"{args.max_new_tokens} new tokens, arms interleaved; load average {state_before['load_average']} before, "
+          f"{machine_state()['load_average']} after. No accuracy (random weights): no IPW, no APJ.")
+    print("| arm | energy J/query | J/token | mean power W | tokens/s | TTFT p50 s | counter vs sampled energy |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rep in reports.items():  # one meter line per arm goes below the table
+        sampled = [(r.sampled_energy_j, r.energy_j) for r in rep.metered if r.sampled_energy_j is not None]
+        agree = (sum(a for a, _ in sampled) / sum(b for _, b in sampled)) if sampled else None
+        k = rep.kind
+
+        def fmt(x, spec=".3f"):
+            return "n/a" if x is None else format(x, spec)
+
+        print(f"| {name} | {fmt(rep.energy_per_query_j)} ({k}) | {fmt(rep.j_per_token, '.4f')} ({k}) | "
+              f"{fmt(rep.mean_power_w, '.1f')} ({k}) | {fmt(rep.tokens_per_s, '.1f')} | {fmt(rep.ttft_p50_s)} | "
+              f"{fmt(agree, '.3f')} |")
+    for name, rep in reports.items():
+        print(f"- {name} meter: {rep.meter_source}" + (f" ({rep.fallback_reason})" if rep.fallback_reason else ""))
 
 
 def plot(reports, path):
