@@ -6,9 +6,10 @@ are interleaved within each repeat. Reported per arm: wall-clock of the whole la
 slowest rank), CPU seconds of the launched processes, per-rank rollouts, and:
 
 * FST: the fast context and pool on each rank (identical by design), fast-round generations per rank;
-* DAS (tiny random Llama, 2 prompts revisited every step, low temperature so siblings repeat and drafts can hit):
-  draft acceptance per rank (accepted / proposed draft tokens) and tokens per target forward, with the all-gather of
-  finished rollouts (`share_across_ranks=True`) and without it (a history per process), and the history size.
+* DAS (tiny random Llama, 4 prompts, 2 per step, each revisited every other step and not always on the same rank;
+  low temperature so siblings repeat and drafts can hit): draft acceptance per rank (accepted / proposed draft
+  tokens, acceptance length, tokens per row forward), with the all-gather of finished rollouts
+  (`share_across_ranks=True`) and without it (a history per process), and the history size.
 
 A 2-core shared box cannot show speed-up from 2 processes: the figures show what each rank does and that the state
 agrees, not scaling.
@@ -73,7 +74,9 @@ def das_row(result: dict) -> dict:
             "history_rollouts_per_rank": [r["rollouts_in_history"] for r in ranks],
             "acceptance_per_rank": [round(r["accepted"] / max(r["proposed"], 1), 3) for r in ranks],
             "accepted_per_rank": [r["accepted"] for r in ranks],
-            "tokens_per_forward_per_rank": [round(r["new_tokens"] / max(r["target_forwards"], 1), 3) for r in ranks],
+            # Per row (1.0 = plain decoding at any batch size); new_tokens / target_forwards would grow with the batch.
+            "tokens_per_row_forward_per_rank": [round(r["tokens_per_row_forward"], 3) for r in ranks],
+            "acceptance_length_per_rank": [round(r["acceptance_length"], 3) for r in ranks],
             "same_history": len({json.dumps(r["history"], sort_keys=True) for r in ranks}) == 1}
 
 
@@ -87,8 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="scratch folder for the runs' output (default: a temporary one)")
     opts = p.parse_args(argv)
     repeats = 1 if opts.quick else opts.repeats
-    das = ["das", "--steps", str(opts.das_steps), "--temperature", str(opts.temperature), "--batch", "8",
-           "--generations", "4", "--tokens", "24"]
+    das = ["das", "--prompts", "4", "--steps", str(opts.das_steps), "--temperature", str(opts.temperature),
+           "--batch", "8", "--generations", "4", "--tokens", "24"]
     arms = [("fst_1proc", 1, ["fst"]), ("fst_2proc", 2, ["fst"]),
             ("das_1proc", 1, das), ("das_2proc_shared", 2, das), ("das_2proc_per_rank", 2, [*das, "--no-share"])]
     import tempfile

@@ -129,6 +129,7 @@ def run_das(opts) -> dict:
             "problems_order": [str(p) for p in hist.problems], "lengths": hist.known_lengths(),
             "rollouts_in_history": len(hist), "local_rollouts": stats.sequences, "proposed": stats.proposed,
             "accepted": stats.accepted, "target_forwards": stats.target_forwards, "new_tokens": stats.new_tokens,
+            "tokens_per_row_forward": stats.tokens_per_forward, "acceptance_length": stats.mean_acceptance_length,
             "train_seconds": seconds, "num_processes": trainer.accelerator.num_processes,
             "rewards_seen": len(rewards), "weights": weights_digest(trainer.model)}
 
