@@ -26,6 +26,7 @@ from hf_fastslow.evaluation.interaction import (
 from hf_fastslow.modeling.concept_bottleneck import ConceptBottleneckConfig, ConceptBottleneckModel
 from hf_fastslow.modeling.concept_digits import load_concept_digits
 
+torch.set_num_threads(1)  # tiny convolutions: one thread is faster than two on a busy 2-core box
 torch.manual_seed(0)
 data = load_concept_digits(seed=0)
 print(f"{data.n_concepts} concepts in groups {data.concept_groups}: {', '.join(data.concept_names)}")
