@@ -60,7 +60,7 @@ def test_ffa_update_new_best_and_new_worst_and_defaults():
 def test_exact_normal_matches_trueskill_scipy_backend():
     pytest.importorskip("scipy")
     env, rng = trueskill.TrueSkill(backend="scipy"), random.Random(2)
-    for i in range(200):
+    for i in range(60):  # trueskill's scipy backend is slow (~10 ms a rating)
         new, opponents, ranks = _random_case(rng, ties=i % 2 == 0)
         ref = _reference(env, new, opponents, ranks)
         got = trueskill_ffa_update(new, opponents, ranks, normal="exact")
