@@ -102,6 +102,7 @@ def score_arm(trainer, test, conv_params: int) -> dict:
         "ci95": metrics["test_accuracy_ci95"],
         "active_fraction": fraction,
         "active_fraction_std": metrics.get("test_active_fraction_std", 0.0),
+        "gates_flipped_per_task": metrics.get("test_gates_flipped", 0.0),
         "active_conv_params": fraction * conv_params,
         "best_val_accuracy": trainer.best_metric,
         "test_seconds": time.perf_counter() - wall,
@@ -167,6 +168,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "active_conv_params": statistics.fmean(r["active_conv_params"] for r in sel),
                 "active_fraction": statistics.fmean(r["active_fraction"] for r in sel),
                 "active_fraction_task_std": statistics.fmean(r["active_fraction_std"] for r in sel),
+                "gates_flipped_per_task": statistics.fmean(r.get("gates_flipped_per_task", 0.0) for r in sel),
                 "s_per_meta_step": statistics.fmean(r["s_per_meta_step"] for r in sel),
                 "train_cpu_s": statistics.fmean(r["train_cpu_s"] for r in sel),
             })
@@ -228,12 +230,12 @@ def main(argv=None) -> int:
         rows = [row for shots in args.shots for seed in args.seeds for row in run_setting(args, shots, seed, classes)]
     table = summarise(rows)
     print("\n| shots | arm | seeds | meta-test acc (mean ± seed std) | mean 95% CI | active conv params | "
-          "active frac (task std) | s / meta-step |")
-    print("|---|---|---|---|---|---|---|---|")
+          "active frac (task std) | gates flipped per task | s / meta-step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for t in table:
         print(f"| {t['shots']} | {t['arm']} | {t['seeds']} | {t['accuracy_mean']:.3f} ± {t['accuracy_seed_std']:.3f} "
               f"| ± {t['ci95_mean']:.3f} | {t['active_conv_params']:.0f} | {t['active_fraction']:.3f} "
-              f"({t['active_fraction_task_std']:.3f}) | {t['s_per_meta_step']:.2f} |")
+              f"({t['active_fraction_task_std']:.3f}) | {t['gates_flipped_per_task']:.4f} | {t['s_per_meta_step']:.2f} |")
     lines = verdicts(table, args)
     print("\n".join(lines))
     total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": time.process_time() - cpu}

@@ -160,9 +160,10 @@ def query_accuracy(model: nn.Module, params: Params, x: torch.Tensor, y: torch.T
 
 
 def evaluate_episodes(model: nn.Module, episodes, loop: InnerLoop, gates=None) -> dict:
-    """Adapt to each episode's support set and score its query set; per-task accuracy and active fraction."""
+    """Adapt to each episode's support set and score its query set: per task the accuracy, the active kernel
+    fraction and the fraction of gates the inner loop flipped away from the meta-learned initialisation."""
     meta = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    accuracies, losses, fractions = [], [], []
+    accuracies, losses, fractions, flipped = [], [], [], []
     for episode in episodes:
         fast = adapt(model, meta, episode["support_x"], episode["support_y"], loop, gates)
         accuracy, loss = query_accuracy(model, fast, episode["query_x"], episode["query_y"])
@@ -170,4 +171,6 @@ def evaluate_episodes(model: nn.Module, episodes, loop: InnerLoop, gates=None) -
         losses.append(loss)
         if gates is not None:
             fractions.append(gates.active_fraction(fast))
-    return {"accuracies": accuracies, "losses": losses, "active_fractions": fractions}
+            changed = sum(int(((fast[n] > 0) != (meta[n] > 0)).sum()) for n in gates.score_names)
+            flipped.append(changed / gates.num_kernels())
+    return {"accuracies": accuracies, "losses": losses, "active_fractions": fractions, "gates_flipped": flipped}

@@ -117,6 +117,7 @@ class IMAMLTrainer(Trainer):
             fractions = torch.tensor(result["active_fractions"])
             metrics[f"{metric_key_prefix}_active_fraction"] = fractions.mean().item()
             metrics[f"{metric_key_prefix}_active_fraction_std"] = fractions.std().item() if len(fractions) > 1 else 0.0
+            metrics[f"{metric_key_prefix}_gates_flipped"] = sum(result["gates_flipped"]) / len(result["gates_flipped"])
         return metrics
 
     def restore_best(self) -> bool:

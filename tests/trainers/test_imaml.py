@@ -199,6 +199,7 @@ def test_trainer_meta_learns_gate_initialisation_and_keeps_best_on_validation(tm
     assert all(torch.equal(state[k], evaluated[best_index][1][k]) for k in state)
     metrics = trainer.meta_test(val, metric_key_prefix="test")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 < metrics["test_active_fraction"] <= 1.0
+    assert 0.0 <= metrics["test_gates_flipped"] <= 1.0
 
 
 def test_implicit_meta_gradient_through_gated_transformers_resnet(train_classes):
