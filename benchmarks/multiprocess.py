@@ -86,14 +86,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--das-steps", type=int, default=6)
     p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--history-only", action="store_true",
+                   help="DAS drafts from the rollout history only (use_local=False): isolates what the all-gather adds")
+    p.add_argument("--arms", default="fst,das", help="comma-separated: fst, das")
     p.add_argument("--out", default="multiprocess_benchmark.json")
     p.add_argument("--tmp", default=None, help="scratch folder for the runs' output (default: a temporary one)")
     opts = p.parse_args(argv)
     repeats = 1 if opts.quick else opts.repeats
     das = ["das", "--prompts", "4", "--steps", str(opts.das_steps), "--temperature", str(opts.temperature),
-           "--batch", "8", "--generations", "4", "--tokens", "24"]
+           "--batch", "8", "--generations", "4", "--tokens", "24", *(["--no-local"] if opts.history_only else [])]
     arms = [("fst_1proc", 1, ["fst"]), ("fst_2proc", 2, ["fst"]),
             ("das_1proc", 1, das), ("das_2proc_shared", 2, das), ("das_2proc_per_rank", 2, [*das, "--no-share"])]
+    arms = [a for a in arms if a[0].split("_")[0] in opts.arms.split(",")]
     import tempfile
 
     results = []

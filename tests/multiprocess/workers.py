@@ -110,7 +110,7 @@ def run_das(opts) -> dict:
                       per_device_train_batch_size=opts.batch // opts.world, num_generations=opts.generations,
                       max_completion_length=opts.tokens, max_steps=opts.steps, logging_steps=1, save_strategy="no",
                       temperature=opts.temperature, learning_rate=1e-3)
-    drafter = DASDrafter(history=SuffixHistory(max_depth=16), cost_aware=False)
+    drafter = DASDrafter(history=SuffixHistory(max_depth=16), cost_aware=False, use_local=not opts.no_local)
     rollout = das_rollout_func(drafter, share_across_ranks=not opts.no_share, max_shared_rollouts=opts.max_shared)
     rewards = []
 
@@ -218,6 +218,7 @@ def parse(argv=None):
     p.add_argument("--no-cpu-flag", action="store_true", help="leave use_cpu unset (the misconfigured launch)")
     p.add_argument("--no-share", action="store_true", help="DAS: keep a history per process")
     p.add_argument("--max-shared", type=int, default=None)
+    p.add_argument("--no-local", action="store_true", help="DAS: draft from the history only (not the request itself)")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="global generation batch (rows)")
     p.add_argument("--generations", type=int, default=4)
