@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     for t in table:
         print(f"| {t['shots']} | {t['arm']} | {t['seeds']} | {t['accuracy_mean']:.3f} ± {t['accuracy_seed_std']:.3f} "
               f"| ± {t['ci95_mean']:.3f} | {t['active_conv_params']:.0f} | {t['active_fraction']:.3f} "
-              f"({t['active_fraction_task_std']:.3f}) | {t['gates_flipped_per_task']:.4f} | {t['s_per_meta_step']:.2f} |")
+              f"({t['active_fraction_task_std']:.3f}) | {t['gates_flipped_per_task']:.4f} "
+              f"| {t['s_per_meta_step']:.2f} |")
     lines = verdicts(table, args)
     print("\n".join(lines))
     total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": time.process_time() - cpu}
