@@ -72,6 +72,7 @@ def das_row(result: dict) -> dict:
     return {**timing(result),
             "rollouts_per_rank": [r["local_rollouts"] for r in ranks],
             "history_rollouts_per_rank": [r["rollouts_in_history"] for r in ranks],
+            "history_problems_per_rank": [len(r["problems_order"]) for r in ranks],
             "acceptance_per_rank": [round(r["accepted"] / max(r["proposed"], 1), 3) for r in ranks],
             "accepted_per_rank": [r["accepted"] for r in ranks],
             # Per row (1.0 = plain decoding at any batch size); new_tokens / target_forwards would grow with the batch.
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--das-steps", type=int, default=6)
     p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--das-prompts", type=int, default=4)
+    p.add_argument("--das-batch", type=int, default=8,
+                   help="global rows per step (4 generations per prompt): 4 splits each group over the 2 ranks")
     p.add_argument("--history-only", action="store_true",
                    help="DAS drafts from the rollout history only (use_local=False): isolates what the all-gather adds")
     p.add_argument("--arms", default="fst,das", help="comma-separated: fst, das")
@@ -93,8 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="scratch folder for the runs' output (default: a temporary one)")
     opts = p.parse_args(argv)
     repeats = 1 if opts.quick else opts.repeats
-    das = ["das", "--prompts", "4", "--steps", str(opts.das_steps), "--temperature", str(opts.temperature),
-           "--batch", "8", "--generations", "4", "--tokens", "24", *(["--no-local"] if opts.history_only else [])]
+    das = ["das", "--prompts", str(opts.das_prompts), "--steps", str(opts.das_steps), "--temperature",
+           str(opts.temperature), "--batch", str(opts.das_batch), "--generations", "4", "--tokens", "24",
+           *(["--no-local"] if opts.history_only else [])]
     arms = [("fst_1proc", 1, ["fst"]), ("fst_2proc", 2, ["fst"]),
             ("das_1proc", 1, das), ("das_2proc_shared", 2, das), ("das_2proc_per_rank", 2, [*das, "--no-share"])]
     arms = [a for a in arms if a[0].split("_")[0] in opts.arms.split(",")]
