@@ -84,6 +84,12 @@ class FSTTrainer(GRPOTrainer):
 
     Overridable hooks: `rollout_contexts` (which candidate each rollout uses), `select_parent`,
     `build_reflective_records`, `fast_round`.
+
+    Several processes (`torchrun` / `accelerate launch`): one pool for all ranks. Fast-round rows are split over the
+    ranks and the results all-gathered (`evaluate_context_across_ranks`), the reflector runs on the main process and
+    its proposal is broadcast, and every rank adopts rank 0's state after a round; the state is saved once and read
+    by every rank on resume (a 2-rank checkpoint resumes on 1 process). A launch where the processes do not see each
+    other (e.g. `torchrun` on CPU without `use_cpu=True`) is refused (`MisconfiguredLaunchError`).
     """
 
     _tag_names = ["trl", "grpo", "fst", "hf_fastslow"]
