@@ -183,11 +183,16 @@ def verdicts(table: list[dict], args) -> list[str]:
         for budget in args.budgets:
             gated = next(t for t in table if t["shots"] == shots and t["arm"].endswith(f"@ {budget:.0%}"))
             narrow = next(t for t in table if t["shots"] == shots and t["arm"].endswith(f"(= {budget:.0%} params)"))
-            met = gated["accuracy_mean"] >= narrow["accuracy_mean"]
+            if gated["active_conv_params"] > 1.1 * narrow["active_conv_params"]:
+                verdict = (f"not an equal-parameter comparison: the gates kept {gated['active_fraction']:.0%} active "
+                           "(budget not reached)")
+            else:
+                met = gated["accuracy_mean"] >= narrow["accuracy_mean"]
+                verdict = f"target gated >= narrow {'met' if met else 'NOT met'}"
             lines.append(
                 f"{shots}-shot, {budget:.0%}: gated {gated['accuracy_mean']:.3f} ({gated['active_conv_params']:.0f} "
                 f"active conv params) vs narrow {narrow['accuracy_mean']:.3f} ({narrow['active_conv_params']:.0f}): "
-                f"target gated >= narrow {'met' if met else 'NOT met'}"
+                + verdict
             )
     return lines
 
