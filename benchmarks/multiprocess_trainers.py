@@ -14,8 +14,11 @@ slowest rank), CPU seconds of the launched processes, per-rank rollouts, and:
 A 2-core shared box cannot show speed-up from 2 processes: the figures show what each rank does and that the state
 agrees, not scaling.
 
-Run:  python benchmarks/multiprocess.py --quick   (1 repeat, ~6 min on a loaded 2-core box)
-      python benchmarks/multiprocess.py           (3 repeats)
+(Named multiprocess_trainers.py, not multiprocess.py: a benchmarks/multiprocess.py shadows the `multiprocess` package
+that `datasets` imports, for every script run from this folder.)
+
+Run:  python benchmarks/multiprocess_trainers.py --quick   (1 repeat, ~6 min on a loaded 2-core box)
+      python benchmarks/multiprocess_trainers.py           (3 repeats)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Worker entry points run by `torchrun` in tests/multiprocess and benchmarks/multiprocess.py (one per method).
+"""Worker entry points run by `torchrun` in tests/multiprocess and benchmarks/multiprocess_trainers.py (one per method).
 
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess/workers.py <method> <out_dir>
 [options]`; each rank writes its JSON payload with `write_rank_result`. Tiny random models, CPU, gloo.
