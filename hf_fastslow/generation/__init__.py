@@ -27,7 +27,7 @@ from .catts import (
 from .catts_env import Environment, EpisodeResult, RunningTotalEnv, Transition, run_episode, summarize
 from .crest import CRESTCalibrator, CRESTSteerer, CRESTVectors
 from .crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
-from .das import DASDrafter, LengthAwareBudget, SuffixHistory, SuffixTrie
+from .das import DASDrafter, LengthAwareBudget, StagedRollouts, SuffixHistory, SuffixTrie
 from .drafter import DraftContext, Drafter, DraftFeedback, DraftModelDrafter, SpeculativeStats, problem_id_for
 from .evolution_baselines import RSA, MajorityVote
 from .isd import IDLMGenerationMixin, ISDGenerateOutput, introspective_acceptance_rate, isd_generate
@@ -69,6 +69,7 @@ __all__ = [
     "CRESTSteerer",
     "CRESTVectors",
     "DASDrafter",
+    "StagedRollouts",
     "DASWindowCallback",
     "DraftContext",
     "DraftFeedback",

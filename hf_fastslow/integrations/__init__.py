@@ -147,8 +147,20 @@ from hf_fastslow.integrations.trl import (  # noqa: E402
     trl_tokenize_prompts,
     trl_tokenizer,
 )
+from hf_fastslow.integrations.vision_seam import (  # noqa: E402
+    backbone_config_from,
+    backbone_from_config,
+    declare_backbone_sub_config,
+    register_auto_model,
+    register_image_classification_model,
+)
 
 __all__ = [
+    "backbone_config_from",
+    "backbone_from_config",
+    "declare_backbone_sub_config",
+    "register_auto_model",
+    "register_image_classification_model",
     "CAPTURE_ATTENTION",
     "FST_GRPO_HOOKS",
     "IHA_MODEL_TYPES",

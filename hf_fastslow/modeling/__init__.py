@@ -32,6 +32,15 @@ from .care import (
     svd_baseline,
 )
 from .care_config import CAREConfig, allocate_ranks
+from .concept_bottleneck import (
+    ConceptBottleneckConfig,
+    ConceptBottleneckModel,
+    ConceptBottleneckOutput,
+    intervene,
+    validate_concept_groups,
+)
+from .concept_digits import load_concept_digits
+from .conv4 import Conv4Config, Conv4ForImageClassification, resnet_for_few_shot, use_batch_statistics
 from .dlm_checkpoint import save_dlm_checkpoint
 from .dlm_loading import DLM_FAMILIES, LLADA_KEY_MAPPING, detect_family, load_as_hf
 from .ear import EARConfig, EARWanProcessor, apply_ear, disable_ear_attention, enable_ear_attention, remove_ear
@@ -47,6 +56,7 @@ from .iha import (
     is_iha_model,
     mark_only_iha_trainable,
 )
+from .kernel_gates import KernelGate, KernelGates, attach_kernel_gates
 from .losa import LosaConfig, LosaState, kv_density, losa_attention, register_losa
 from .readout import EarlyReadoutHead, TokenReadoutHead
 from .video_kv import (
@@ -119,4 +129,17 @@ __all__ = [
     "register_losa",
     "EarlyReadoutHead",
     "TokenReadoutHead",
+    "ConceptBottleneckConfig",
+    "ConceptBottleneckModel",
+    "ConceptBottleneckOutput",
+    "intervene",
+    "validate_concept_groups",
+    "load_concept_digits",
+    "Conv4Config",
+    "Conv4ForImageClassification",
+    "resnet_for_few_shot",
+    "use_batch_statistics",
+    "KernelGate",
+    "KernelGates",
+    "attach_kernel_gates",
 ]

@@ -44,6 +44,10 @@ _LAZY = {
     "IDLMTrainer": "idlm_trainer",
     "RCDTrainingConfig": "rcd_config",
     "RCDTrainer": "rcd_trainer",
+    "IMAMLConfig": "imaml_config",
+    "IMAMLTrainer": "imaml_trainer",
+    "MisconfiguredLaunchError": "distributed",
+    "check_distributed_launch": "distributed",
 }
 
 __all__ = list(_LAZY)
