@@ -4,6 +4,7 @@ tables (`kv_bench`), attention-output error vs dense (`attn_error`); and the eva
 (`energy`, `ipw`), K-Sort Eval (`ksort`, `ksort_rating`, `ksort_judges`), MAST (`mast`, `agreement`), concept
 interventions (`interaction`), few-shot episodes (`few_shot`)."""
 
+from .agreement import binary_agreement, cohen_kappa, multilabel_agreement
 from .answers import answers_match, extract_answer, normalize_number
 from .attn_error import attention_error_by_layer, capture_qkv, dense_attention, relative_error
 from .energy import (
@@ -68,6 +69,11 @@ from .ksort_rating import (
     trueskill_ffa_update,
 )
 from .kv_bench import cache_table_row, fit_line
+from .mast import MASTAnnotation, MASTAnnotator, label_probabilities, mast_agreement, parse_mast_answer
+from .mast_agentdash import AgentDashAnnotator
+from .mast_heuristics import HeuristicAnnotator
+from .mast_taxonomy import MAST_CATEGORIES, MAST_MODES
+from .mast_traces import Trace, Turn, load_mad
 from .prompts import (
     GSM8K_INSTRUCTION,
     HUMANEVAL_INSTRUCTION,
@@ -188,4 +194,19 @@ __all__ = [
     "EpisodeDataset",
     "digit_rotation_classes",
     "collate_episodes",
+    "MASTAnnotator",
+    "MASTAnnotation",
+    "parse_mast_answer",
+    "mast_agreement",
+    "label_probabilities",
+    "MAST_MODES",
+    "MAST_CATEGORIES",
+    "Trace",
+    "Turn",
+    "load_mad",
+    "HeuristicAnnotator",
+    "AgentDashAnnotator",
+    "cohen_kappa",
+    "binary_agreement",
+    "multilabel_agreement",
 ]
