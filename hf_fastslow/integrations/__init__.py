@@ -124,6 +124,20 @@ from hf_fastslow.integrations.modeling import (  # noqa: E402
     rotary_module,
     strip_gguf_quantization,
 )
+from hf_fastslow.integrations.slimming_seam import (  # noqa: E402
+    SlimLlamaConfig,
+    SlimLlamaForCausalLM,
+    SlimLlamaModel,
+    SlimResNetConfig,
+    SlimResNetForImageClassification,
+    SlimResNetModel,
+    SlimViTConfig,
+    SlimViTForImageClassification,
+    SlimViTModel,
+    layer_config,
+    register_slim_models,
+    slim_class_for,
+)
 from hf_fastslow.integrations.steering_seam import (  # noqa: E402
     AttentionOutputSites,
     attention_output_sites,
@@ -156,6 +170,18 @@ from hf_fastslow.integrations.vision_seam import (  # noqa: E402
 )
 
 __all__ = [
+    "SlimLlamaConfig",
+    "SlimLlamaModel",
+    "SlimLlamaForCausalLM",
+    "SlimViTConfig",
+    "SlimViTModel",
+    "SlimViTForImageClassification",
+    "SlimResNetConfig",
+    "SlimResNetModel",
+    "SlimResNetForImageClassification",
+    "layer_config",
+    "slim_class_for",
+    "register_slim_models",
     "backbone_config_from",
     "backbone_from_config",
     "declare_backbone_sub_config",

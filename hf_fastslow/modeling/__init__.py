@@ -59,6 +59,16 @@ from .iha import (
 from .kernel_gates import KernelGate, KernelGates, attach_kernel_gates
 from .losa import LosaConfig, LosaState, kv_density, losa_attention, register_losa
 from .readout import EarlyReadoutHead, TokenReadoutHead
+from .slimming import SlimConfig, SlimMasks, attach_slim_masks, count_params_flops, slice_model
+from .trackers import (
+    OneStreamViTTracker,
+    SiameseCNNTracker,
+    TrackingPairs,
+    evaluate_tracker,
+    make_sequence,
+    precision_at,
+    success_auc,
+)
 from .video_kv import (
     VideoKVAttnProcessor,
     VideoKVCache,
@@ -142,4 +152,16 @@ __all__ = [
     "KernelGate",
     "KernelGates",
     "attach_kernel_gates",
+    "SlimConfig",
+    "SlimMasks",
+    "attach_slim_masks",
+    "slice_model",
+    "count_params_flops",
+    "OneStreamViTTracker",
+    "SiameseCNNTracker",
+    "make_sequence",
+    "TrackingPairs",
+    "evaluate_tracker",
+    "success_auc",
+    "precision_at",
 ]

@@ -48,6 +48,8 @@ _LAZY = {
     "IMAMLTrainer": "imaml_trainer",
     "MisconfiguredLaunchError": "distributed",
     "check_distributed_launch": "distributed",
+    "SlimSearchConfig": "slim_config",
+    "SlimSearchTrainer": "slim_trainer",
 }
 
 __all__ = list(_LAZY)
