@@ -3,10 +3,18 @@ launch check every multi-process trainer runs first, and the object collectives 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-__all__ = ["MisconfiguredLaunchError", "all_gather_objects", "check_distributed_launch", "rank_shard", "unshard"]
+__all__ = [
+    "MisconfiguredLaunchError",
+    "all_gather_objects",
+    "check_distributed_launch",
+    "padded_block_shard",
+    "rank_shard",
+    "unshard",
+]
 
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -66,3 +74,21 @@ def unshard(shards: list[list], total: int) -> list:
     for rank, shard in enumerate(shards):
         out[rank::len(shards)] = shard
     return out
+
+
+def padded_block_shard(items: list, rank: int, world: int, filler: Any, total_multiple: int = 1,
+                       block_multiple: int = 1) -> tuple[list, int]:
+    """Rank `rank`'s contiguous block of `items` after padding the list at its end with `filler` to the shortest
+    length that is a multiple of `total_multiple` and splits into `world` equal blocks, each a multiple of
+    `block_multiple`. Returns (block, how many of its leading entries are real items; the rest are `filler`).
+
+    Every item lands in exactly one rank's block, in order, for any `len(items)`; every rank gets the same count
+    (what a tensor all-gather needs). Contiguous rather than strided (`rank_shard`) so that the all-gathered rows
+    keep their order: consecutive groups of `total_multiple` rows (GRPO's generation groups) stay whole.
+    """
+    step = math.lcm(max(total_multiple, 1), world * max(block_multiple, 1))
+    padded = -(-len(items) // step) * step
+    size = padded // world
+    start = rank * size
+    real = items[start : start + size]
+    return real + [filler] * (size - len(real)), len(real)

@@ -29,11 +29,31 @@ from ..generation.padding import pad_token_id
 from ..generation.v1_infer import parse_pair_ratings
 from ..integrations import PAIRRL_GRPO_HOOKS, check_grpo_hooks, grpo_metric_buffer, pairrl_merge_generation_batches
 from .config_checks import trainer_owned_copy
-from .distributed import check_distributed_launch
+from .distributed import check_distributed_launch, padded_block_shard
 from .pairrl_config import PairRLConfig
 from .tasks import TRL_REWARD_CONTROL_KWARGS, VerifiableTask, completion_text, prompt_text
 
 VERIFY_ROLE = "verify"
+# Filler rows that even the judge rows out across ranks: generated (GRPO needs equal per-rank batches) but scored by
+# no reward function and masked out of the loss.
+PAD_ROLE = "judge_padding"
+
+
+def judge_rows_for_rank(rows: list[dict], rank: int, world: int, num_generations: int,
+                        steps_per_generation: int = 1) -> tuple[list[dict], int]:
+    """This rank's judge rows from the global list every rank built: (rows, how many leading ones are real).
+
+    Each real row is judged on exactly one rank, whatever `len(rows)`. The list is padded at its end with whole
+    groups of `PAD_ROLE` rows until it splits into equal contiguous blocks (GRPO all-gathers per-rank tensors, which
+    must have one size), the gathered rows regroup into whole `num_generations` groups, and each rank's block
+    divides into `steps_per_generation` optimizer batches (GRPO drops a remainder there).
+    """
+    if not rows:
+        return [], 0
+    filler = {**rows[-1], "role": PAD_ROLE}
+    local, real = padded_block_shard(rows, rank, world, filler, total_multiple=num_generations,
+                                     block_multiple=steps_per_generation)
+    return [dict(row) for row in local], real
 
 
 class SolverReward:
@@ -46,7 +66,7 @@ class SolverReward:
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
         roles = kwargs.get("role")
         n = len(prompts)
-        keep = [i for i in range(n) if roles is None or roles[i] != VERIFY_ROLE]
+        keep = [i for i in range(n) if roles is None or roles[i] not in (VERIFY_ROLE, PAD_ROLE)]
         if not keep:
             return [None] * n
         if len(keep) == n:
@@ -244,13 +264,15 @@ class PairRLTrainer(GRPOTrainer):
         if not judge_rows:
             metrics["verifier/judge_rows"].append(0.0)
             return solver_out
-        # Every process built the same global list (same RNG, gathered inputs); each judges its own slice.
-        per_process = len(judge_rows) // self.accelerator.num_processes
-        rank = self.accelerator.process_index
-        local_rows = judge_rows[rank * per_process : (rank + 1) * per_process]
+        # Every process built the same global list (same RNG, gathered inputs); each judges its own block once.
+        world = self.accelerator.num_processes
+        local_rows, real = judge_rows_for_rank(judge_rows, self.accelerator.process_index, world,
+                                               self.num_generations, self.args.steps_per_generation)
 
         before = {k: len(v) for k, v in metrics.items()}
         judge_out = super()._generate_and_score_completions(local_rows)
+        if len(local_rows) * world > len(judge_rows):  # the same on every rank: all of them join the gather below
+            self._mask_padding_rows(judge_out, real)
         # Both phases append to the same metric lists; move the judge phase's entries under "verifier/".
         for key in list(metrics):
             start = before.get(key, 0)
@@ -259,11 +281,24 @@ class PairRLTrainer(GRPOTrainer):
                 del metrics[key][start:]
                 metrics[f"verifier/{key}"].extend(new)
         _drop_nan_metrics(metrics)
-        metrics["verifier/judge_rows"].append(float(len(local_rows)))
+        metrics["verifier/judge_rows"].append(float(real))
 
         judge_out["advantages"] = judge_out["advantages"] * self.args.verifier_weight
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
         return pairrl_merge_generation_batches(solver_out, judge_out, pad_token_id(tok))
+
+    def _mask_padding_rows(self, judge_out: dict, real: int) -> None:
+        """Take the judge batch's rows from `real` on (padding) out of the loss: no loss tokens, no advantage, and
+        their tokens removed from `num_items_in_batch` (the DAPO normaliser, counted over every rank)."""
+        mask = judge_out["completion_mask"]
+        tool_mask = judge_out.get("tool_mask")
+        loss_mask = mask if tool_mask is None else mask * tool_mask
+        padding_tokens = loss_mask[real:].sum()
+        mask[real:] = 0
+        judge_out["advantages"][real:] = 0.0
+        if "num_items_in_batch" in judge_out:
+            judge_out["num_items_in_batch"] = judge_out["num_items_in_batch"] - self.accelerator.gather(
+                padding_tokens.reshape(1)).sum()
 
     # -------------------------------------------------------------------------------------------------------------
     def _truncate_solution(self, text: str) -> tuple[str, bool]:
