@@ -13,7 +13,7 @@ Arms, interleaved per problem in a rotating order, each with its own backends (o
 - `squeeze_evolve`: expensive tier seeds N, T loops of M groups of K routed by confidence (top-k log-probs the tiers
   return while generating) at one percentile;
 - `squeeze_evolve_lite`: the same, with `--lite-fraction` of the cheap groups settled by a vote of their members
-  (the reference's "lite" route; the 135M cheap model is a poor aggregator, see docs/agents_parts/squeeze_evolve.md);
+  (the reference's "lite" route; the 135M cheap model is a poor aggregator, see docs/agents.md);
 - `rsa`: the same N, K, M, T with every group recombined by the expensive tier;
 - `majority_vote`: N + M*T samples from the expensive tier (as many generations as RSA), voted.
 `rsa` loop 0's vote is also reported (`vote@N`, self-consistency over the N seeds, free).
