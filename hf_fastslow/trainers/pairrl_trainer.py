@@ -237,12 +237,14 @@ class PairRLTrainer(GRPOTrainer):
         check_distributed_launch(self.accelerator, "PairRLTrainer (judge rows split over the ranks)")
         self._pairrl_rng = random.Random(args.seed)
         self._pairrl_solver_batch: dict[str, Any] | None = None
+        self._pairrl_judging = False
 
     # -------------------------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if not any(x.get("role") == VERIFY_ROLE for x in inputs):
-            # Judge rows are built from the whole group, which may span processes: keep the gathered view.
+        if not self._pairrl_judging:
+            # Judge rows are built from the whole group, which may span processes: keep the gathered view. Decided by
+            # the phase, not by the rows: every rank must join these gathers (a rank holding only padding too).
             self._pairrl_solver_batch = {
                 "inputs": gather_object(list(inputs)),
                 "prompts": gather_object(list(prompts)),
@@ -270,7 +272,11 @@ class PairRLTrainer(GRPOTrainer):
                                                self.num_generations, self.args.steps_per_generation)
 
         before = {k: len(v) for k, v in metrics.items()}
-        judge_out = super()._generate_and_score_completions(local_rows)
+        self._pairrl_judging = True
+        try:
+            judge_out = super()._generate_and_score_completions(local_rows)
+        finally:
+            self._pairrl_judging = False
         if len(local_rows) * world > len(judge_rows):  # the same on every rank: all of them join the gather below
             self._mask_padding_rows(judge_out, real)
         # Both phases append to the same metric lists; move the judge phase's entries under "verifier/".

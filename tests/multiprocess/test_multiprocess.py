@@ -93,12 +93,17 @@ def test_das_shared_rollouts_are_bounded(tmp_path):
 
 
 @pytest.mark.slow
-def test_pairrl_judges_every_pair_once_across_ranks(tmp_path):
-    r0, r1 = two_ranks("pairrl", tmp_path)
+@pytest.mark.parametrize("odd", [False, True], ids=["even_rows", "three_rows_on_two_ranks"])
+def test_pairrl_judges_every_pair_once_across_ranks(tmp_path, odd):
+    # odd: num_generations=3 and one judge group per step, so 3 judge rows over 2 ranks (rank 1 gets padding only).
+    r0, r1 = two_ranks("pairrl", tmp_path, *(["--generations", "3", "--judge-groups", "1"] if odd else []))
     assert r0["judge_rows_built"] == r1["judge_rows_built"]  # the same global list on both ranks
     built = sum(r0["judge_rows_built"])
-    assert built > 0 and len(r0["judged"]) + len(r1["judged"]) == built
-    assert len(r0["judged"]) == len(r1["judged"])  # split evenly, not duplicated
+    assert built > 0 and len(r0["judged"]) + len(r1["judged"]) == built  # every row once, none twice
+    if odd:
+        assert set(r0["judge_rows_built"]) <= {0, 3} and (len(r0["judged"]), len(r1["judged"])) == (built, 0)
+    else:
+        assert len(r0["judged"]) == len(r1["judged"])  # split evenly
     assert r0["weights"] == r1["weights"]
 
 

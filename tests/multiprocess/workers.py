@@ -163,7 +163,8 @@ def run_heal(opts) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ PairRL
 def run_pairrl(opts) -> dict:
-    """PairRL: every rank builds the same global judge rows; each judges its own slice (each pair judged once)."""
+    """PairRL: every rank builds the same global judge rows; each judges its own block (each row judged once, padding
+    rows generated but never judged when the rows do not divide evenly)."""
     from datasets import Dataset
 
     from hf_fastslow.trainers import PairRLConfig, PairRLTrainer, VerifiableTask
@@ -180,12 +181,15 @@ def run_pairrl(opts) -> dict:
     class CountingPairRL(PairRLTrainer):
         def _build_judge_rows(self, batch):
             rows = super()._build_judge_rows(batch)
+            if opts.judge_groups:  # fewer judge rows than ranks x groups divide evenly (e.g. 3 rows on 2 ranks)
+                rows = rows[: opts.judge_groups * self.num_generations]
             built.append(len(rows))
             return rows
 
     tok = byte_tokenizer()
     args = PairRLConfig(output_dir=opts.out_dir, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                        per_device_train_batch_size=8 // opts.world, num_generations=4, max_completion_length=4,
+                        per_device_train_batch_size=2 * opts.generations // opts.world,
+                        num_generations=opts.generations, max_completion_length=4,
                         max_steps=opts.steps, learning_rate=1e-3, logging_steps=1, seed=0, max_solution_tokens=4)
     trainer = CountingPairRL(model=tiny_llama(vocab=len(tok)), reward_funcs=ParityTask(), args=args,
                              train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": f"task {i}"}]
@@ -221,7 +225,8 @@ def parse(argv=None):
     p.add_argument("--no-local", action="store_true", help="DAS: draft from the history only (not the request itself)")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="global generation batch (rows)")
-    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--generations", type=int, default=4, help="num_generations (DAS, PairRL)")
+    p.add_argument("--judge-groups", type=int, default=0, help="PairRL: keep only this many judge groups (0: all)")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     opts = p.parse_args(argv)
