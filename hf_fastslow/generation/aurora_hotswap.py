@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ class HotSwapHead:
         self._version = 0
         self._cond = threading.Condition()
         self._publish_lock = threading.Lock()
+        self._writer: weakref.ref | None = None
 
     @property
     def version(self) -> int:
@@ -54,6 +56,16 @@ class HotSwapHead:
             with self._cond:
                 self._readers[idx] -= 1
                 self._cond.notify_all()
+
+    def bind_writer(self, owner) -> None:
+        """Make `owner` (an online trainer) the one trainer that publishes into this head. A second live trainer is
+        refused: the two would publish in turns and readers would alternate between two unrelated weight sets."""
+        with self._cond:
+            current = self._writer() if self._writer is not None else None
+            if current is not None and current is not owner:
+                raise RuntimeError("HotSwapHead: another online trainer already publishes into this head (one trainer "
+                                   "per serving head); stop and drop it first, or give each drafter its own head.")
+            self._writer = weakref.ref(owner)
 
     def publish(self, source: AuroraHead | dict[str, torch.Tensor]) -> int:
         """Copy `source`'s weights into the inactive replica and make it active; returns the new version."""

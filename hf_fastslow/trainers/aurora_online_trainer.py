@@ -2,6 +2,12 @@
 
 It trains a private copy of the head on the replay buffer (inline with `train(n)`, or in a background thread with
 `start()` / `stop()`) and publishes into the drafter's `HotSwapHead`.
+
+One trainer (and at most one training thread) per serving head, so per serving process: a second trainer bound to
+the same `HotSwapHead` is refused. A publication copies the head between optimizer steps only (it holds the step
+lock), into the replica no proposal is reading, and flips one index: a reader sees one whole weight set, never a mix.
+Several serving processes each keep their own head, buffer and thread; nothing is synchronised between them (see
+docs/scaling_parts/multiprocess.md).
 """
 
 from __future__ import annotations
@@ -71,10 +77,13 @@ class AuroraTrainer:
         self.last_loss = float("nan")
         self.last_sim_acceptance = float("nan")
         self.train_seconds = 0.0
-        self._step_lock = threading.Lock()
+        # Re-entrant: train_step publishes while holding it; an outside publish() waits for the step to finish.
+        self._step_lock = threading.RLock()
+        self._thread_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        hot.bind_writer(self)
 
     # ---- data --------------------------------------------------------------------------------------------------
     def add_trace(self, trace: AuroraTrace):
@@ -181,7 +190,9 @@ class AuroraTrainer:
             return self.last_loss
 
     def publish(self) -> int:
-        return self.hot.publish(self.head)
+        """Publish the head as it is after the last whole optimizer step (safe from any thread); the new version."""
+        with self._step_lock:
+            return self.hot.publish(self.head)
 
     def train(self, steps: int) -> list[float]:
         """Run `steps` steps inline (deterministic; for tests and between-request training)."""
@@ -196,31 +207,32 @@ class AuroraTrainer:
     # ---- background thread ---------------------------------------------------------------------------------------
     def start(self, num_threads: int | None = 1) -> AuroraTrainer:
         """Train in a daemon thread until `stop()`. Torch kernels release the GIL, so decoding keeps running."""
-        if self._thread is not None and self._thread.is_alive():
-            return self
-        self._stop.clear()
-        self._error = None
-
-        def loop():
-            try:
-                while not self._stop.is_set():
-                    if self.train_step() is None:
-                        self.buffer.sample(0, self.rng, timeout=0.05)  # wait for traffic
-                        self._stop.wait(0.05)
-            except BaseException as err:  # surfaced by stop()/check()
-                self._error = err
-                logger.exception("Aurora trainer thread failed")
-
-        self._thread = threading.Thread(target=loop, name="aurora-trainer", daemon=True)
-        self._thread.start()
+        with self._thread_lock:  # concurrent start() calls still start one thread
+            if self._thread is not None and self._thread.is_alive():
+                return self
+            self._stop.clear()
+            self._error = None
+            self._thread = threading.Thread(target=self._loop, name="aurora-trainer", daemon=True)
+            self._thread.start()
         return self
+
+    def _loop(self):
+        try:
+            while not self._stop.is_set():
+                if self.train_step() is None:
+                    self.buffer.sample(0, self.rng, timeout=0.05)  # wait for traffic
+                    self._stop.wait(0.05)
+        except BaseException as err:  # surfaced by stop()/check()
+            self._error = err
+            logger.exception("Aurora trainer thread failed")
 
     def stop(self, publish: bool = True):
         """Stop the thread (after its current step), publish the latest weights, re-raise a thread failure."""
-        if self._thread is not None:
+        with self._thread_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._stop.set()
-            self._thread.join()
-            self._thread = None
+            thread.join()
         if publish and self.steps:
             self.publish()
         self.check()
