@@ -142,8 +142,10 @@ class RCDTrainer(BlockDiffusionTrainer):
     def forward_logits(self, model, batch: dict) -> torch.Tensor:
         """The target's logits [B, S, V] on the residual inputs (one forward, no cache)."""
         mask = batch["attention_mask"]
-        if attention_implementation(unwrapped_base_model(model)) == "eager":
-            mask = additive_attention_mask(mask, unwrapped_base_model(model).dtype)
+        # Under DDP `model` is the DistributedDataParallel wrapper (no dtype / attention settings): unwrap it first.
+        base = unwrapped_base_model(self.accelerator.unwrap_model(model))
+        if attention_implementation(base) == "eager":
+            mask = additive_attention_mask(mask, base.dtype)
         outputs = model(inputs_embeds=self.residual_inputs(model, batch), attention_mask=mask,
                         position_ids=batch["position_ids"], use_cache=False, **batch["model_kwargs"])
         return outputs.logits

@@ -1,8 +1,8 @@
-"""Smoke run of the other trainers under 2 processes: early readout, feature sieve, block diffusion, I-DLM, clock SFT
-(CARE healing is `workers.py heal`). Each trains 2 steps on a tiny random model; each rank reports, per trainer,
-whether it ran, its final weights digest (DDP: the same on both ranks) and the logged losses.
+"""Smoke run of the other trainers under 2 processes: early readout, feature sieve, block diffusion, I-DLM, RCD,
+clock SFT (CARE healing is `workers.py heal`). Each trains 2 steps on a tiny random model; each rank reports, per
+trainer, whether it ran, its final weights digest (DDP: the same on both ranks) and the logged losses.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess/smoke_trainers.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess/smoke_trainers.py OUT [NAME ..]
 """
 
 from __future__ import annotations
@@ -82,6 +82,20 @@ def idlm(out):
     return IDLMTrainer(tiny_llama(vocab=len(tok) + 1, num_layers=2), args=args, train_dataset=ds, processing_class=tok)
 
 
+def rcd(out):
+    from hf_fastslow.trainers.rcd_config import RCDTrainingConfig
+    from hf_fastslow.trainers.rcd_trainer import RCDTrainer
+
+    tok = byte_tokenizer()
+    ds = Dataset.from_dict({"prompt": [f"{i}+{i + 3}=" for i in range(16)],
+                            "completion": [f"{2 * i + 3};" for i in range(16)]})
+    args = RCDTrainingConfig(**common(out, bf16=False, per_device_train_batch_size=2, learning_rate=1e-3,
+                                      max_length=32, mask_token_id=len(tok), block_size=2))
+    reference = tiny_llama(vocab=len(tok) + 1, num_layers=1, seed=1)  # the frozen reference DLM
+    return RCDTrainer(tiny_llama(vocab=len(tok) + 1, num_layers=2), reference, args=args, train_dataset=ds,
+                      processing_class=tok)
+
+
 def clock_sft(out):
     from hf_fastslow.generation.agent_tasks import make_fact_tasks
     from hf_fastslow.trainers.clock_sft import clock_sft_trainer, make_clock_sft_dataset, synthesize_episodes
@@ -93,13 +107,15 @@ def clock_sft(out):
 
 
 TRAINERS = {"early_readout": early_readout, "feature_sieve": feature_sieve, "block_diffusion": block_diffusion,
-            "idlm": idlm, "clock_sft": clock_sft}
+            "idlm": idlm, "rcd": rcd, "clock_sft": clock_sft}
 
 
-def main(out_dir: str) -> dict:
+def main(out_dir: str, names=()) -> dict:
     torch.set_num_threads(1)
     report = {"rank": int(os.environ.get("RANK", "0"))}
     for name, build in TRAINERS.items():
+        if names and name not in names:
+            continue
         try:
             trainer = build(os.path.join(out_dir, name))
             trainer.train()
@@ -114,4 +130,4 @@ def main(out_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -161,8 +161,8 @@ def test_launch_check_and_shards_in_process(monkeypatch):
 
 @pytest.mark.slow
 def test_other_trainers_run_under_two_processes(tmp_path):
-    """Early readout, feature sieve, block diffusion, I-DLM and clock SFT train 2 steps under 2 ranks; DDP keeps
-    the weights equal."""
+    """Early readout, feature sieve, block diffusion, I-DLM, RCD and clock SFT train 2 steps under 2 ranks; DDP
+    keeps the weights equal."""
     from tests.multiprocess.smoke_trainers import TRAINERS
 
     r0, r1 = launch("tests/multiprocess/smoke_trainers.py", [str(tmp_path)], nproc=2, timeout=TIMEOUT)
