@@ -24,15 +24,10 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import torch
-
-# This script's folder is sys.path[0], and benchmarks/multiprocess.py there shadows the `multiprocess` package that
-# `datasets` (imported by transformers.Trainer) needs; nothing here imports from benchmarks/.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 
 def cpu_seconds() -> float:

@@ -23,15 +23,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 
 import torch
-
-# the repo root instead of this script's folder, whose sibling scripts (e.g. multiprocess.py) would shadow packages
-sys.path[:] = [p for p in sys.path if os.path.abspath(p) != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_fastslow.evaluation.few_shot import EpisodeDataset, digit_rotation_classes  # noqa: E402
 from hf_fastslow.modeling.conv4 import (  # noqa: E402

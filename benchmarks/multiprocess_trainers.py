@@ -1,6 +1,6 @@
 """Multi-process CPU runs (torchrun, gloo) of FST and of DAS rollouts beside the 1-process run on the same data.
 
-Every arm is a real launch of tests/multiprocess/workers.py with `torchrun --nproc_per_node N` (N = 1 or 2, the same
+Every arm is a real launch of tests/distributed/workers.py with `torchrun --nproc_per_node N` (N = 1 or 2, the same
 launcher for both, so process start-up is paid alike); the global batch is the same (2 ranks x half the rows). Arms
 are interleaved within each repeat. Reported per arm: wall-clock of the whole launch and of `trainer.train()` (the
 slowest rank), CPU seconds of the launched processes, per-rank rollouts, and:
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_fastslow.evaluation.timing import load_average  # noqa: E402
-from tests.multiprocess.launcher import launch  # noqa: E402
+from tests.distributed.launcher import launch  # noqa: E402
 
-WORKERS = "tests/multiprocess/workers.py"
+WORKERS = "tests/distributed/workers.py"
 
 
 def children_cpu() -> float:

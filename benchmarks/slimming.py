@@ -23,16 +23,9 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
-import sys
 import tempfile
 import time
-
-# Run as `python benchmarks/slimming.py`, this folder is sys.path[0], and benchmarks/multiprocess.py would shadow the
-# `multiprocess` package that `datasets` (imported by transformers.Trainer) needs.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch  # noqa: E402
 

@@ -2,8 +2,6 @@
 scripted judges (garbage counted), agreement with composite keys."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +18,7 @@ from hf_fastslow.evaluation.mast import (
 )
 from hf_fastslow.evaluation.mast_taxonomy import LEGACY_CODES, MAST_CATEGORIES, MAST_CODES, MAST_MODES, mode
 from hf_fastslow.evaluation.mast_traces import Trace, Turn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import byte_tokenizer, tiny_llama  # noqa: E402
+from tests.conftest import byte_tokenizer, tiny_llama
 
 
 def _answer(yes=(), task="no", extra_lines=()):

@@ -1,8 +1,6 @@
 """`hf-fastslow mast` in-process: heuristics on the fixtures, score + generate with a tiny saved judge, errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,7 @@ from hf_fastslow.cli import main
 from hf_fastslow.evaluation.mast_fixtures import fixture_traces
 from hf_fastslow.evaluation.mast_report import evaluate_annotators
 from hf_fastslow.evaluation.mast_taxonomy import MAST_CODES
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import byte_tokenizer, tiny_llama  # noqa: E402
+from tests.conftest import byte_tokenizer, tiny_llama
 
 
 def test_mast_verb_heuristics_on_fixtures(tmp_path, capsys):

@@ -8,15 +8,10 @@ for that slot (read from a precomputed reference continuation), else the same lo
 import functools
 import inspect
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
 
 from hf_fastslow.generation import isd as isd_module  # noqa: E402
 from hf_fastslow.generation.isd import (  # noqa: E402
@@ -25,6 +20,7 @@ from hf_fastslow.generation.isd import (  # noqa: E402
     introspective_acceptance_rate,
     isd_generate,
 )
+from tests.conftest import tiny_llama
 
 MASK = 127
 

@@ -6,19 +6,15 @@ position (from its precomputed greedy continuation), else the same logits with t
 """
 
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
-
 from hf_fastslow.generation import isd_batch  # noqa: E402
 from hf_fastslow.generation.isd import isd_generate  # noqa: E402
 from hf_fastslow.generation.isd_batch import StationaryBatchISD  # noqa: E402
+from tests.conftest import tiny_llama
 
 MASK = 127
 LENGTHS = (5, 1, 9, 3, 12, 7)

@@ -2,7 +2,7 @@
 process by its pid when the run outlives its timeout.
 
 A worker calls `write_rank_result(payload)`; the parent calls `launch(script, args, nproc=2)` and gets the list of
-payloads in rank order. Used by tests/multiprocess and benchmarks/multiprocess_trainers.py.
+payloads in rank order. Used by tests/distributed and benchmarks/multiprocess_trainers.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Trainers under 2 real processes (torchrun, gloo, CPU): method state is the same on every rank by design.
 
-Each test starts `torchrun --nproc_per_node 2` on tests/multiprocess/workers.py (stopped by pid on timeout) and
+Each test starts `torchrun --nproc_per_node 2` on tests/distributed/workers.py (stopped by pid on timeout) and
 compares the ranks' JSON payloads. CI runs the FST and DAS ones (~1 min each on a loaded 2-core box); the rest are slow.
 """
 
@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from tests.multiprocess.launcher import LaunchError, accelerate_command, launch  # noqa: E402
-from tests.multiprocess.workers import main as run_in_process  # noqa: E402
+from tests.distributed.launcher import LaunchError, accelerate_command, launch  # noqa: E402
+from tests.distributed.workers import main as run_in_process  # noqa: E402
 
-WORKERS = "tests/multiprocess/workers.py"
+WORKERS = "tests/distributed/workers.py"
 TIMEOUT = 480
 
 
@@ -29,7 +29,7 @@ def two_ranks(method, out_dir, *args):
 def test_fst_two_ranks_share_one_pool_save_once_and_resume_on_one(tmp_path):
     from hf_fastslow.trainers import FSTTrainer, load_fast_context
     from tests.conftest import byte_tokenizer, tiny_llama
-    from tests.multiprocess.workers import fst_args, fst_dataset, fst_parts, parse
+    from tests.distributed.workers import fst_args, fst_dataset, fst_parts, parse
 
     out = tmp_path / "fst"
     r0, r1 = two_ranks("fst", out, "--save-steps", "2")
@@ -163,9 +163,9 @@ def test_launch_check_and_shards_in_process(monkeypatch):
 def test_other_trainers_run_under_two_processes(tmp_path):
     """Early readout, feature sieve, block diffusion, I-DLM, RCD and clock SFT train 2 steps under 2 ranks; DDP
     keeps the weights equal."""
-    from tests.multiprocess.smoke_trainers import TRAINERS
+    from tests.distributed.smoke_trainers import TRAINERS
 
-    r0, r1 = launch("tests/multiprocess/smoke_trainers.py", [str(tmp_path)], nproc=2, timeout=TIMEOUT)
+    r0, r1 = launch("tests/distributed/smoke_trainers.py", [str(tmp_path)], nproc=2, timeout=TIMEOUT)
     for name in TRAINERS:
         assert r0[name]["ok"], (name, r0[name].get("trace"))
         assert r0[name]["num_processes"] == 2 and r0[name]["global_step"] == 2

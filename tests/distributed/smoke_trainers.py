@@ -2,7 +2,7 @@
 clock SFT (CARE healing is `workers.py heal`). Each trains 2 steps on a tiny random model; each rank reports, per
 trainer, whether it ran, its final weights digest (DDP: the same on both ranks) and the logged losses.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess/smoke_trainers.py OUT [NAME ..]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/smoke_trainers.py OUT [NAME ..]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from tests.conftest import byte_tokenizer, tiny_llama
-from tests.multiprocess.launcher import write_rank_result
-from tests.multiprocess.workers import weights_digest
+from tests.distributed.launcher import write_rank_result
+from tests.distributed.workers import weights_digest
 
 
 def classifier(num_labels):

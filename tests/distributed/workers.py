@@ -1,6 +1,6 @@
-"""Worker entry points run by `torchrun` in tests/multiprocess and benchmarks/multiprocess_trainers.py (one per method).
+"""Worker entry points run by `torchrun` in tests/distributed and benchmarks/multiprocess_trainers.py (one per method).
 
-`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess/workers.py <method> <out_dir>
+`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/workers.py <method> <out_dir>
 [options]`; each rank writes its JSON payload with `write_rank_result`. Tiny random models, CPU, gloo.
 """
 
@@ -16,7 +16,7 @@ import time
 import torch
 
 from tests.conftest import byte_tokenizer, tiny_llama
-from tests.multiprocess.launcher import write_rank_result
+from tests.distributed.launcher import write_rank_result
 
 RULE = "RULE: be brief"
 SEED_CONTEXT = "You are a helper."
