@@ -15,6 +15,7 @@ _VERB_MODULES = (
     "hf_fastslow.evaluation.ipw_cli",
     "hf_fastslow.evaluation.ksort_cli",
     "hf_fastslow.evaluation.mast_cli",
+    "hf_fastslow.bench.cli",
 )
 
 
