@@ -95,6 +95,10 @@ CASES = {
                            r"removed: 2 consecutive failures; last: BackendUnreachableError: .*Connection refused",
                            r"after 2 HTTP 503s: 'ok', backed off 1\.5 s",
                            r"all replicas down: 2 rows reported, healthy now: \[\]"], 120, ()),
+    "distributed_trainers.py": ([r"FST fast context identical on both ranks: True \(pool and Pareto scores too: True\)",
+                                 r"FST reflector calls per rank: \[1, 0\]",
+                                 r"DAS history: rank 0 holds (\d+) rollouts, rank 1 holds \1, identical: True"],
+                                300, ()),
 }
 
 
