@@ -1,0 +1,55 @@
+"""The `bench` verb: `hf-fastslow bench [METHOD ...] [--profile quick|full] [--device cpu|cuda] [--out DIR] [--list]`.
+Standard library only at module level (hf_fastslow.cli imports every verb module to build its parser)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _list(entries, profile: str) -> int:
+    from hf_fastslow.bench.runner import blocked_reason, cell
+
+    print("| method | script | peer | headline | quick | JSON | here |")
+    print("|---|---|---|---|---|---|---|")
+    for e in entries.values():
+        quick = "-" if e.quick_args is None else (" ".join(e.quick_args) or "(defaults)")
+        here = blocked_reason(e, profile, "cpu", allow_downloads=False) or "runs"
+        cells = (e.method, e.script, e.peer, e.metric, quick, e.output.mode, here)
+        print("| " + " | ".join(cell(c) for c in cells) + " |")
+    return 0
+
+
+def _bench(args) -> int:
+    from hf_fastslow.bench.registry import registry, resolve
+    from hf_fastslow.bench.runner import REPORT_NAME, run_entries, table
+
+    entries = registry(getattr(args, "overrides", ()))
+    try:
+        resolve(args.methods, entries)
+    except KeyError as err:
+        print(f"hf-fastslow bench: {err.args[0]}", file=sys.stderr)
+        return 2
+    if args.list:
+        return _list({e.method: e for e in resolve(args.methods, entries)}, args.profile)
+    report = run_entries(args.methods, entries, profile=args.profile, device=args.device, out_dir=args.out,
+                         allow_downloads=args.allow_downloads, timeout_s=args.timeout)
+    print()
+    print(table(report))
+    print(f"\nJSON report: {args.out}/{REPORT_NAME}; each script's output: {args.out}/<method>.log")
+    failed = [m["method"] for m in report["methods"] if m["status"] == "failed"]
+    return 1 if failed else 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="re-measure the methods' headline figures beside their peers",
+                              description="Run benchmarks/<method>.py for the chosen methods (all by default) and "
+                                          "gather one table and one JSON report.")
+    p.add_argument("methods", nargs="*", metavar="METHOD", help="methods to run (default: all; --list shows them)")
+    p.add_argument("--profile", choices=("quick", "full"), default="quick",
+                   help="quick: reduced sizes (~2 min each on 2 CPU cores); full: the sizes docs/benchmarks.md records")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="bench_out", help="folder for the report, each script's JSON and log")
+    p.add_argument("--list", action="store_true", help="list the methods, their peers and whether they run here")
+    p.add_argument("--allow-downloads", action="store_true", help="let methods that download weights run")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per method before it is stopped")
+    p.set_defaults(func=_bench)

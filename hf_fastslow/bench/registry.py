@@ -1,0 +1,229 @@
+"""One entry per benchmark script in `benchmarks/`: how `hf-fastslow bench` runs it, what it compares and where the
+headline figure sits in the script's JSON output.
+
+The entries record the scripts as they are, not as the bench verb would like them: a script with no `--quick` has
+`quick_args=None` and a `quick_note` saying why, a script that writes no JSON has `Output("none")`, and an entry whose
+headline has not been wired to its JSON yet has `extract=None` (the run still happens and its JSON is kept; the table
+says the figure is not extracted). Full-profile arguments are the command each script's docstring or its docs page
+gives for the recorded figures; `()` means the script's defaults are those sizes.
+Standard library only: `hf-fastslow --help` imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline number of a run, beside the peer's number on the same metric (None when the peer has none)."""
+
+    metric: str
+    ours: float | None
+    peer: float | None = None
+    measured: bool = True  # False: an estimate (e.g. energy from CPU time and a per-core wattage)
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or self.peer in (None, 0):
+            return None
+        return self.ours / self.peer
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a script writes its JSON. mode: "file" (`flag PATH`), "dir" (`flag DIR`, the JSON is DIR/filename, which may
+    hold `{profile}`), "stdout" (`flag` makes it print the JSON instead of its tables), "none" (no JSON at all)."""
+
+    mode: str
+    flag: str | None = None
+    filename: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("file", "dir", "stdout", "none"):
+            raise ValueError(f"unknown output mode {self.mode!r}")
+        if self.mode != "none" and not self.flag:
+            raise ValueError(f"output mode {self.mode!r} needs the script's flag")
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    method: str
+    script: str  # relative to the repository root
+    peer: str
+    metric: str  # the headline, in words
+    docs: str  # the page docs/benchmarks.md's index links for it (relative to docs/, no anchor)
+    output: Output
+    quick_args: tuple[str, ...] | None  # None: no quick profile (quick_note says why)
+    full_args: tuple[str, ...] = ()
+    quick_note: str = ""
+    extract: Callable[[dict], list[Figure]] | None = None
+    paper: str | None = None  # the paper's figure, as text; None: not recorded here yet
+    requires: tuple[str, ...] = ()  # "cuda", "module:<import name>" (an extra), "download:<what>" (opt-in)
+    full_requires: tuple[str, ...] = ()  # needed by the full profile only
+    device_flag: str | None = None  # the script's own device option, when it has one
+
+    def args(self, profile: str) -> tuple[str, ...] | None:
+        if profile == "quick":
+            return self.quick_args
+        if profile == "full":
+            return self.full_args
+        raise ValueError(f"unknown profile {profile!r} (quick, full)")
+
+    def requirements(self, profile: str) -> tuple[str, ...]:
+        return self.requires + (self.full_requires if profile == "full" else ())
+
+
+def _ksort(report: dict) -> list[Figure]:
+    figures = []
+    synthetic = report.get("synthetic")
+    if synthetic:
+        ours, static = synthetic["pl/k-sort"], synthetic["pl/static-matching"]
+        figures.append(Figure("synthetic arena: mean runs to converge (pl judge), lower is better",
+                              ours["mean_runs"], static["mean_runs"], note="peer: static matching"))
+        figures.append(Figure("synthetic arena: share converged within 90 runs (pl judge)",
+                              ours["converged_within_90"], static["converged_within_90"], note="peer: static matching"))
+    text = report.get("text")
+    if text:
+        bt = text["static-judge+bradley-terry"]
+        ours = text["likelihood-judge/k-sort"]
+        figures.append(Figure("text arena: |mu - true skill|, lower is better", ours["abs_err"], bt["abs_err"],
+                              note="peer: static judge + Bradley-Terry"))
+    return figures
+
+
+_NO_QUICK = "the script has no --quick; reduced sizes not chosen and timed yet"
+_NO_JSON = Output("none")
+
+ENTRIES: tuple[BenchEntry, ...] = (
+    BenchEntry("xquant", "benchmarks/xquant.py", "DynamicCache, quanto and HQQ QuantizedCache",
+               "bytes per token and perplexity at 1,024 tokens", "benchmarks.md", _NO_JSON, None,
+               full_args=("--skip-generate",), quick_note=_NO_QUICK, device_flag="--device",
+               requires=("module:optimum.quanto",)),
+    BenchEntry("kernels_quantize", "benchmarks/kernels_quantize.py", "the PyTorch reference path",
+               "Triton quantize/dequantize kernel time", "kernels.md", _NO_JSON, ("--tokens", "1024"),
+               full_args=("--device", "cuda"), device_flag="--device", requires=("cuda", "module:triton"),
+               quick_note="the headline is GPU kernel speed; on CPU the script times the reference path only"),
+    BenchEntry("das", "benchmarks/das.py", "plain generate, prompt lookup (best of sweep)",
+               "wall-clock DAS / plain generate (GRPO rollouts; greedy serving)", "benchmarks/das.md", _NO_JSON,
+               None, quick_note=_NO_QUICK),
+    BenchEntry("speculative_loop", "benchmarks/speculative_loop.py", "generate",
+               "rounds without drafts vs generate steps (overhead of the loop)", "speculative.md", _NO_JSON, None,
+               full_args=("--batch", "1", "8", "--new-tokens", "64", "--repeats", "5"), quick_note=_NO_QUICK),
+    BenchEntry("aurora", "benchmarks/aurora.py", "a frozen speculator", "acceptance length per window across a shift",
+               "benchmarks/aurora.md", Output("file", "--json"), None, quick_note=_NO_QUICK),
+    BenchEntry("fst", "benchmarks/fst.py", "GRPO", "held-out reward vs rollouts", "benchmarks/fst.md",
+               Output("file", "--out"), None, quick_note=_NO_QUICK),
+    BenchEntry("v1_infer", "benchmarks/v1_infer.py", "pointwise self-verification / majority vote",
+               "GSM8K accuracy at a matched budget", "benchmarks/v1.md", Output("file", "--out"), None,
+               full_args=("--num-questions", "12", "--n", "6", "--time-budget", "840"), quick_note=_NO_QUICK),
+    BenchEntry("pairrl", "benchmarks/pairrl.py", "GRPO with a pointwise reward", "held-out accuracy after training",
+               "benchmarks/v1.md", Output("file", "--out"), None, full_args=("--steps", "8"), quick_note=_NO_QUICK),
+    BenchEntry("qvg", "benchmarks/qvg.py", "XQuant, quanto and HQQ caches", "bytes per token and perplexity",
+               "qvg.md", _NO_JSON, None, quick_note=_NO_QUICK, requires=("module:optimum.quanto",)),
+    BenchEntry("qvg_video", "benchmarks/qvg_video.py", "KIVI-style video KV cache",
+               "video KV bytes and rollout error (tiny random Wan)", "video.md", _NO_JSON, ("--quick",),
+               requires=("module:diffusers",)),
+    BenchEntry("ear", "benchmarks/ear.py", "SVG2-style routing", "attention error at equal density", "ear.md",
+               _NO_JSON, None, quick_note=_NO_QUICK, requires=("module:diffusers",)),
+    BenchEntry("iha", "benchmarks/iha.py", "stock attention",
+               "conversion exactness; retrieval accuracy after fine-tune", "attention.md", _NO_JSON, None,
+               quick_note=_NO_QUICK),
+    BenchEntry("care", "benchmarks/care.py", "uniform SVD", "perplexity at a KV width, before and after healing",
+               "attention.md", _NO_JSON, None, full_args=("--stretch",), quick_note=_NO_QUICK),
+    BenchEntry("crest", "benchmarks/crest.py", "SEAL-style steering, a token ban",
+               "GSM-Symbolic accuracy and tokens per answer", "attention.md", Output("file", "--out"), None,
+               full_args=("--calib", "16", "--items", "16", "--max-new-tokens", "96", "--batch", "16"),
+               quick_note=_NO_QUICK),
+    BenchEntry("dlm_synthetic", "benchmarks/dlm_synthetic.py", "an AR model trained on the same tokens",
+               "multi-digit addition accuracy and tokens per forward", "dlm.md",
+               Output("dir", "--out", "results_{profile}_seed0.json"), ("--quick",)),
+    BenchEntry("isd", "benchmarks/isd.py", "greedy generate, prompt lookup", "acceptance and tokens/s", "dlm.md",
+               Output("dir", "--out", "results.json"), None, quick_note=_NO_QUICK),
+    BenchEntry("block_diffusion", "benchmarks/block_diffusion.py", "diffusers LLaDA2Pipeline, greedy generate",
+               "tokens/s", "dlm.md", _NO_JSON, ("--quick",), requires=("module:diffusers",)),
+    BenchEntry("isd_batch", "benchmarks/isd_batch.py", "the same requests one by one", "stationary-batch tokens/s",
+               "dlm.md", Output("stdout", "--json"), ("--quick",),
+               full_args=("--requests", "32", "--batch", "8", "--new-tokens", "32", "--repeats", "3")),
+    BenchEntry("rcd", "benchmarks/rcd.py", "the block-diffusion loop", "residual cost per decode step", "dlm.md",
+               _NO_JSON, ("--quick",)),
+    BenchEntry("losa", "benchmarks/losa.py", "QUEST-naive, dense", "attention error and time at 4K/7K prefix",
+               "dlm.md", Output("file", "--json"), ("--quick",)),
+    BenchEntry("spurious_features", "benchmarks/spurious_features.py", "plain KD, ERM",
+               "worst-group accuracy on a spurious-feature task", "trainers.md", Output("file", "--json"),
+               ("--quick",)),
+    BenchEntry("qttt", "benchmarks/qttt.py", "in-context, FLOP-matched thinking, full TTT",
+               "key-value retrieval accuracy at 2K tokens", "trainers.md", Output("file", "--json"), ("--quick",)),
+    BenchEntry("dts", "benchmarks/dts.py", "temperature-sampled pairs", "accuracy after one epoch of DPO",
+               "trainers.md", Output("file", "--json"), ("--quick",),
+               full_args=("--threads", "1", "--lr", "2e-5", "--train", "24", "--test", "48", "--max-solve-tokens",
+                          "96", "--max-think-tokens", "48")),
+    BenchEntry("squeeze_evolve", "benchmarks/squeeze_evolve.py", "RSA, majority vote", "accuracy per dollar",
+               "agents.md", Output("file", "--out"), ("--quick",),
+               full_args=("--problems", "40", "--expensive", "qwen-coder-0.5b"),
+               full_requires=("download:Qwen2.5-Coder-0.5B",)),
+    BenchEntry("catts", "benchmarks/catts.py", "greedy, majority vote, always-arbitrate",
+               "episode success vs share of steps arbitrated", "agents.md", Output("file", "--out"), ("--quick",),
+               full_args=("--episodes", "50")),
+    BenchEntry("staircase", "benchmarks/staircase.py", "Mixture-of-Agents", "time to first token", "agents.md",
+               Output("file", "--out"), ("--quick",),
+               full_args=("--additions", "20", "--instructions", "20", "--chunks", "16", "32", "--proposal-tokens",
+                          "96", "--answer-tokens", "64"), requires=("module:fastapi",)),
+    BenchEntry("speculative_agent", "benchmarks/speculative_agent.py", "sequential ReAct",
+               "time from the user's last word to the answer", "agents.md", Output("file", "--out"), ("--quick",)),
+    BenchEntry("ipw", "benchmarks/ipw.py", "fp32 in process, CodeCarbon", "accuracy per joule (CPU energy estimated)",
+               "evaluation.md", Output("file", "--out"), ("--quick",), full_args=("--problems", "50"),
+               device_flag="--device"),
+    BenchEntry("ksort", "benchmarks/ksort.py", "static matching; static judge + Bradley-Terry",
+               "judge runs to converge; |mu - true skill|", "evaluation.md", Output("file", "--out"), ("--quick",),
+               extract=_ksort, paper=">= 90 % of new models converged within 90 runs (the paper's target)"),
+    BenchEntry("mast", "benchmarks/mast.py", "heuristics, agentdash",
+               "failure-mode agreement with the fixtures' labels", "evaluation.md", Output("file", "--out"),
+               ("--quick",)),
+    BenchEntry("concept_bottleneck", "benchmarks/concept_bottleneck.py", "random / static / uncertainty queries",
+               "accuracy vs queries (area under the curve)", "vision.md", Output("file", "--out"), ("--quick",),
+               requires=("module:sklearn",)),
+    BenchEntry("slimming", "benchmarks/slimming.py", "torch.nn.utils.prune", "tracker accuracy and latency vs kept %",
+               "vision.md", Output("file", "--out"), ("--quick",), requires=("module:sklearn",)),
+    BenchEntry("metadock", "benchmarks/metadock.py", "dense and narrow dense Conv4 (iMAML)",
+               "5-way 1/5-shot accuracy vs FLOPs kept", "vision.md", Output("file", "--out"), ("--quick",),
+               requires=("module:sklearn",)),
+    BenchEntry("multiprocess_trainers", "benchmarks/multiprocess_trainers.py", "1 process",
+               "2-process FST/DAS rollout time, same state on every rank", "scaling.md", Output("file", "--out"),
+               ("--quick",)),
+    BenchEntry("replica_failover", "benchmarks/replica_failover.py", "one replica, no failure",
+               "answered requests and latency with a replica killed", "scaling.md", Output("file", "--out"),
+               ("--quick",), requires=("module:fastapi",)),
+)
+
+# Rows of docs/benchmarks.md's index that have no script under benchmarks/, and why.
+UNBENCHED_INDEX_PAGES = {"backends.md": "the backend layer is shown by examples/backends.py --serve, not a benchmark"}
+
+
+def registry(overrides: tuple[BenchEntry, ...] = ()) -> dict[str, BenchEntry]:
+    """Method name -> entry; `overrides` replace or add entries (tests register a tiny fake script this way)."""
+    entries = {e.method: e for e in ENTRIES}
+    entries.update({e.method: e for e in overrides})
+    return entries
+
+
+def benchmark_scripts(root: Path) -> list[str]:
+    """Every benchmark script in root/benchmarks (helpers start with an underscore)."""
+    return sorted(f"benchmarks/{p.name}" for p in (root / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve(names: list[str], entries: dict[str, BenchEntry]) -> list[BenchEntry]:
+    """The entries for `names` (all when empty), in the order given; unknown names raise with the valid ones."""
+    if not names:
+        return list(entries.values())
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise KeyError(f"unknown method(s): {', '.join(unknown)}; valid: {', '.join(sorted(entries))}")
+    return [entries[n] for n in dict.fromkeys(names)]
+
+
+__all__ = ["ENTRIES", "UNBENCHED_INDEX_PAGES", "BenchEntry", "Figure", "Output", "benchmark_scripts", "registry",
+           "resolve"]

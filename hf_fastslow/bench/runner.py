@@ -1,0 +1,233 @@
+"""Run registry entries as subprocesses (`python benchmarks/X.py <profile args> <out flag>`), one at a time, and gather
+their headline figures into one table and one JSON report with the environment they were measured in.
+
+A method that cannot run here (an unmet requirement, no quick profile, no device option) gets a line saying why and a
+record in the JSON with that reason; nothing is skipped silently. Each script's stdout/stderr goes to DIR/<method>.log.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from hf_fastslow.bench.registry import BenchEntry, Figure, resolve
+
+REPORT_NAME = "bench_report.json"
+_VERSIONED = ("hf_fastslow", "torch", "transformers", "trl", "peft", "accelerate", "diffusers", "triton")
+
+
+def repo_root() -> Path:
+    """The checkout holding benchmarks/ (the bench verb runs from a source checkout: the scripts are not packaged)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    from hf_fastslow.evaluation.timing import machine_state
+
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "device": device, "cuda_available": cuda, "cuda_device": torch.cuda.get_device_name() if cuda else None,
+            **machine_state()}
+
+
+def unmet_requirement(requirement: str, allow_downloads: bool) -> str | None:
+    """Why `requirement` is not met on this machine, or None when it is."""
+    kind, _, detail = requirement.partition(":")
+    if kind == "cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "needs a CUDA GPU (none here)"
+    if kind == "module":
+        try:
+            found = importlib.util.find_spec(detail) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        return None if found else f"needs the module {detail} (not installed; see the extras in pyproject.toml)"
+    if kind == "download":
+        return None if allow_downloads else f"downloads {detail}: opt in with --allow-downloads"
+    raise ValueError(f"unknown requirement {requirement!r}")
+
+
+def blocked_reason(entry: BenchEntry, profile: str, device: str, allow_downloads: bool) -> str | None:
+    """Why `entry` cannot run here in `profile` on `device`, or None."""
+    for requirement in entry.requirements(profile):
+        reason = unmet_requirement(requirement, allow_downloads)
+        if reason:
+            return reason
+    if entry.args(profile) is None:
+        return f"no {profile} profile: {entry.quick_note or 'not recorded'}"
+    if device != "cpu" and entry.device_flag is None and "cuda" not in entry.requires:
+        return "the script has no device option (it runs on CPU only); run it with --device cpu"
+    return None
+
+
+def command(entry: BenchEntry, profile: str, device: str, out_dir: Path, python: str = sys.executable) -> list[str]:
+    args = list(entry.args(profile))
+    if entry.device_flag and entry.device_flag not in args:
+        args += [entry.device_flag, device]
+    out = entry.output
+    if out.mode == "file":
+        args += [out.flag, str(out_dir / f"{entry.method}.json")]
+    elif out.mode == "dir":
+        args += [out.flag, str(out_dir / entry.method)]
+    elif out.mode == "stdout":
+        args += [out.flag]
+    return [python, entry.script, *args]
+
+
+def read_json(entry: BenchEntry, profile: str, out_dir: Path, log_text: str) -> tuple[dict | list | None, str | None]:
+    """The script's JSON output and where it was read from (None, None for a script that writes none)."""
+    out = entry.output
+    if out.mode == "none":
+        return None, None
+    if out.mode == "stdout":
+        start = log_text.find("\n{") + 1 if not log_text.startswith("{") else 0
+        value, _ = json.JSONDecoder().raw_decode(log_text[start:])
+        path = out_dir / f"{entry.method}.json"
+        path.write_text(json.dumps(value, indent=1))
+        return value, str(path)
+    if out.mode == "dir":
+        path = out_dir / entry.method / out.filename.format(profile=profile)
+    else:
+        path = out_dir / f"{entry.method}.json"
+    return json.loads(path.read_text()), str(path)
+
+
+def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Callable[[str], None],
+                heartbeat_s: float, timeout_s: float | None) -> tuple[int | None, float]:
+    """Run one script, its output to log_path; every heartbeat_s a progress line (elapsed, the log's last line)."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        next_beat = t0 + heartbeat_s
+        while proc.poll() is None:
+            time.sleep(0.2)
+            now = time.perf_counter()
+            if timeout_s is not None and now - t0 > timeout_s:
+                proc.kill()
+                proc.wait()
+                return None, now - t0
+            if now >= next_beat:
+                next_beat = now + heartbeat_s
+                lines = log_path.read_text(errors="replace").strip().splitlines()
+                last = lines[-1][-90:] if lines else ""
+                say(f"    {method}: {now - t0:.0f} s  | {last}")
+    return proc.returncode, time.perf_counter() - t0
+
+
+def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str = "quick", device: str = "cpu",
+                out_dir: str | Path = "bench_out", root: Path | None = None, allow_downloads: bool = False,
+                timeout_s: float | None = None, heartbeat_s: float = 30.0,
+                say: Callable[[str], None] = print) -> dict:
+    """Run the named entries (all when `names` is empty); returns the report written to out_dir/bench_report.json."""
+    chosen = resolve(names, entries)  # raises with the valid names before anything runs
+    root = Path(root) if root is not None else repo_root()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"profile": profile, "environment": environment(device), "methods": []}
+    for i, entry in enumerate(chosen, 1):
+        record = {"method": entry.method, "script": entry.script, "peer": entry.peer, "metric": entry.metric,
+                  "paper": entry.paper, "docs": f"docs/{entry.docs}", "command": None, "status": None,
+                  "reason": None, "wall_s": None, "log": None, "json": None, "figures": []}
+        report["methods"].append(record)
+        reason = blocked_reason(entry, profile, device, allow_downloads)
+        if reason:
+            record.update(status="cannot run here", reason=reason)
+            say(f"[{i}/{len(chosen)}] {entry.method}: cannot run here: {reason}")
+            continue
+        cmd = command(entry, profile, device, out_dir)
+        log_path = out_dir / f"{entry.method}.log"
+        record.update(command=" ".join(cmd[1:]), log=str(log_path))
+        say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
+        rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
+        record["wall_s"] = round(wall, 1)
+        log_text = log_path.read_text(errors="replace")
+        if rc != 0:
+            tail = " / ".join(log_text.strip().splitlines()[-3:])[-300:]
+            why = f"timed out after {timeout_s:.0f} s" if rc is None else f"exit status {rc}"
+            record.update(status="failed", reason=f"{why}: {tail}")
+            say(f"[{i}/{len(chosen)}] {entry.method}: FAILED after {wall:.0f} s ({why}); log {log_path}")
+            continue
+        try:
+            data, json_path = read_json(entry, profile, out_dir, log_text)
+        except (OSError, ValueError) as err:
+            record.update(status="failed", reason=f"ran, but its JSON could not be read: {err}")
+            say(f"[{i}/{len(chosen)}] {entry.method}: ran in {wall:.0f} s but its JSON could not be read: {err}")
+            continue
+        record["json"] = json_path
+        if data is None:
+            record.update(status="ran", reason="the script writes no JSON: figures are in its log only")
+        elif entry.extract is None:
+            record.update(status="ran", reason="headline extractor not written yet: figures are in its JSON")
+        else:
+            figures = entry.extract(data)
+            record["figures"] = [{**asdict(f), "ratio": f.ratio} for f in figures]
+            record["status"] = "measured"
+        say(f"[{i}/{len(chosen)}] {entry.method}: done in {wall:.0f} s"
+            + (f" ({record['reason']})" if record["reason"] else ""))
+    report["load_average_after"] = _load_average()
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cell(text) -> str:
+    """`text` safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def table(report: dict) -> str:
+    """The report as one markdown table: a row per figure, and a row per method that has none (with why)."""
+    lines = ["| method | metric | ours | peer | ratio | paper | measured or estimated |",
+             "|---|---|---|---|---|---|---|"]
+    for m in report["methods"]:
+        if not m["figures"]:
+            why = m["status"] + (f": {m['reason']}" if m["reason"] else "")
+            lines.append(f"| {m['method']} | {cell(m['metric'])} | - | - | - | {cell(m['paper'] or '-')} | {cell(why)} |")
+        for f in m["figures"]:
+            kind = "measured" if f["measured"] else "estimated"
+            metric = f["metric"] + (f" ({f['note']})" if f["note"] else "")
+            lines.append(f"| {m['method']} | {cell(metric)} | {_fmt(f['ours'])} | {_fmt(f['peer'])} | "
+                         f"{_fmt(f['ratio'])} | {cell(m['paper'] or '-')} | {kind} |")
+    env = report["environment"]
+    lines.append("")
+    lines.append(f"profile {report['profile']}, device {env['device']}, torch threads {env['torch_threads']}, "
+                 f"{env['cpus']} CPUs, load average {env['load_average']} before, "
+                 f"{report.get('load_average_after')} after; torch {env['versions']['torch']}, "
+                 f"transformers {env['versions']['transformers']}")
+    return "\n".join(lines)
+
+
+__all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries", "table"]
