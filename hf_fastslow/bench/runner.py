@@ -215,7 +215,8 @@ def table(report: dict) -> str:
     for m in report["methods"]:
         if not m["figures"]:
             why = m["status"] + (f": {m['reason']}" if m["reason"] else "")
-            lines.append(f"| {m['method']} | {cell(m['metric'])} | - | - | - | {cell(m['paper'] or '-')} | {cell(why)} |")
+            paper = cell(m["paper"] or "-")
+            lines.append(f"| {m['method']} | {cell(m['metric'])} | - | - | - | {paper} | {cell(why)} |")
         for f in m["figures"]:
             kind = "measured" if f["measured"] else "estimated"
             metric = f["metric"] + (f" ({f['note']})" if f["note"] else "")
@@ -230,4 +231,5 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries", "table"]
+__all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries",
+           "table"]
