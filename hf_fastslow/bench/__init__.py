@@ -5,6 +5,6 @@ its headline sits in the script's JSON; `runner` runs the chosen entries as subp
 JSON report; `cli` registers the verb. Standard library only at import time.
 """
 
-from hf_fastslow.bench.registry import ENTRIES, BenchEntry, Figure, Output, registry, resolve
+from hf_fastslow.bench.registry import ENTRIES, BenchEntry, Figure, Output, entries_by_method, resolve
 
-__all__ = ["ENTRIES", "BenchEntry", "Figure", "Output", "registry", "resolve"]
+__all__ = ["ENTRIES", "BenchEntry", "Figure", "Output", "entries_by_method", "resolve"]

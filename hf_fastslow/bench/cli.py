@@ -20,10 +20,10 @@ def _list(entries, profile: str) -> int:
 
 
 def _bench(args) -> int:
-    from hf_fastslow.bench.registry import registry, resolve
+    from hf_fastslow.bench.registry import entries_by_method, resolve
     from hf_fastslow.bench.runner import REPORT_NAME, run_entries, table
 
-    entries = registry(getattr(args, "overrides", ()))
+    entries = entries_by_method()
     try:
         resolve(args.methods, entries)
     except KeyError as err:

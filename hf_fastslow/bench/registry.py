@@ -203,7 +203,7 @@ ENTRIES: tuple[BenchEntry, ...] = (
 UNBENCHED_INDEX_PAGES = {"backends.md": "the backend layer is shown by examples/backends.py --serve, not a benchmark"}
 
 
-def registry(overrides: tuple[BenchEntry, ...] = ()) -> dict[str, BenchEntry]:
+def entries_by_method(overrides: tuple[BenchEntry, ...] = ()) -> dict[str, BenchEntry]:
     """Method name -> entry; `overrides` replace or add entries (tests register a tiny fake script this way)."""
     entries = {e.method: e for e in ENTRIES}
     entries.update({e.method: e for e in overrides})
@@ -225,5 +225,5 @@ def resolve(names: list[str], entries: dict[str, BenchEntry]) -> list[BenchEntry
     return [entries[n] for n in dict.fromkeys(names)]
 
 
-__all__ = ["ENTRIES", "UNBENCHED_INDEX_PAGES", "BenchEntry", "Figure", "Output", "benchmark_scripts", "registry",
-           "resolve"]
+__all__ = ["ENTRIES", "UNBENCHED_INDEX_PAGES", "BenchEntry", "Figure", "Output", "benchmark_scripts",
+           "entries_by_method", "resolve"]
