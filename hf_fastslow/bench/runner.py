@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -82,6 +83,8 @@ def command(entry: BenchEntry, profile: str, device: str, out_dir: Path, python:
     args = list(entry.args(profile))
     if entry.device_flag and entry.device_flag not in args:
         args += [entry.device_flag, device]
+    for flag, name in entry.side_outputs:
+        args += [flag, str(out_dir / name)]
     out = entry.output
     if out.mode == "file":
         args += [out.flag, str(out_dir / f"{entry.method}.json")]
@@ -127,7 +130,7 @@ def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Cal
                 return None, now - t0
             if now >= next_beat:
                 next_beat = now + heartbeat_s
-                lines = log_path.read_text(errors="replace").strip().splitlines()
+                lines = [x for x in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if x.strip()]
                 last = lines[-1][-90:] if lines else ""
                 say(f"    {method}: {now - t0:.0f} s  | {last}")
     return proc.returncode, time.perf_counter() - t0
@@ -221,10 +224,11 @@ def table(report: dict) -> str:
             kind = "measured" if f["measured"] else "estimated"
             metric = f["metric"] + (f" ({f['note']})" if f["note"] else "")
             lines.append(f"| {m['method']} | {cell(metric)} | {_fmt(f['ours'])} | {_fmt(f['peer'])} | "
-                         f"{_fmt(f['ratio'])} | {cell(m['paper'] or '-')} | {kind} |")
+                         f"{_fmt(f['ratio'])} | {cell(f['paper'] or '-')} | {kind} |")
     env = report["environment"]
     lines.append("")
-    lines.append(f"profile {report['profile']}, device {env['device']}, torch threads {env['torch_threads']}, "
+    lines.append(f"profile {report['profile']}, device {env['device']}, bench process torch threads "
+                 f"{env['torch_threads']} (each script sets its own, see its log), "
                  f"{env['cpus']} CPUs, load average {env['load_average']} before, "
                  f"{report.get('load_average_after')} after; torch {env['versions']['torch']}, "
                  f"transformers {env['versions']['transformers']}")

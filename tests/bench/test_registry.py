@@ -97,7 +97,7 @@ def test_readme_methods_map_to_entries():
 def test_entry_flags_exist_in_its_script(entry):
     source = (ROOT / entry.script).read_text()
     flags = [a for a in (*(entry.quick_args or ()), *entry.full_args) if a.startswith("--")]
-    flags += [f for f in (entry.output.flag, entry.device_flag) if f]
+    flags += [f for f in (entry.output.flag, entry.device_flag) if f] + [flag for flag, _ in entry.side_outputs]
     assert [f for f in flags if f'"{f}"' not in source] == []
     assert entry.quick_args is not None or entry.quick_note, "a missing quick profile needs its reason"
     if entry.output.mode == "none":
@@ -116,7 +116,7 @@ def _fake_script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def _extract(report):
-    return [Figure("seconds per answer", report["ours"], report["peer"]),
+    return [Figure("seconds per answer", report["ours"], report["peer"], paper="2x faster"),
             Figure("joules per answer", report["joules"], None, measured=False)]
 
 
@@ -126,7 +126,7 @@ def fakes(tmp_path):
     prints = "print('loading...'); print(json.dumps({'ours': 3.0, 'peer': 1.5, 'joules': 1.0}, indent=1))\n"
     return {
         "fake": BenchEntry("fake", _fake_script(tmp_path, "fake", writes), "a peer", "seconds per answer", "x.md",
-                           Output("file", "--out"), ("--quick",), extract=_extract, paper="2x faster"),
+                           Output("file", "--out"), ("--quick",), extract=_extract, paper="about 2x"),
         "printer": BenchEntry("printer", _fake_script(tmp_path, "printer", prints), "a peer", "seconds", "x.md",
                               Output("stdout", "--json"), ("--quick",), extract=_extract),
         "tables_only": BenchEntry("tables_only", _fake_script(tmp_path, "tables_only", "print('| a | b |')\n"),
@@ -208,6 +208,26 @@ def test_commands_follow_each_output_mode(tmp_path):
     assert command(entries["isd_batch"], "quick", "cpu", tmp_path, python="py")[-1] == "--json"
     assert command(entries["ipw"], "quick", "cuda", tmp_path, python="py")[2:] == [
         "--quick", "--device", "cuda", "--out", str(tmp_path / "ipw.json")]
+
+
+def test_extractors_read_recorded_outputs():
+    """The JSON files docs/benchmarks/ keeps from real runs, through their entries' extractors."""
+    entries = entries_by_method()
+    ipw = entries["ipw"].extract(json.loads((ROOT / "docs/benchmarks/ipw_results.json").read_text()))
+    assert [f.metric.split(",")[0] for f in ipw] == [
+        "fp32 energy per query (J): the IPW meter vs CodeCarbon's CPU share",
+        "energy saved by routing local/cloud (best threshold)", "accuracy per joule", "accuracy"]
+    assert all(f.ours is not None for f in ipw) and [f.peer is None for f in ipw] == [False, True, False, False]
+    assert [f.measured for f in ipw] == [False, False, False, True]  # no energy counter on the box that recorded it
+    fst = entries["fst"].extract(json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
+    assert (fst[0].ours, round(fst[0].peer, 3)) == (0.5, 0.167)  # docs/benchmarks/fst.md: 6/12 vs GRPO's 2/12
+    assert round(fst[1].ours, 3) == 0.076 and round(fst[1].peer, 3) == 0.045
+
+
+def test_side_outputs_go_under_the_run_folder(tmp_path):
+    cmd = command(entries_by_method()["fst"], "full", "cpu", tmp_path, python="py")
+    assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "fst_reward_vs_rollouts.png")  # never docs/
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "fst.json")
 
 
 def test_bad_names_list_the_valid_ones(capsys):
