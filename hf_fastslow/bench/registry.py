@@ -63,7 +63,9 @@ class BenchEntry:
     quick_note: str = ""
     extract: Callable[[dict], list[Figure]] | None = None
     paper: str | None = None  # the paper's figure, as text; None: not recorded here yet
-    requires: tuple[str, ...] = ()  # "cuda", "module:<import name>" (an extra), "download:<what>" (opt-in)
+    # "cuda", "module:<import name>" (an extra; fastapi stands for transformers[serving], which `transformers serve`
+    # needs), "download:<what>" (opt-in)
+    requires: tuple[str, ...] = ()
     full_requires: tuple[str, ...] = ()  # needed by the full profile only
     device_flag: str | None = None  # the script's own device option, when it has one
     # (flag, name) pairs: other files or folders the script writes, sent under the run's folder (e.g. a plot whose
@@ -230,14 +232,14 @@ ENTRIES: tuple[BenchEntry, ...] = (
     BenchEntry("ipw", "benchmarks/ipw.py", "CodeCarbon (energy); fp32 (for int8)",
                "energy per query; accuracy per joule (CPU energy estimated on a box without counters)",
                "evaluation.md", Output("file", "--out"), ("--quick",), full_args=("--problems", "50"),
-               device_flag="--device", extract=_ipw,
+               device_flag="--device", extract=_ipw, requires=("module:fastapi",),
                paper="local routing saves 60-80 % energy vs cloud-only (real accelerators, 1M queries)"),
     BenchEntry("ksort", "benchmarks/ksort.py", "static matching; static judge + Bradley-Terry",
                "judge runs to converge; |mu - true skill|", "evaluation.md", Output("file", "--out"), ("--quick",),
                extract=_ksort, paper="91-93 % of new models converge within 90 runs"),
     BenchEntry("mast", "benchmarks/mast.py", "heuristics, agentdash",
                "failure-mode agreement with the fixtures' labels", "evaluation.md", Output("file", "--out"),
-               ("--quick",)),
+               ("--quick",), requires=("module:fastapi",)),
     BenchEntry("concept_bottleneck", "benchmarks/concept_bottleneck.py", "random / static / uncertainty queries",
                "accuracy vs queries (area under the curve)", "vision.md", Output("file", "--out"), ("--quick",),
                requires=("module:sklearn",), extract=_concept_bottleneck,
