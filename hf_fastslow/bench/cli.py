@@ -6,14 +6,14 @@ from __future__ import annotations
 import sys
 
 
-def _list(entries, profile: str) -> int:
+def _list(entries, profile: str, device: str) -> int:
     from hf_fastslow.bench.runner import blocked_reason, cell
 
     print("| method | script | peer | headline | quick | JSON | here |")
     print("|---|---|---|---|---|---|---|")
     for e in entries.values():
         quick = "-" if e.quick_args is None else (" ".join(e.quick_args) or "(defaults)")
-        here = blocked_reason(e, profile, "cpu", allow_downloads=False) or "runs"
+        here = blocked_reason(e, profile, device, allow_downloads=False) or "runs"
         cells = (e.method, e.script, e.peer, e.metric, quick, e.output.mode, here)
         print("| " + " | ".join(cell(c) for c in cells) + " |")
     return 0
@@ -30,7 +30,7 @@ def _bench(args) -> int:
         print(f"hf-fastslow bench: {err.args[0]}", file=sys.stderr)
         return 2
     if args.list:
-        return _list({e.method: e for e in resolve(args.methods, entries)}, args.profile)
+        return _list({e.method: e for e in resolve(args.methods, entries)}, args.profile, args.device)
     report = run_entries(args.methods, entries, profile=args.profile, device=args.device, out_dir=args.out,
                          allow_downloads=args.allow_downloads, timeout_s=args.timeout)
     print()

@@ -27,8 +27,10 @@ _VERSIONED = ("hf_fastslow", "torch", "transformers", "trl", "peft", "accelerate
 
 
 def repo_root() -> Path:
-    """The checkout holding benchmarks/ (the bench verb runs from a source checkout: the scripts are not packaged)."""
-    return Path(__file__).resolve().parents[2]
+    """The checkout holding benchmarks/ (the scripts are not packaged): the one this package was imported from when it
+    is an editable install, else the current directory."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "benchmarks").is_dir() else Path.cwd()
 
 
 def environment(device: str) -> dict:
@@ -152,6 +154,8 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
                   "reason": None, "wall_s": None, "log": None, "json": None, "figures": []}
         report["methods"].append(record)
         reason = blocked_reason(entry, profile, device, allow_downloads)
+        if not reason and not (root / entry.script).is_file():
+            reason = f"{entry.script} not found under {root} (run the verb from a source checkout)"
         if reason:
             record.update(status="cannot run here", reason=reason)
             say(f"[{i}/{len(chosen)}] {entry.method}: cannot run here: {reason}")

@@ -190,6 +190,13 @@ def test_methods_that_cannot_run_here_are_reported_with_why(tmp_path, fakes):
     assert "CPU only" in blocked_reason(cpu_only, "quick", "cuda", False)
 
 
+def test_a_missing_script_is_reported(tmp_path):
+    ghost = BenchEntry("ghost", "benchmarks/ghost.py", "p", "m", "x.md", Output("none"), ("--quick",))
+    report = run_entries([], {"ghost": ghost}, out_dir=tmp_path / "o", root=tmp_path, say=lambda line: None)
+    assert report["methods"][0]["status"] == "cannot run here"
+    assert "benchmarks/ghost.py not found" in report["methods"][0]["reason"]
+
+
 def test_registry_entries_that_cannot_run_on_this_box_say_why():
     if torch.cuda.is_available():
         pytest.skip("a GPU machine runs the cuda entries")
