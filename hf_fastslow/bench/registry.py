@@ -148,6 +148,20 @@ def _concept_bottleneck(report: dict) -> list[Figure]:
             Figure("CooP - best baseline, AUC points", report["coop_margin_points"], None, paper=">= 5")]
 
 
+def _isd_batch(report: dict) -> list[Figure]:
+    rows = {r["arm"].split(" (")[0].rsplit(" batches of", 1)[0]: r for r in report["rows"]}
+    ours, settings = rows["stationary batch ISD"], report["settings"]
+    note = f"{settings['model']}, {settings['requests']} requests, {settings['tokens']} new tokens"
+    figures = [Figure("tokens/s, stationary batch vs the same requests one by one (isd_generate)",
+                      ours["tokens_per_s"], rows["isd_generate one by one"]["tokens_per_s"], note=note)]
+    if "generate" in rows:
+        figures.append(Figure("tokens/s, stationary batch vs batched generate", ours["tokens_per_s"],
+                              rows["generate"]["tokens_per_s"], note=note))
+    figures.append(Figure("requests identical to greedy generate (lossless check)",
+                          ours["agree_with_generate"] / ours["requests"], 1.0))
+    return figures
+
+
 _NO_QUICK = "the script has no --quick; reduced sizes not chosen and timed yet"
 _NO_JSON = Output("none")
 
@@ -201,7 +215,7 @@ ENTRIES: tuple[BenchEntry, ...] = (
     BenchEntry("block_diffusion", "benchmarks/block_diffusion.py", "diffusers LLaDA2Pipeline, greedy generate",
                "tokens/s", "dlm.md", _NO_JSON, ("--quick",), requires=("module:diffusers",)),
     BenchEntry("isd_batch", "benchmarks/isd_batch.py", "the same requests one by one", "stationary-batch tokens/s",
-               "dlm.md", Output("stdout", "--json"), ("--quick",),
+               "dlm.md", Output("stdout", "--json"), ("--quick",), extract=_isd_batch,
                full_args=("--requests", "32", "--batch", "8", "--new-tokens", "32", "--repeats", "3")),
     BenchEntry("rcd", "benchmarks/rcd.py", "the block-diffusion loop", "residual cost per decode step", "dlm.md",
                _NO_JSON, ("--quick",)),

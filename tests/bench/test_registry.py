@@ -231,6 +231,17 @@ def test_extractors_read_recorded_outputs():
     assert round(fst[1].ours, 3) == 0.076 and round(fst[1].peer, 3) == 0.045
 
 
+def test_isd_batch_extractor_reads_the_scripts_report_shape():
+    """The shape `benchmarks/isd_batch.py --json` prints (run() -> rows, machine, settings), on made-up numbers."""
+    rows = [{"arm": arm, "tokens_per_s": tps, "agree_with_generate": agree, "requests": 12}
+            for arm, tps, agree in (("stationary batch ISD (B=4)", 500.0, 11), ("isd_generate one by one", 250.0, 12),
+                                    ("isd_generate batches of 4", 400.0, 12), ("generate one by one", 300.0, 12),
+                                    ("generate batches of 4", 625.0, 12))]
+    report = {"rows": rows, "machine": "m", "settings": {"model": "random", "requests": 12, "tokens": 84}}
+    figures = entries_by_method()["isd_batch"].extract(report)
+    assert [(f.ours, f.peer) for f in figures] == [(500.0, 250.0), (500.0, 625.0), (11 / 12, 1.0)]
+
+
 def test_side_outputs_go_under_the_run_folder(tmp_path):
     cmd = command(entries_by_method()["fst"], "full", "cpu", tmp_path, python="py")
     assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "fst_reward_vs_rollouts.png")  # never docs/
