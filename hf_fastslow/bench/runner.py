@@ -185,7 +185,13 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
         elif entry.extract is None:
             record.update(status="ran", reason="headline extractor not written yet: figures are in its JSON")
         else:
-            figures = entry.extract(data)
+            try:
+                figures = entry.extract(data)
+            except (KeyError, IndexError, TypeError, ValueError) as err:  # the script's JSON changed shape
+                record.update(status="failed", reason=f"ran, but its headline extractor failed on its JSON: "
+                                                      f"{type(err).__name__}: {err}")
+                say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
+                continue
             record["figures"] = [{**asdict(f), "ratio": f.ratio} for f in figures]
             record["status"] = "measured"
         say(f"[{i}/{len(chosen)}] {entry.method}: done in {wall:.0f} s"

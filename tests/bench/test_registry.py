@@ -190,6 +190,16 @@ def test_methods_that_cannot_run_here_are_reported_with_why(tmp_path, fakes):
     assert "CPU only" in blocked_reason(cpu_only, "quick", "cuda", False)
 
 
+def test_an_extractor_that_no_longer_fits_its_json_fails_that_method_only(tmp_path, fakes):
+    stale = BenchEntry("stale", fakes["fake"].script, "p", "m", "x.md", Output("file", "--out"), ("--quick",),
+                       extract=lambda report: [Figure("m", report["renamed_key"])])
+    report = run_entries(["stale", "fake"], {**fakes, "stale": stale}, out_dir=tmp_path / "o", root=tmp_path,
+                         say=lambda line: None)
+    stale_row, fake_row = report["methods"]
+    assert stale_row["status"] == "failed" and "KeyError: 'renamed_key'" in stale_row["reason"]
+    assert fake_row["status"] == "measured"
+
+
 def test_a_missing_script_is_reported(tmp_path):
     ghost = BenchEntry("ghost", "benchmarks/ghost.py", "p", "m", "x.md", Output("none"), ("--quick",))
     report = run_entries([], {"ghost": ghost}, out_dir=tmp_path / "o", root=tmp_path, say=lambda line: None)
