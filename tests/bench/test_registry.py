@@ -252,6 +252,18 @@ def test_isd_batch_extractor_reads_the_scripts_report_shape():
     assert [(f.ours, f.peer) for f in figures] == [(500.0, 250.0), (500.0, 625.0), (11 / 12, 1.0)]
 
 
+def test_spurious_features_extractor_on_the_scripts_report_shape():
+    """The shape `benchmarks/spurious_features.py --json` writes (results per training size, per arm, per seed)."""
+    arm = {"ERM": [0.2, 0.4], "KD": [0.1, 0.3], "early-readout KD": [0.5, 0.7], "Feature Sieve": [0.6, 0.6]}
+    rows = {name: [{"worst_group": w, "average": 0.8} for w in values] for name, values in arm.items()}
+    for row, precision in zip(rows["early-readout KD"], (0.7, 0.9)):
+        row["flag_precision_minority"] = precision
+    figures = entries_by_method()["spurious_features"].extract({"args": {}, "teacher": [0.9, 0.9],
+                                                                "results": {"400": rows}})
+    assert [(round(f.ours, 3), f.peer and round(f.peer, 3)) for f in figures] == [(0.6, 0.2), (0.6, 0.3), (0.8, None)]
+    assert all("400 training rows, 2 seed(s)" in f.note for f in figures)
+
+
 def test_side_outputs_go_under_the_run_folder(tmp_path):
     cmd = command(entries_by_method()["fst"], "full", "cpu", tmp_path, python="py")
     assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "fst_reward_vs_rollouts.png")  # never docs/
