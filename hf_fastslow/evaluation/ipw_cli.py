@@ -73,36 +73,18 @@ def _meter(args):
 
 
 def _backend(args):
-    if args.endpoint:
-        from hf_fastslow.backends.endpoint import EndpointBackend
+    from hf_fastslow.evaluation.cli_support import backend_from_args
 
-        return EndpointBackend(args.endpoint, args.served_model)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_fastslow.backends.hf_local import HFLocalBackend
-
-    torch.set_num_threads(args.threads)
-    if args.model == "default":
-        from hf_fastslow import load_default_model
-
-        model, tok = load_default_model()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        tok = AutoTokenizer.from_pretrained(args.model)
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
-    return HFLocalBackend(model.eval(), tok)
+    return backend_from_args(args.model, endpoint=args.endpoint, served_model=args.served_model,
+                             threads=args.threads, dtype=args.dtype)
 
 
 def _plot(report, png: Path) -> str:
-    try:
-        import matplotlib
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f"plot skipped: matplotlib is not installed ({err})"
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        return reason
     recs = report.metered
     fig, ax = plt.subplots(figsize=(6, 4))
     if recs:

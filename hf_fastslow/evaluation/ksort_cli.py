@@ -71,21 +71,17 @@ def _answers_fn(path: str):
 
 
 def _default_backend(max_new_tokens: int):
-    from hf_fastslow import load_default_model
-    from hf_fastslow.backends import HFLocalBackend
+    from hf_fastslow.evaluation.cli_support import backend_from_args
 
-    model, tok = load_default_model()
-    return HFLocalBackend(model, tok, max_new_tokens=max_new_tokens, do_sample=False)
+    return backend_from_args("default", max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def _plot(result, arena, png: str) -> str | None:
-    try:
-        import matplotlib
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f"plot skipped: matplotlib is not installed ({err})"
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        return reason
     runs = [s.run for s in result.steps]
     mu = [s.mu for s in result.steps]
     sd = [s.sigma for s in result.steps]

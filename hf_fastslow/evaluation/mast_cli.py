@@ -62,25 +62,10 @@ def _load_traces(args):
 
 
 def _judge_backend(args):
-    if args.endpoint:
-        from hf_fastslow.backends.endpoint import EndpointBackend
+    from hf_fastslow.evaluation.cli_support import backend_from_args
 
-        return EndpointBackend(args.endpoint, args.served_model)
-    import torch
-
-    from hf_fastslow.backends.hf_local import HFLocalBackend
-
-    torch.set_num_threads(args.threads)
-    if args.model == "default":
-        from hf_fastslow import load_default_model
-
-        model, tok = load_default_model()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tok = AutoTokenizer.from_pretrained(args.model)
-    return HFLocalBackend(model, tok)
+    return backend_from_args(args.model, endpoint=args.endpoint, served_model=args.served_model,
+                             threads=args.threads)
 
 
 def run(args) -> int:

@@ -76,13 +76,11 @@ def evaluate_annotators(annotators: Mapping[str, Any], traces: Sequence[Trace], 
 def plot_report(report: Mapping[str, Any], path: str, *, title: str = "MAST: per-mode F1 vs gold") -> str | None:
     """Grouped bars of per-mode F1 per annotator (annotators with gold agreement only). Returns the path, or None
     with the reason printed when matplotlib is missing or there is nothing to plot."""
-    try:
-        import matplotlib
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        print(f"plot skipped: matplotlib is not importable ({err})")
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
         return None
     arms = {n: a["agreement"] for n, a in report["annotators"].items() if a.get("agreement")}
     if not arms:

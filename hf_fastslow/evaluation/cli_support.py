@@ -1,0 +1,50 @@
+"""Pieces the evaluation verbs (`hf-fastslow ipw | ksort | mast`) share: the judged / profiled model from the command
+line (a local model folder, the default model, or an OpenAI-compatible endpoint) and matplotlib's pyplot, or the reason
+a plot is skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def backend_from_args(
+    model: str = "default", *, endpoint: str | None = None, served_model: str | None = None, threads: int = 1,
+    dtype: str = "fp32", **generation_defaults: Any,
+):
+    """An `EndpointBackend(endpoint, served_model)` when `endpoint` is given, else an `HFLocalBackend` over `model`
+    ("default": the embedded SmolLM2-135M-Instruct; otherwise a local folder or Hub id for `from_pretrained`)."""
+    if endpoint:
+        from hf_fastslow.backends.endpoint import EndpointBackend
+
+        return EndpointBackend(endpoint, served_model, **generation_defaults)
+    import torch
+
+    from hf_fastslow.backends.hf_local import HFLocalBackend
+
+    torch.set_num_threads(threads)
+    if model == "default":
+        from hf_fastslow import load_default_model
+
+        lm, tok = load_default_model()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(model)
+        tok = AutoTokenizer.from_pretrained(model)
+    if dtype == "bf16":
+        lm = lm.to(torch.bfloat16)
+    elif dtype != "fp32":
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    return HFLocalBackend(lm.eval(), tok, **generation_defaults)
+
+
+def pyplot_or_reason():
+    """`(pyplot, None)` with the headless Agg backend, or `(None, reason)` when matplotlib cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        return None, f"plot skipped: matplotlib is not installed ({err})"
+    return plt, None
