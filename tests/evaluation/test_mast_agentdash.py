@@ -1,10 +1,6 @@
 """agentdash pointed at an OpenAI-compatible server: a stub HTTP server offline (its real openai client, prompt and
 parser run), and `transformers serve` on the default model (slow, serve)."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import pytest
 
 pytest.importorskip("agentdash")
@@ -13,44 +9,25 @@ pytest.importorskip("openai")
 from hf_fastslow.evaluation.mast_agentdash import AgentDashAnnotator  # noqa: E402
 from hf_fastslow.evaluation.mast_taxonomy import MAST_CODES  # noqa: E402
 from hf_fastslow.evaluation.mast_traces import Trace, Turn  # noqa: E402
+from tests.chat_server import ScriptedChatServer  # noqa: E402
 
 
-def _stub_server(replies, seen):
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
-            text = replies.pop(0)
-            out = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": text}}],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-            data = json.dumps(out).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _openai_payload(body, text):
+    # the openai client agentdash uses needs the full chat.completion shape, not the minimal one
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
 def test_agentdash_through_a_local_openai_server():
     answer = "A. loops.\nB. no\nC.\n" + "\n".join(f"{c} {'yes' if c == '1.3' else 'no'}" for c in MAST_CODES)
-    replies, seen = [answer, "Sorry, I cannot help with that."], []
-    server = _stub_server(replies, seen)
-    try:
-        judge = AgentDashAnnotator(f"http://127.0.0.1:{server.server_port}/v1", "local-judge", max_tokens=64)
+    replies = [answer, "Sorry, I cannot help with that."]
+    with ScriptedChatServer(lambda body: _openai_payload(body, replies.pop(0))) as server:
+        judge = AgentDashAnnotator(server.url, "local-judge", max_tokens=64)
         trace = Trace("t1", "add", [Turn("a", "UNIQUE-TRACE")], source="s")
         good = judge.annotate(trace)
         bad = judge.annotate(trace)
-    finally:
-        server.shutdown()
+    seen = [r["body"] for r in server.requests]
     assert seen[0]["model"] == "local-judge" and seen[0]["max_tokens"] == 64 and seen[0]["temperature"] == 1.0
     assert "UNIQUE-TRACE" in seen[0]["messages"][0]["content"]  # agentdash's own prompt around our trace
     assert good.failed_modes == ["1.3"] and good.parse_error is None and good.key == ("s", "t1")
