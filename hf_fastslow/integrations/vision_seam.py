@@ -24,6 +24,12 @@ def register_auto_model(config_class: type[PreTrainedConfig], model_class: type[
     Idempotent for the same pair (a module imported twice, e.g. under two test collectors); registering a different
     class under a taken model type is an error, so two models cannot silently shadow each other.
     """
+    _register_config(config_class)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+
+
+def _register_config(config_class: type[PreTrainedConfig]) -> None:
+    """`AutoConfig.register`, idempotent for the same class, refusing a model type taken by another class."""
     model_type = config_class.model_type
     if not model_type:
         raise ValueError(f"{config_class.__name__} has no model_type; Auto classes register by model_type.")
@@ -34,7 +40,6 @@ def register_auto_model(config_class: type[PreTrainedConfig], model_class: type[
         if existing is not config_class and existing.__qualname__ != config_class.__qualname__:
             raise ValueError(f"model_type {model_type!r} is already registered to {existing.__name__}.")
     AutoConfig.register(model_type, config_class, exist_ok=True)
-    AutoModel.register(config_class, model_class, exist_ok=True)
 
 
 def declare_backbone_sub_config(default_model_type: str):
@@ -79,14 +84,6 @@ def register_image_classification_model(
     """Register `config_class` with `AutoConfig` and `model_class` with `AutoModelForImageClassification` (added for
     the few-shot Conv4 of MetaDOCK, H6), idempotently and refusing a model type taken by another class."""
     from transformers import AutoModelForImageClassification
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = config_class.model_type
-    if not model_type:
-        raise ValueError(f"{config_class.__name__} has no model_type; Auto classes register by model_type.")
-    if model_type in CONFIG_MAPPING:
-        existing = CONFIG_MAPPING[model_type]
-        if existing is not config_class and existing.__qualname__ != config_class.__qualname__:
-            raise ValueError(f"model_type {model_type!r} is already registered to {existing.__name__}.")
-    AutoConfig.register(model_type, config_class, exist_ok=True)
+    _register_config(config_class)
     AutoModelForImageClassification.register(config_class, model_class, exist_ok=True)
