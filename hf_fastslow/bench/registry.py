@@ -302,6 +302,15 @@ def entries_by_method(overrides: tuple[BenchEntry, ...] = ()) -> dict[str, Bench
     return entries
 
 
+def headline_extractor(entry: BenchEntry) -> Callable[[dict], list[Figure]] | None:
+    """The entry's own `extract` (tests set it on fake entries), else its family module's (bench/headlines/)."""
+    if entry.extract is not None:
+        return entry.extract
+    from hf_fastslow.bench.headlines import extractors
+
+    return extractors().get(entry.method)
+
+
 def benchmark_scripts(root: Path) -> list[str]:
     """Every benchmark script in root/benchmarks (helpers start with an underscore)."""
     return sorted(f"benchmarks/{p.name}" for p in (root / "benchmarks").glob("*.py") if not p.name.startswith("_"))
@@ -318,4 +327,4 @@ def resolve(names: list[str], entries: dict[str, BenchEntry]) -> list[BenchEntry
 
 
 __all__ = ["ENTRIES", "UNBENCHED_INDEX_PAGES", "BenchEntry", "Figure", "Output", "benchmark_scripts",
-           "entries_by_method", "resolve"]
+           "entries_by_method", "headline_extractor", "resolve"]

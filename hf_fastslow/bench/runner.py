@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from hf_fastslow.bench.registry import BenchEntry, Figure, resolve
+from hf_fastslow.bench.registry import BenchEntry, Figure, headline_extractor, resolve
 
 REPORT_NAME = "bench_report.json"
 _VERSIONED = ("hf_fastslow", "torch", "transformers", "trl", "peft", "accelerate", "diffusers", "triton")
@@ -151,7 +151,7 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
     for i, entry in enumerate(chosen, 1):
         record = {"method": entry.method, "script": entry.script, "peer": entry.peer, "metric": entry.metric,
                   "paper": entry.paper, "docs": f"docs/{entry.docs}", "command": None, "status": None,
-                  "reason": None, "wall_s": None, "log": None, "json": None, "figures": []}
+                  "reason": None, "wall_s": None, "log": None, "json": None, "plots": [], "figures": []}
         report["methods"].append(record)
         reason = blocked_reason(entry, profile, device, allow_downloads)
         if not reason and not (root / entry.script).is_file():
@@ -166,6 +166,8 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
         say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
         rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
         record["wall_s"] = round(wall, 1)
+        record["plots"] = [str(out_dir / name) for _, name in entry.side_outputs
+                           if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]
         log_text = log_path.read_text(errors="replace")
         if rc != 0:
             tail = " / ".join(log_text.strip().splitlines()[-3:])[-300:]
@@ -182,11 +184,11 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
         record["json"] = json_path
         if data is None:
             record.update(status="ran", reason="the script writes no JSON: figures are in its log only")
-        elif entry.extract is None:
+        elif (extract := headline_extractor(entry)) is None:
             record.update(status="ran", reason="headline extractor not written yet: figures are in its JSON")
         else:
             try:
-                figures = entry.extract(data)
+                figures = extract(data)
             except (KeyError, IndexError, TypeError, ValueError) as err:  # the script's JSON changed shape
                 record.update(status="failed", reason=f"ran, but its headline extractor failed on its JSON: "
                                                       f"{type(err).__name__}: {err}")

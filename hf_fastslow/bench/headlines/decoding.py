@@ -1,0 +1,7 @@
+"""Headline extractors for the decoding benchmarks (see hf_fastslow/bench/headlines/__init__.py)."""
+
+from __future__ import annotations
+
+from hf_fastslow.bench.registry import Figure  # noqa: F401  (the type every extractor returns)
+
+EXTRACTORS: dict = {}
