@@ -14,6 +14,10 @@ the cache holds, walked) after every chunk; "fixed" its intercept.
     python benchmarks/care.py --heal-steps 0           # one-shot rows only
     python benchmarks/care.py --save /tmp/care_50      # also save the healed 50% model with its model card
     python benchmarks/care.py --checkpoint /tmp/care_50 --stretch   # a saved model, its quantized rows, the peers
+    python benchmarks/care.py --quick --json care.json --plot care.png  # 50% width, CARE uniform vs SVD, no healing
+
+`--json PATH` writes every row of the table (each with a stable `arm` key) and the healing log; `--plot PATH` draws
+perplexity against KV bytes per token for every row.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ import warnings
 import torch
 
 from hf_fastslow.evaluation.kv_bench import fit_line
+
+# --quick: one KV width (50%), CARE uniform vs the SVD peer, no healing, 128 calibration questions x 32 tokens,
+# the first 256 tokens of the evaluation text.
+QUICK = dict(fractions="0.5", rules="uniform", heal_steps=0, calib=128, tokens=256)
+ARM_OF_RULE = {"uniform": "care_uniform", "paper": "care_paper", "energy": "care_energy"}
 
 
 def calibration_batches(tok, n, length, batch=16):
@@ -57,6 +66,7 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=256, help="calibration questions")
     p.add_argument("--calib-len", type=int, default=32)
     p.add_argument("--fractions", default="0.25,0.5,0.75", help="KV widths (fractions of num_kv_heads * head_dim)")
+    p.add_argument("--rules", default="uniform,paper,energy", help="CARE rank-allocation rules measured per width")
     p.add_argument("--heal-steps", type=int, default=12)
     p.add_argument("--heal-batch", type=int, default=4)
     p.add_argument("--heal-len", type=int, default=64)
@@ -70,7 +80,15 @@ def main(argv=None):
                    help="a saved CARE model (e.g. from --save): evaluate it, with --stretch its quantized rows, "
                         "instead of converting and healing (the original and the peers are measured again)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="reduced sizes: " +
+                   ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--json", default=None, help="write every row (and the healing log) to this JSON file")
+    p.add_argument("--plot", default=None, help="PNG of perplexity against KV bytes per token, every row")
     args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*CARE rank.*clamped.*")
 
@@ -115,31 +133,32 @@ def main(argv=None):
 
     print("| model | KV width | K ranks (min-max) | PPL | x original | bytes/token | x less than fp16 K/V | s |")
     print("|---|---|---|---|---|---|---|---|")
-    results = {}
+    results, rows, healing_logs = {}, [], []
 
-    def report(name, frac, m, res):
+    def report(name, frac, m, res, arm):
         k_ranks = latent_widths(m)[0] if hasattr(m.config, "care") else [width]
         res["k_ranks"] = k_ranks
         results[(name, frac)] = res
+        rows.append({"arm": arm, "model": name, "fraction": frac, **res})
         base = results[("original", 1.0)]["ppl"]
         print(f"| {name} | {frac:.0%} | {min(k_ranks)}-{max(k_ranks)} | {res['ppl']:.3f} | {res['ppl'] / base:.3f} | "
               f"{res['bytes_per_token']:.0f} | {fp16_per_token / res['bytes_per_token']:.2f}x | {res['seconds']:.0f} |",
               flush=True)
 
     with torch.no_grad():
-        report("original", 1.0, model, evaluate(model))
+        report("original", 1.0, model, evaluate(model), "original")
     fractions = [float(f) for f in args.fractions.split(",") if f] if args.checkpoint is None else []
     converted = {}
     for frac in fractions:
         rank = max(1, round(frac * width))
-        arms = [("SVD uniform (Palu-style peer)", lambda m, r=rank: svd_baseline(m, r))]
-        for rule in ("uniform", "paper", "energy"):
-            arms.append((f"CARE {rule}", lambda m, r=rank, rule=rule: convert_gqa_to_mla(
+        arms = [("SVD uniform (Palu-style peer)", "svd_uniform", lambda m, r=rank: svd_baseline(m, r))]
+        for rule in [r for r in args.rules.split(",") if r]:
+            arms.append((f"CARE {rule}", ARM_OF_RULE[rule], lambda m, r=rank, rule=rule: convert_gqa_to_mla(
                 m, moments, CAREConfig(rank=r, allocation=rule))))
-        for name, convert in arms:
+        for name, arm, convert in arms:
             m = convert(copy.deepcopy(model))
             with torch.no_grad():
-                report(name, frac, m, evaluate(m))
+                report(name, frac, m, evaluate(m), arm)
             if name.startswith("CARE"):
                 converted[(name, frac)] = m
             else:
@@ -154,7 +173,7 @@ def main(argv=None):
         loaded = from_pretrained_care(args.checkpoint)
         frac = sum(sum(w) for w in latent_widths(loaded)) / (2 * width * cfg.num_hidden_layers)
         with torch.no_grad():
-            report(f"checkpoint {args.checkpoint}", frac, loaded, evaluate(loaded))
+            report(f"checkpoint {args.checkpoint}", frac, loaded, evaluate(loaded), "checkpoint")
         healed[frac] = loaded
         heal_fracs = []
     for frac in heal_fracs:
@@ -184,7 +203,9 @@ def main(argv=None):
             res = evaluate(student)
         res["heal_seconds"] = train_s
         report(f"CARE {default_rule} + healing ({args.heal_steps} steps x {args.heal_batch} x <= {args.heal_len} "
-               "tokens, latent factors only)", frac, student, res)
+               "tokens, latent factors only)", frac, student, res, f"care_{default_rule}_healed")
+        healing_logs.append({"fraction": frac, "steps": args.heal_steps, "seconds": train_s,
+                             "log": [{"step": h["step"], "ce": h["ce"], "kl": h["kl"]} for h in logs]})
         print(f"  healing log (step: CE, KL): {[(h['step'], round(h['ce'], 3), round(h['kl'], 3)) for h in logs]}; "
               f"{train_s:.0f} s", flush=True)
         healed[frac] = student
@@ -205,7 +226,7 @@ def main(argv=None):
                           f"{str(err)[:80]} | | | | | |")
                     continue
                 report(f"CARE {default_rule} healed + QuantizedCache quanto {nbits}-bit (axis_key=-1, group 32)",
-                       frac, m, res)
+                       frac, m, res, f"care_{default_rule}_healed_quanto_{nbits}bit")
 
     if args.stretch:  # the peers at the same text and rule (window 64, group 64: the settings of benchmarks/xquant.py)
         from transformers import QuantizedCache
@@ -214,18 +235,18 @@ def main(argv=None):
         from hf_fastslow.quantizers.xquant import release_xquant_factors
 
         peers = [
-            ("original + XQuant-CL 2-bit (factors apart)", lambda: XQuantCache(model, XQuantConfig(
-                group_size=64, residual_length=args.chunk, nbits=2, mode="cl"))),
-            ("original + QuantizedCache quanto 2-bit (axis_key=-1)", lambda: QuantizedCache(
+            ("original + XQuant-CL 2-bit (factors apart)", "original_xquant_cl_2bit", lambda: XQuantCache(
+                model, XQuantConfig(group_size=64, residual_length=args.chunk, nbits=2, mode="cl"))),
+            ("original + QuantizedCache quanto 2-bit (axis_key=-1)", "original_quanto_2bit", lambda: QuantizedCache(
                 backend="quanto", config=cfg, nbits=2, axis_key=-1, axis_value=0, q_group_size=64,
                 residual_length=args.chunk)),
-            ("original + QuantizedCache quanto 4-bit (axis_key=-1)", lambda: QuantizedCache(
+            ("original + QuantizedCache quanto 4-bit (axis_key=-1)", "original_quanto_4bit", lambda: QuantizedCache(
                 backend="quanto", config=cfg, nbits=4, axis_key=-1, axis_value=0, q_group_size=64,
                 residual_length=args.chunk)),
         ]
-        for name, factory in peers:
+        for name, arm, factory in peers:
             with torch.no_grad():
-                report(name, 1.0, model, evaluate(model, factory))
+                report(name, 1.0, model, evaluate(model, factory), arm)
             release_xquant_factors(model)
 
     if args.save and args.checkpoint is None and 0.5 in healed:
@@ -262,7 +283,39 @@ def main(argv=None):
                    f"model = from_pretrained_care({args.save!r})"),
         )
         print(f"\nsaved the healed 50% model and its model card to {args.save}")
+    if args.plot:
+        plot_ppl_vs_bytes(rows, args.plot, f"SmolLM2-135M, {ids.shape[1]} tokens of the bundled text")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "tokens": int(ids.shape[1]), "kv_width": width,
+                       "fp16_bytes_per_token": fp16_per_token, "rows": rows, "healing": healing_logs,
+                       "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started},
+                      fh, indent=1)
+        print(f"JSON: {args.json}")
     return results
+
+
+def plot_ppl_vs_bytes(rows, path, title):
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row["bytes_per_token"], row["ppl"], label=f"{row['arm']} ({row['fraction']:.0%})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("KV cache bytes per token (storage walk)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

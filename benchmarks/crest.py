@@ -11,6 +11,7 @@
 
     python benchmarks/crest.py --calib 16 --items 16 --max-new-tokens 96 --batch 16 --out crest.json
     python benchmarks/crest.py --calib 16 --items 16 --max-new-tokens 96 --batch 16 --crest-extra 1:0.38,1:0.1,4:0.1
+    python benchmarks/crest.py --quick --out crest.json     # the same calibration, 4 evaluation items (see QUICK)
 
 SmolLM2-135M is not a reasoning model: it rarely verifies or backtracks, so the table measures the plumbing and the
 cost, and reports whatever behaviour change there is; it cannot test the paper's accuracy/token claims.
@@ -34,6 +35,9 @@ from hf_fastslow.generation.crest import CRESTCalibrator, CRESTSteerer
 from hf_fastslow.generation.crest_baselines import SEALSteerer, TokenBanLogitsProcessor, fit_seal_vector
 from hf_fastslow.generation.padding import cut_at_eos
 
+# --quick: the recorded calibration (16 traces, 96 tokens, one batch of 16: the same seeded samples), evaluated on the
+# first 4 GSM-Symbolic items only.
+QUICK = dict(calib=16, items=4, max_new_tokens=96, batch=16)
 INSTRUCTION = ("Solve the problem step by step, one step per line. Then verify your answer: write \"Let me verify:\" "
                "and check each step again; if a step is wrong, write \"Wait,\" and fix it. End with the line: The "
                "answer is <number>.\n\n{question}")
@@ -81,10 +85,15 @@ def main():
                     help="more CREST arms as strength:top_ratio pairs, e.g. 1:0.1,4:0.1")
     ap.add_argument("--seal-strength", type=float, default=1.0)
     ap.add_argument("--delimiter", default="\n", help="step delimiter (SmolLM2 writes one step per line)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="write the calibration summary and every arm's figures (JSON)")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes: " +
+                    ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = ap.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     torch.set_num_threads(1)
-    t0, load_before = time.time(), load_average()
+    t0, load_before, cpu_started = time.time(), load_average(), time.process_time()
     model, tok = load_default_model()
 
     # 1. calibration traces: sampled answers to GSM8K questions (disjoint from the GSM-Symbolic evaluation items)
@@ -159,7 +168,9 @@ def main():
     print(f"total {time.time() - t0:.0f} s; load average before {load_before}, after {load_average()}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"args": vars(args), "calibration": calib, "arms": summary}, fh, indent=1)
+            json.dump({"args": vars(args), "items": len(items), "calibration": calib, "arms": summary,
+                       "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu_started,
+                       "load_average": [load_before, load_average()]}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,16 @@ routing with compensation, at equal density, all through `hf_fastslow.kernels.ea
 
     python benchmarks/ear.py                         # everything (~10 min on 2 busy CPU cores)
     python benchmarks/ear.py --skip-llm-e2e --skip-timing
+    python benchmarks/ear.py --quick --json ear.json --plot ear.png   # part 1 at reduced size (see QUICK)
+
+`--json PATH` writes every figure the tables print (null for a part that was skipped); `--plot PATH` draws the mean
+error over layers against density per router (part 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from importlib import resources
@@ -34,6 +39,8 @@ PEERS = [
     ("EAR (error + comp)", "error", True),
 ]
 DENSITIES = (0.05, 0.1, 0.2, 0.3)
+# --quick: part 1 only, on the first 512 tokens (last 128 queries), every layer; the other parts are skipped.
+QUICK = dict(tokens=512, queries=128, skip_llm_e2e=True, skip_wan=True, skip_timing=True)
 
 
 def bundled_text() -> str:
@@ -75,7 +82,7 @@ def default_model_layers(args, model, tok):
 
     ids = tok(bundled_text(), return_tensors="pt").input_ids[:, : args.tokens]
     captured = capture_qkv(model, ids)
-    per_layer, ratio_rows, holds = [], [], 0
+    per_layer, ratio_rows, holds, layers_json = [], [], 0, []
     mean = {(name, d): [] for name, _, _ in PEERS for d in DENSITIES}
     for layer, t in sorted(captured.items()):
         q, k, v = t["q"].float(), t["k"].float(), t["v"].float()
@@ -89,6 +96,8 @@ def default_model_layers(args, model, tok):
                 errs[name, d] = relative_error(out, ref)
                 mean[name, d].append(errs[name, d])
         sink = sink_mass(q[:, :, -args.queries:], k)
+        layers_json.append({"layer": layer, "sink_mass": sink,
+                            "errors": {n: {str(d): errs[n, d] for d in DENSITIES} for n, _, _ in PEERS}})
         per_layer.append([layer, f"{sink:.2f}"] + ["/".join(f"{errs[n, d]:.3f}" for d in DENSITIES)
                                                    for n, _, _ in PEERS])
         ratio = errs[PEERS[2][0], 0.2] / errs[PEERS[0][0], 0.2]
@@ -105,6 +114,11 @@ def default_model_layers(args, model, tok):
     print(f"\n### Target at density 0.2: EAR <= 0.5 x SVG2-style on every layer: holds on {holds} of "
           f"{len(ratio_rows)} layers\n")
     print(table(["layer", "SVG2-style", "EAR", "EAR / SVG2", "<= 0.5"], ratio_rows))
+    return {"tokens": int(ids.shape[1]), "queries": args.queries, "q_clusters": args.q_clusters,
+            "k_clusters": args.k_clusters, "kmeans_iters": args.kmeans_iters, "densities": list(DENSITIES),
+            "per_layer": layers_json,
+            "mean": {n: {str(d): statistics.mean(mean[n, d]) for d in DENSITIES} for n, _, _ in PEERS},
+            "target_density_0.2": {"holds": int(holds), "layers": len(ratio_rows), "max_ratio": 0.5}}
 
 
 @torch.no_grad()
@@ -116,6 +130,7 @@ def llm_end_to_end(args, model, tok):
     dense_out = model(ids, labels=ids)
     dense_logp = torch.log_softmax(dense_out.logits[0, routed].float(), -1)
     rows = [["SDPA (dense)", "-", f"{dense_out.loss.item():.4f}", "0", "0", "1.000"]]
+    arms = []
     for d in (0.1, 0.2):
         for name, router, compensate in PEERS:
             cfg = EARConfig(density=d, router=router, compensate=compensate, causal_chunk=args.chunk,
@@ -129,6 +144,8 @@ def llm_end_to_end(args, model, tok):
             agree = (logp.argmax(-1) == dense_logp.argmax(-1)).float().mean().item()
             loss = out.loss.item()
             rows.append([name, d, f"{loss:.4f}", f"{loss - dense_out.loss.item():+.4f}", f"{kl:.5f}", f"{agree:.3f}"])
+            arms.append({"attention": name, "density": d, "loss": loss, "delta_loss": loss - dense_out.loss.item(),
+                         "kl": kl, "top1_agreement": agree})
             print(f"  {name} density {d}: loss {loss:.4f}, KL {kl:.5f}", flush=True)
     print(f"\n### Default model end to end: `enable_ear_attention`, {args.tokens} tokens of the bundled text (chunk "
           f"{args.chunk}: chunk 0 and each query's own chunk exact, C_q={args.q_clusters}, C_k={args.k_clusters} per "
@@ -136,6 +153,7 @@ def llm_end_to_end(args, model, tok):
           f"{2 * args.chunk} (the ones with a routed part)\n")
     print(table(["attention", "density (routed part)", "loss", "delta vs SDPA", "KL vs SDPA", "top-1 agreement"],
                 rows))
+    return {"tokens": int(ids.shape[1]), "chunk": args.chunk, "dense_loss": dense_out.loss.item(), "arms": arms}
 
 
 def tiny_wan():
@@ -176,33 +194,38 @@ def wan(args):
     dense_out = model(**inputs)[0]
     restore_wan_self_attention_processors(model, previous)
     n_tokens = captured[0][0].shape[2]
-    rows = []
+    rows, layers_json = [], []
     for layer, (q, k, v) in sorted(captured.items()):
         ref = dense_attention(q, k, v)
-        cells = []
-        for _, router, compensate in PEERS:
+        cells, layer_errs = [], {}
+        for name, router, compensate in PEERS:
             errs = [relative_error(ear_attention(q, k, v, density=d, num_q_clusters=args.wan_q_clusters,
                                                  num_k_clusters=args.wan_k_clusters, router=router,
                                                  compensate=compensate, kmeans_iters=args.kmeans_iters), ref)
                     for d in DENSITIES]
             cells.append("/".join(f"{e:.3f}" for e in errs))
+            layer_errs[name] = {str(d): e for d, e in zip(DENSITIES, errs)}
         rows.append([layer] + cells)
+        layers_json.append({"layer": layer, "errors": layer_errs})
     print(f"\n### Tiny random Wan ({n_tokens} tokens, 4 heads x 32, 4 blocks): relative attention-output error per "
           f"layer, densities {' / '.join(map(str, DENSITIES))} (C_q={args.wan_q_clusters}, "
           f"C_k={args.wan_k_clusters})\n")
     print(table(["layer"] + [n for n, _, _ in PEERS], rows))
-    e2e = []
+    e2e, e2e_json = [], {}
     for d in DENSITIES:
         row = [d]
-        for _, router, compensate in PEERS:
+        for name, router, compensate in PEERS:
             apply_ear(model, EARConfig(density=d, router=router, compensate=compensate,
                                        num_q_clusters=args.wan_q_clusters, num_k_clusters=args.wan_k_clusters,
                                        kmeans_iters=args.kmeans_iters))
-            row.append(f"{relative_error(model(**inputs)[0], dense_out):.4f}")
+            err = relative_error(model(**inputs)[0], dense_out)
+            row.append(f"{err:.4f}")
+            e2e_json.setdefault(name, {})[str(d)] = err
             remove_ear(model)
         e2e.append(row)
     print("\n### Tiny random Wan end to end: relative error of the output latents vs dense, every block sparse\n")
     print(table(["density"] + [n for n, _, _ in PEERS], e2e))
+    return {"tokens": int(n_tokens), "per_layer": layers_json, "end_to_end": e2e_json}
 
 
 @torch.no_grad()
@@ -238,6 +261,28 @@ def timing(args):
                 [[name, f"{statistics.median(t):.0f}", f"{min(t):.0f}", f"{statistics.median(t) / base:.1f}"]
                  for name, t in times.items()]))
     print("\nGPU timing (EAR kernels vs SDPA at 32K tokens) was not measured: no GPU in this run.")
+    return {"n": n, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "ms_median": {name: statistics.median(t) for name, t in times.items()},
+            "ms_min": {name: min(t) for name, t in times.items()}}
+
+
+def plot_error_vs_density(layers, path):
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, _, _ in PEERS:
+        ax.plot(DENSITIES, [layers["mean"][name][str(d)] for d in DENSITIES], marker="o", label=name)
+    ax.set_xlabel("density (share of query-key block pairs computed)")
+    ax.set_ylabel("relative attention-output error, mean over layers")
+    ax.set_title(f"SmolLM2-135M, {layers['tokens']} tokens, last {layers['queries']} queries")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def main(argv=None):
@@ -258,21 +303,38 @@ def main(argv=None):
     p.add_argument("--skip-llm-e2e", action="store_true")
     p.add_argument("--skip-wan", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--quick", action="store_true", help="part 1 only at reduced size: " +
+                   ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--json", default=None, help="write every figure of the run to this JSON file")
+    p.add_argument("--plot", default=None, help="PNG of the mean error over layers against density (part 1)")
     args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     torch.set_num_threads(args.threads)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    report = {"args": vars(args), "peers": [name for name, _, _ in PEERS], "layers": None, "llm_end_to_end": None,
+              "wan": None, "timing": None}
     if not (args.skip_layers and args.skip_llm_e2e):
         from hf_fastslow import load_default_model
 
         model, tok = load_default_model()
         if not args.skip_layers:
             with torch.no_grad():
-                default_model_layers(args, model, tok)
+                report["layers"] = default_model_layers(args, model, tok)
         if not args.skip_llm_e2e:
-            llm_end_to_end(args, model, tok)
+            report["llm_end_to_end"] = llm_end_to_end(args, model, tok)
     if not args.skip_wan:
-        wan(args)
+        report["wan"] = wan(args)
     if not args.skip_timing:
-        timing(args)
+        report["timing"] = timing(args)
+    report["wall_s"], report["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
+    if args.plot and report["layers"] is not None:
+        plot_error_vs_density(report["layers"], args.plot)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"JSON: {args.json}")
 
 
 if __name__ == "__main__":

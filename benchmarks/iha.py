@@ -22,12 +22,16 @@ layers, 9 query heads, 3 KV heads), CPU, one process.
     python benchmarks/iha.py --skip-finetune       # exactness only (about 1 min)
     python benchmarks/iha.py --skip-exactness --eval 192   # the fine-tune with a 4x larger held-out set
     python benchmarks/iha.py --save outputs/iha-smollm2   # also save the fine-tuned IHA model + its model card
+    python benchmarks/iha.py --quick --json iha.json       # both parts at reduced size (see QUICK)
+
+`--json PATH` writes every figure the tables print (null for a part that was skipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import sys
 import time
@@ -36,6 +40,9 @@ import torch
 
 from hf_fastslow.evaluation.timing import Spread, paired_ratios
 
+# --quick: exactness at P=3 only (1 timed round, 8 greedy tokens); the fine-tune on 32 training / 32 held-out examples,
+# 2 epochs of the top 2 layers. Both arms and the task are the recorded ones; the sizes are not.
+QUICK = dict(pseudo_heads=[3], repeats=1, new_tokens=8, train=32, eval=32, epochs=2, layers=2)
 ADJECTIVES = ("amber brave calm dusty eager faint gentle hollow icy jolly keen lucky misty noble olive proud quiet "
               "rapid silver tidy urban vivid witty young zesty").split()
 ANIMALS = ("fox owl bear crane deer eagle frog goose hawk ibis jay koala lynx moth newt otter panda quail raven seal "
@@ -278,7 +285,22 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save", default=None, help="directory for the fine-tuned IHA checkpoint and its model card")
+    p.add_argument("--quick", action="store_true", help="reduced sizes: " +
+                   ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--json", default=None, help="write every figure of the run to this JSON file")
     args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    report = {"args": vars(args), "exactness": None, "finetune": None}
+
+    def write_json():
+        if args.json:
+            report["wall_s"], report["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+            print(f"JSON: {args.json}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -287,6 +309,7 @@ def main(argv=None):
 
     model, tok = load_default_model()
     n_params = sum(t.numel() for t in model.parameters())
+    report["n_params"] = n_params
     print(f"# IHA benchmark: SmolLM2-135M-Instruct ({n_params:,} parameters), fp32 CPU, torch threads "
           f"{torch.get_num_threads()}; argv: {' '.join(sys.argv[1:]) or '(defaults)'}")
 
@@ -294,7 +317,14 @@ def main(argv=None):
     if not args.skip_exactness:
         rows, floor, width, timing = exactness(model, tok, args.pseudo_heads, args.new_tokens, args.repeats)
         print_exactness(rows, floor, width, timing, args, n_params)
+        report["exactness"] = {
+            "width": width, "new_tokens": args.new_tokens, "fp32_floor_eager_vs_sdpa": floor, "rows": rows,
+            "prefill_ms_median": {arm: 1e3 * t.spread.median for arm, t in timing.arms.items()},
+            "prefill_wall_ratio_to_stock_median": {arm: Spread.of(timing.ratios(arm, "stock")).median
+                                                   for arm in timing.arms},
+            "machine": timing.describe_machine()}
     if args.skip_finetune:
+        write_json()
         return
 
     total = model.config.num_hidden_layers
@@ -344,6 +374,13 @@ def main(argv=None):
               f"{r['nll0']:.3f} -> {r['nll']:.3f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
               f"{r['seconds']:.0f} |")
 
+    report["finetune"] = {
+        "pairs": args.pairs, "train": args.train, "eval": args.eval, "layers": args.layers, "epochs": args.epochs,
+        "batch": args.batch, "ft_pseudo_heads": args.ft_pseudo_heads, "lengths": [min(lengths), max(lengths)],
+        "untrained": {"exact_match": base_acc, "nll": base_nll}, "bottom_pass_s": bottom_s,
+        "arms": {arm: {k: v for k, v in r.items() if k != "top"} for arm, r in results.items()}}
+    write_json()
+
     if args.save:
         full = write_back(model, results["IHA"]["top"], args.layers, ft_cfg)
         full.save_pretrained(args.save)
@@ -355,6 +392,9 @@ def main(argv=None):
             got = reloaded.lm_head(reloaded.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[
                 sel[0], sel[1]])
         reload_diff = (got - want).abs().max().item()
+        report["finetune"]["saved"] = args.save
+        report["finetune"]["reload_max_dlogit"] = reload_diff
+        write_json()
         print(f"\nsaved {args.save}; reloaded with from_pretrained_iha: max abs delta answer logit vs the trained "
               f"split model {reload_diff:.2e}")
         exact = {r["P"]: r for r in rows}
