@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hf_fastslow.bench.registry import BenchEntry, Figure, headline_extractor, resolve
+from hf_fastslow.bench.report import cell, merge_reports, table
 
 REPORT_NAME = "bench_report.json"
 _VERSIONED = ("hf_fastslow", "torch", "transformers", "trl", "peft", "accelerate", "diffusers", "triton")
@@ -138,26 +139,59 @@ def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Cal
     return proc.returncode, time.perf_counter() - t0
 
 
+def new_record(entry: BenchEntry, profile: str) -> dict:
+    """A method's record in the report, before it runs (every key present, so the schema does not depend on status)."""
+    return {"method": entry.method, "script": entry.script, "peer": entry.peer, "metric": entry.metric,
+            "paper": entry.paper, "docs": f"docs/{entry.docs}", "profile": profile, "command": None, "status": None,
+            "reason": None, "wall_s": None, "finished_at": None, "environment": None, "log": None, "json": None,
+            "plots": [], "figures": []}
+
+
+def apply_headline(record: dict, entry: BenchEntry, data) -> bool:
+    """Fill record's status, reason and figures from the script's JSON `data`; False when the extractor failed."""
+    if data is None:
+        record.update(status="ran", reason="the script writes no JSON: figures are in its log only")
+        return True
+    extract = headline_extractor(entry)
+    if extract is None:
+        record.update(status="ran", reason="headline extractor not written yet: figures are in its JSON")
+        return True
+    try:
+        figures = extract(data)
+    except (KeyError, IndexError, TypeError, ValueError) as err:  # the script's JSON changed shape
+        record.update(status="failed",
+                      reason=f"ran, but its headline extractor failed on its JSON: {type(err).__name__}: {err}")
+        return False
+    record.update(status="measured", figures=[{**asdict(f), "ratio": f.ratio} for f in figures])
+    return True
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str = "quick", device: str = "cpu",
                 out_dir: str | Path = "bench_out", root: Path | None = None, allow_downloads: bool = False,
                 timeout_s: float | None = None, heartbeat_s: float = 30.0,
-                say: Callable[[str], None] = print) -> dict:
-    """Run the named entries (all when `names` is empty); returns the report written to out_dir/bench_report.json."""
+                say: Callable[[str], None] = print, update: bool = False) -> dict:
+    """Run the named entries (all when `names` is empty); returns the report written to out_dir/bench_report.json.
+    update: merge into the report already in out_dir (these methods' records replace theirs, the others stay)."""
     chosen = resolve(names, entries)  # raises with the valid names before anything runs
     root = Path(root) if root is not None else repo_root()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"profile": profile, "environment": environment(device), "methods": []}
+    previous = out_dir / REPORT_NAME
+    previous = json.loads(previous.read_text()) if update and previous.is_file() else None
     for i, entry in enumerate(chosen, 1):
-        record = {"method": entry.method, "script": entry.script, "peer": entry.peer, "metric": entry.metric,
-                  "paper": entry.paper, "docs": f"docs/{entry.docs}", "command": None, "status": None,
-                  "reason": None, "wall_s": None, "log": None, "json": None, "plots": [], "figures": []}
+        record = new_record(entry, profile)
+        record["environment"] = report["environment"]
         report["methods"].append(record)
         reason = blocked_reason(entry, profile, device, allow_downloads)
         if not reason and not (root / entry.script).is_file():
             reason = f"{entry.script} not found under {root} (run the verb from a source checkout)"
         if reason:
-            record.update(status="cannot run here", reason=reason)
+            record.update(status="cannot run here", reason=reason, finished_at=_now())
             say(f"[{i}/{len(chosen)}] {entry.method}: cannot run here: {reason}")
             continue
         cmd = command(entry, profile, device, out_dir)
@@ -165,7 +199,7 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
         record.update(command=" ".join(cmd[1:]), log=str(log_path))
         say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
         rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
-        record["wall_s"] = round(wall, 1)
+        record.update(wall_s=round(wall, 1), finished_at=_now())
         record["plots"] = [str(out_dir / name) for _, name in entry.side_outputs
                            if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]
         log_text = log_path.read_text(errors="replace")
@@ -182,23 +216,14 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
             say(f"[{i}/{len(chosen)}] {entry.method}: ran in {wall:.0f} s but its JSON could not be read: {err}")
             continue
         record["json"] = json_path
-        if data is None:
-            record.update(status="ran", reason="the script writes no JSON: figures are in its log only")
-        elif (extract := headline_extractor(entry)) is None:
-            record.update(status="ran", reason="headline extractor not written yet: figures are in its JSON")
-        else:
-            try:
-                figures = extract(data)
-            except (KeyError, IndexError, TypeError, ValueError) as err:  # the script's JSON changed shape
-                record.update(status="failed", reason=f"ran, but its headline extractor failed on its JSON: "
-                                                      f"{type(err).__name__}: {err}")
-                say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
-                continue
-            record["figures"] = [{**asdict(f), "ratio": f.ratio} for f in figures]
-            record["status"] = "measured"
+        if not apply_headline(record, entry, data):
+            say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
+            continue
         say(f"[{i}/{len(chosen)}] {entry.method}: done in {wall:.0f} s"
             + (f" ({record['reason']})" if record["reason"] else ""))
     report["load_average_after"] = _load_average()
+    if previous is not None:
+        report = merge_reports(previous, report, list(entries))
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -208,43 +233,6 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def cell(text) -> str:
-    """`text` safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
-def table(report: dict) -> str:
-    """The report as one markdown table: a row per figure, and a row per method that has none (with why)."""
-    lines = ["| method | metric | ours | peer | ratio | paper | measured or estimated |",
-             "|---|---|---|---|---|---|---|"]
-    for m in report["methods"]:
-        if not m["figures"]:
-            why = m["status"] + (f": {m['reason']}" if m["reason"] else "")
-            paper = cell(m["paper"] or "-")
-            lines.append(f"| {m['method']} | {cell(m['metric'])} | - | - | - | {paper} | {cell(why)} |")
-        for f in m["figures"]:
-            kind = "measured" if f["measured"] else "estimated"
-            metric = f["metric"] + (f" ({f['note']})" if f["note"] else "")
-            lines.append(f"| {m['method']} | {cell(metric)} | {_fmt(f['ours'])} | {_fmt(f['peer'])} | "
-                         f"{_fmt(f['ratio'])} | {cell(f['paper'] or '-')} | {kind} |")
-    env = report["environment"]
-    lines.append("")
-    lines.append(f"profile {report['profile']}, device {env['device']}, bench process torch threads "
-                 f"{env['torch_threads']} (each script sets its own, see its log), "
-                 f"{env['cpus']} CPUs, load average {env['load_average']} before, "
-                 f"{report.get('load_average_after')} after; torch {env['versions']['torch']}, "
-                 f"transformers {env['versions']['transformers']}")
-    return "\n".join(lines)
 
 
 __all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries",
