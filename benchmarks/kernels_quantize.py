@@ -13,13 +13,18 @@ tool, not a speed measurement.
     python benchmarks/kernels_quantize.py --device cpu --tokens 1024
     python benchmarks/kernels_quantize.py --device cpu --interpret --tokens 64 --latent 32 --out 16 --group 16 \
         --repeats 1 --warmup 0   # smoke-test of the Triton path under the interpreter; timings meaningless
+
+`--json PATH` writes every time of the table (rows keyed "op/layout/int<bits>", times in ms, None for a path not
+timed) and the setting (device, interpreter or not, sizes, versions).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import time
 
 import torch
 
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true",
                         help="with --device cpu: also run the Triton path under TRITON_INTERPRET=1, to check the "
                         "harness on a machine without a GPU (use tiny sizes; the times mean nothing)")
+    parser.add_argument("--json", default=None, help="write every time of the table to this JSON file")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -100,6 +106,17 @@ def main() -> None:
     weight = (torch.randn(args.latent, args.out, generator=gen) / args.latent ** 0.5).to(device=device, dtype=dtype)
     bias = torch.randn(args.out, generator=gen).to(device=device, dtype=dtype)
 
+    report = {"benchmark": "kernels_quantize", "device": device, "interpret": args.interpret,
+              "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "timed_paths": "reference, unfused, triton" if use_triton else "reference",
+              "dtype": str(dtype).replace("torch.", ""), "tokens": args.tokens, "latent": args.latent, "out": args.out,
+              "group": args.group, "bits": args.bits, "warmup": args.warmup, "repeats": args.repeats,
+              "torch": torch.__version__, "rows": {}}
+
+    def record(op, layout, nbits, ref, peer, tri):
+        report["rows"][f"{op}/{layout}/int{nbits}"] = dict(op=op, layout=layout, bits=nbits, reference_ms=ref,
+                                                           unfused_ms=peer, triton_ms=tri)
+
     header = (f"{'op':<16}{'layout':<12}{'bits':>5}{'reference':>11}{'unfused':>11}{'triton':>11}"
               f"{'ref/triton':>12}{'unfused/triton':>16}")
     print(header)
@@ -115,6 +132,7 @@ def main() -> None:
             tri_q = timed(functools.partial(quantize_pack_triton, x, nbits, args.group))
         print(f"{'quantize_pack':<16}{'per-token':<12}{nbits:>5}{_fmt(ref_q):>11}{_fmt(None):>11}{_fmt(tri_q):>11}"
               f"{_ratio(ref_q, tri_q):>12}{_ratio(None, tri_q):>16}")
+        record("quantize_pack", "per-token", nbits, ref_q, None, tri_q)
 
         for layout, src, transposed in (("per-token", x, False), ("per-channel", x_channel, True)):
             q = quantize_pack_reference(src, nbits, args.group)
@@ -132,6 +150,18 @@ def main() -> None:
                 tri = timed(functools.partial(dequant_matmul_triton, q, weight, bias, transposed))
             print(f"{'dequant_matmul':<16}{layout:<12}{nbits:>5}{_fmt(ref):>11}{_fmt(peer):>11}{_fmt(tri):>11}"
                   f"{_ratio(ref, tri):>12}{_ratio(peer, tri):>16}")
+            record("dequant_matmul", layout, nbits, ref, peer, tri)
+
+    if args.json:
+        if use_triton:
+            import triton
+
+            report["triton"] = triton.__version__
+        report["load_average"] = list(os.getloadavg())
+        report["process_cpu_s"] = time.process_time()
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nJSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ one token's forward with the cache at the end of the text, QVG and DynamicCache 
     python benchmarks/qvg.py --skip-hqq          # without the slow HQQ rows
     python benchmarks/qvg.py --only QVG --skip-timing   # a subset of rows (the DynamicCache row is always kept)
     python benchmarks/qvg.py --skip-table        # the overheads only
+    python benchmarks/qvg.py --quick --json q.json --plot q.png   # 512 tokens; DynamicCache, quanto best axes and
+        # QVG S=1 at 4 and 2 bit, QVG S=2 and asymmetric S=1 at 2 bit; no HQQ, no overheads (~2 min on 2 CPU cores)
+
+`--json PATH` writes every figure of the tables (rows keyed by arm and bits, e.g. "qvg_s1/int2"); `--plot PATH`
+draws bytes per token against perplexity.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+QUICK_TOKENS = 512
+QUICK_ROWS = ("dynamic", "quanto_best/int4", "quanto_best/int2", "qvg_s1/int4", "qvg_s1/int2", "qvg_s2/int2",
+              "qvg_s1_asym/int2")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1024, help="tokens of the bundled text used for perplexity")
@@ -59,7 +69,14 @@ def main(argv=None):
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-table", action="store_true", help="only the overheads")
     p.add_argument("--only", default=None, help="run only the rows whose name contains this text")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_TOKENS} tokens, only the rows {', '.join(QUICK_ROWS)}, no HQQ, no overheads: the "
+                        "headline at reduced size (bench quick profile)")
+    p.add_argument("--json", default=None, help="write every figure of the tables to this JSON file")
+    p.add_argument("--plot", default=None, help="write a bytes/token vs perplexity plot (PNG) to this path")
     args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.skip_hqq, args.skip_timing = QUICK_TOKENS, True, True
     torch.set_num_threads(args.threads)
 
     from transformers import DynamicCache, QuantizedCache
@@ -67,6 +84,7 @@ def main(argv=None):
     from hf_fastslow import QVGCache, QVGConfig, XQuantCache, XQuantConfig, load_default_model
     from hf_fastslow.evaluation.kv_bench import cache_table_row
     from hf_fastslow.evaluation.kv_ppl import bundled_text
+    from hf_fastslow.evaluation.kv_report import plot_memory_vs_ppl, row_key, write_report_json
     from hf_fastslow.evaluation.memory import storage_bytes
     from hf_fastslow.integrations import cache_kwargs
     from hf_fastslow.quantizers.qvg_codec import prq_compress
@@ -95,30 +113,37 @@ def main(argv=None):
         return lambda: QuantizedCache(backend=backend, config=cfg, nbits=nbits, axis_key=axis_key,
                                       axis_value=axis_value, q_group_size=G, residual_length=R)
 
-    rows = [(f"DynamicCache ({str(model_dtype).replace('torch.', '')} K/V)", "-", lambda: DynamicCache(config=cfg))]
+    rows = [("dynamic", f"DynamicCache ({str(model_dtype).replace('torch.', '')} K/V)", "-",
+             lambda: DynamicCache(config=cfg))]  # (arm: a stable key for the JSON, name as printed, bits, factory)
     for bits in (4, 2):
         rows += [
-            ("QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", bits, qc("quanto", bits, -1, 0)),
-            *([("QuantizedCache HQQ, best axes (axis 1, 1)", bits, qc("hqq", bits, 1, 1))] if not args.skip_hqq
-              else []),
-            ("XQuant-CL (latent deltas, first 3 layers 4-bit)", bits, xq(nbits=bits, mode="cl")),
-            ("QVG S=0 (no smoothing: block RTN, bf16 scales, sinks exact)", bits, qvg(nbits=bits, num_stages=0)),
-            ("QVG S=1", bits, qvg(nbits=bits, num_stages=1)),
-            ("QVG S=2", bits, qvg(nbits=bits, num_stages=2)),
-            ("QVG S=3", bits, qvg(nbits=bits, num_stages=3)),
+            ("quanto_best", "QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", bits,
+             qc("quanto", bits, -1, 0)),
+            *([("hqq_best", "QuantizedCache HQQ, best axes (axis 1, 1)", bits, qc("hqq", bits, 1, 1))]
+              if not args.skip_hqq else []),
+            ("xquant_cl", "XQuant-CL (latent deltas, first 3 layers 4-bit)", bits, xq(nbits=bits, mode="cl")),
+            ("qvg_s0", "QVG S=0 (no smoothing: block RTN, bf16 scales, sinks exact)", bits,
+             qvg(nbits=bits, num_stages=0)),
+            ("qvg_s1", "QVG S=1", bits, qvg(nbits=bits, num_stages=1)),
+            ("qvg_s2", "QVG S=2", bits, qvg(nbits=bits, num_stages=2)),
+            ("qvg_s3", "QVG S=3", bits, qvg(nbits=bits, num_stages=3)),
         ]
     rows += [
-        ("XQuant latent (first 3 layers 4-bit)", 3, xq(nbits=3, mode="latent")),
-        ("XQuant-CL (latent deltas, first 3 layers 4-bit)", 3, xq(nbits=3, mode="cl")),
-        ("QVG S=1, no sinks", 2, qvg(nbits=2, num_stages=1, sink_tokens=0)),
-        ("QVG S=1, asymmetric", 2, qvg(nbits=2, num_stages=1, asymmetric=True)),
-        ("QVG S=2, asymmetric", 2, qvg(nbits=2, num_stages=2, asymmetric=True)),
-        ("QVG S=1, 16 centroids", 2, qvg(nbits=2, num_stages=1, num_centroids=16)),
-        ("QVG S=1, chunk 256 (C 16; window up to 255)", 2, qvg(nbits=2, num_stages=1, chunk_tokens=256)),
-        ("QVG S=2, chunk 256 (C 16; window up to 255)", 2, qvg(nbits=2, num_stages=2, chunk_tokens=256)),
+        ("xquant_latent", "XQuant latent (first 3 layers 4-bit)", 3, xq(nbits=3, mode="latent")),
+        ("xquant_cl", "XQuant-CL (latent deltas, first 3 layers 4-bit)", 3, xq(nbits=3, mode="cl")),
+        ("qvg_s1_no_sinks", "QVG S=1, no sinks", 2, qvg(nbits=2, num_stages=1, sink_tokens=0)),
+        ("qvg_s1_asym", "QVG S=1, asymmetric", 2, qvg(nbits=2, num_stages=1, asymmetric=True)),
+        ("qvg_s2_asym", "QVG S=2, asymmetric", 2, qvg(nbits=2, num_stages=2, asymmetric=True)),
+        ("qvg_s1_c16", "QVG S=1, 16 centroids", 2, qvg(nbits=2, num_stages=1, num_centroids=16)),
+        ("qvg_s1_chunk256", "QVG S=1, chunk 256 (C 16; window up to 255)", 2,
+         qvg(nbits=2, num_stages=1, chunk_tokens=256)),
+        ("qvg_s2_chunk256", "QVG S=2, chunk 256 (C 16; window up to 255)", 2,
+         qvg(nbits=2, num_stages=2, chunk_tokens=256)),
     ]
     if args.only:
-        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]
+        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[1]]
+    if args.quick:
+        rows = [r for r in rows if row_key(r[0], r[2]) in QUICK_ROWS]
     if args.skip_table:
         rows = []
 
@@ -130,12 +155,21 @@ def main(argv=None):
           f"| shared factors MB | total MB @ {n_tokens} | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     results, base_ppl = {}, None
-    for name, bits, factory in rows:
+    report = {"benchmark": "qvg", "model": "SmolLM2-135M-Instruct", "model_dtype": str(model_dtype),
+              "tokens": n_tokens, "scored_targets": n_tokens - min(args.chunk, n_tokens), "chunk": args.chunk,
+              "residual": R, "group": G, "kmeans_iters": args.kmeans_iters, "quick": args.quick, "args": vars(args),
+              "threads": args.threads, "device": "cpu", "torch": torch.__version__,
+              "transformers": __import__("transformers").__version__, "fp16_kv_bytes_per_token": fp16_kv_per_token,
+              "rows": {}, "timing": {}}
+    cpu0 = time.process_time()
+    for arm, name, bits, factory in rows:
         release_xquant_factors(model)
         try:
             r = cache_table_row(model, ids, factory, chunk=args.chunk, extra_ids=extra)
         except Exception as err:  # noqa: BLE001 - a peer failing is a result to report
             print(f"| {name} | {bits} | failed: {type(err).__name__}: {str(err)[:80]} | | | | | | | |", flush=True)
+            report["rows"][row_key(arm, bits)] = dict(arm=arm, name=name, bits=None if bits == "-" else bits,
+                                                      failed=f"{type(err).__name__}: {err}")
             continue
         cache = r.pop("cache")
         if isinstance(cache, QVGCache) and cache.nbytes() != storage_bytes(cache):
@@ -143,11 +177,22 @@ def main(argv=None):
         shared = xquant_factor_nbytes(model)
         base_ppl = r["ppl"] if base_ppl is None else base_ppl
         results[(name, bits)] = dict(r, shared=shared)
+        report["rows"][row_key(arm, bits)] = dict(
+            arm=arm, name=name, bits=None if bits == "-" else bits, ppl=r["ppl"], dppl=r["ppl"] - base_ppl,
+            bytes_per_token=r["bytes_per_token"], x_less_than_fp16_kv=fp16_kv_per_token / r["bytes_per_token"],
+            fixed_bytes=r["fixed"], fixed_window_full_bytes=r["fixed_window_full"], shared_factor_bytes=shared,
+            total_bytes_at_end=r["at_end"] + shared, seconds=r["seconds"])
         print(f"| {name} | {bits} | {r['ppl']:.3f} | {r['ppl'] - base_ppl:+.3f} | {r['bytes_per_token']:.1f} | "
               f"{fp16_kv_per_token / r['bytes_per_token']:.2f}x | {r['fixed_window_full'] / 1e6:.2f} | "
               f"{shared / 1e6:.2f} | {(r['at_end'] + shared) / 1e6:.2f} | {r['seconds']:.1f} |", flush=True)
     release_xquant_factors(model)
+    report["table_cpu_s"] = time.process_time() - cpu0
+    if args.plot and report["rows"]:
+        reason = plot_memory_vs_ppl(report["rows"], args.plot, f"QVG vs peer caches, SmolLM2-135M, {n_tokens} tokens "
+                                    f"of the bundled text, chunks of {args.chunk}, window {R}, group {G}")
+        print(f"\nplot: {reason or args.plot}")
     if args.skip_timing:
+        write_report_json(args.json, report)
         return results
 
     # -- overheads -----------------------------------------------------------------------------------------------
@@ -198,6 +243,7 @@ def main(argv=None):
                 out.append((time.perf_counter() - t0) * 1e3)
         q_ms, d_ms = statistics.median(q_steps), statistics.median(d_steps)
         timing[(bits, stages)] = dict(compress_ms=compress_ms, read_ms=read_ms, step_ms=q_ms, dynamic_step_ms=d_ms)
+        report["timing"][f"int{bits}_s{stages}"] = dict(timing[(bits, stages)], step_ratio=q_ms / d_ms)
         print(f"| int{bits} S={stages} | {compress_ms:.1f} | {compress_ms / cfg.num_hidden_layers:.2f} | "
               f"{read_ms:.1f} | {q_ms:.1f} | {d_ms:.1f} | {q_ms / d_ms:.2f}x |", flush=True)
     results["timing"] = timing
@@ -206,6 +252,7 @@ def main(argv=None):
         print(f"\nload average at the end: {' '.join(load)}")
     except OSError:
         pass
+    write_report_json(args.json, report)
     return results
 
 

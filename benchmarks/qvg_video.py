@@ -29,12 +29,17 @@ Columns (every compressed cache runs the same rollout with the same noise as the
     python benchmarks/qvg_video.py            # the table in docs/video.md (~2 min on 2 busy CPU cores)
     python benchmarks/qvg_video.py --quick    # 4 chunks, fewer rows, a smoke run
     python benchmarks/qvg_video.py --timing   # wall-clock of whole rollouts only (CPU, interleaved)
+
+`--json PATH` writes every figure of the tables: per scenario its setting and its rows keyed by codec and bits
+("kivi/int2", "qvg_s1_asym/int2", ...; "uncompressed" apart), and the timing table when `--timing` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import time
 
 import torch
@@ -76,21 +81,24 @@ def methods(args):
 
     common = dict(sink_chunks=1, keep_recent_chunks=1, span_chunks=args.span_chunks, seed=args.seed)
     qvg = dict(num_centroids=args.centroids, kmeans_iters=args.kmeans_iters, **common)
-    rows = []
+    rows = []  # (key: codec/int<bits>, stable for the JSON; label as printed; config)
     for bits in (2, 4):
         rows += [
-            (f"KIVI-style (K per channel, V per token) int{bits}", VideoKVConfig("kivi", bits, **common)),
-            (f"plain per-token int{bits} (QVG with S=0, asym.)", VideoKVConfig("qvg", bits, num_stages=0,
-                                                                              asymmetric=True, **common)),
-            (f"QVG S=1 int{bits} (symmetric)", VideoKVConfig("qvg", bits, num_stages=1, **qvg)),
-            (f"QVG S=1 int{bits} asym.", VideoKVConfig("qvg", bits, num_stages=1, asymmetric=True, **qvg)),
-            (f"QVG S=2 int{bits} asym. (Pro-like)", VideoKVConfig("qvg", bits, num_stages=2, asymmetric=True, **qvg)),
+            (f"kivi/int{bits}", f"KIVI-style (K per channel, V per token) int{bits}",
+             VideoKVConfig("kivi", bits, **common)),
+            (f"qvg_s0_asym/int{bits}", f"plain per-token int{bits} (QVG with S=0, asym.)",
+             VideoKVConfig("qvg", bits, num_stages=0, asymmetric=True, **common)),
+            (f"qvg_s1/int{bits}", f"QVG S=1 int{bits} (symmetric)", VideoKVConfig("qvg", bits, num_stages=1, **qvg)),
+            (f"qvg_s1_asym/int{bits}", f"QVG S=1 int{bits} asym.",
+             VideoKVConfig("qvg", bits, num_stages=1, asymmetric=True, **qvg)),
+            (f"qvg_s2_asym/int{bits}", f"QVG S=2 int{bits} asym. (Pro-like)",
+             VideoKVConfig("qvg", bits, num_stages=2, asymmetric=True, **qvg)),
         ]
     # KIVI at 3 bits holds as many bytes as QVG S=1 at 2 bits with the default span and centroids (3.375 bits per
     # value each at head dim 64): the equal-bytes comparison.
-    rows.insert(5, ("KIVI-style int3 (~ the bytes of QVG S=1 int2)", VideoKVConfig("kivi", 3, **common)))
+    rows.insert(5, ("kivi/int3", "KIVI-style int3 (~ the bytes of QVG S=1 int2)", VideoKVConfig("kivi", 3, **common)))
     if args.quick:
-        rows = [r for r in rows if "S=2" not in r[0] and "S=0" not in r[0] and "int3" not in r[0]]
+        rows = [r for r in rows if not r[0].startswith(("qvg_s2", "qvg_s0"))]
     return rows
 
 
@@ -155,7 +163,11 @@ def run_scenario(name, models, args, noise, text, prefix):
     print("| cache | K err | V err | latent err | cache bytes (bf16 model) | x (total) | x (spans) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| uncompressed | 0 | 0 | 0 | {exact_bytes:,} | 1.00 | 1.00 |")
-    for label, config in methods(args):
+    record = dict(given_chunks=given_chunks, generated_chunks=noise.shape[2] // args.chunk_frames,
+                  tokens_per_chunk=exact.layers[0].sink[0].info.num_tokens, tokens_held=held,
+                  exact_rollout_s=seconds, no_history_latent_err=forget, kv_err_scope=kv_scope,
+                  uncompressed=dict(bytes=exact_bytes, span_bytes=exact_spans), rows={})
+    for key, label, config in methods(args):
         k_err, v_err = kv_errors(exact, config, args.head_dim, None if prefix is None else given_chunks)
         out, _ = rollout(config)
         latent_err = float((out - exact_out).norm() / exact_out.norm())
@@ -163,6 +175,9 @@ def run_scenario(name, models, args, noise, text, prefix):
         nbytes, spans = cache.nbytes(), cache.nbytes_by_part()["spans"]
         print(f"| {label} | {k_err:.4f} | {v_err:.4f} | {latent_err:.5f} | {nbytes:,} | {exact_bytes / nbytes:.2f} "
               f"| {exact_spans / spans:.2f} |", flush=True)
+        record["rows"][key] = dict(label=label, k_err=k_err, v_err=v_err, latent_err=latent_err, bytes=nbytes,
+                                   span_bytes=spans, x_total=exact_bytes / nbytes, x_spans=exact_spans / spans)
+    return record
 
 
 def timing(models, args, noise, text):
@@ -194,6 +209,8 @@ def timing(models, args, noise, text):
     for name, _ in configs:
         med = statistics.median(seconds[name])
         print(f"| {name} | {med:.2f} | {med / base:.2f}x |", flush=True)
+    return {name: dict(median_s=statistics.median(ts), all_s=ts, vs_uncompressed=statistics.median(ts) / base)
+            for name, ts in seconds.items()}
 
 
 def main(argv=None):
@@ -215,6 +232,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--timing", action="store_true", help="only the wall-clock table (interleaved rollouts)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="write every figure of the tables to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.chunks, args.prefix_chunks = 4, 3
@@ -230,12 +248,20 @@ def main(argv=None):
     text = torch.randn(1, 8, 32, generator=g)
     frames = args.chunks * args.chunk_frames
     noise = torch.randn(1, args.channels, frames, args.size, args.size, generator=g)
+    report = {"benchmark": "qvg_video", "quick": args.quick, "args": vars(args), "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "scenarios": {}, "timing": None}
     if args.timing:
-        timing(models, args, noise, text)
-        return
-    run_scenario("noise", models, args, noise, text, None)
-    prefix = synthetic_scene(args, args.prefix_chunks * args.chunk_frames, g)
-    run_scenario("scene", models, args, noise, text, prefix)
+        report["timing"] = timing(models, args, noise, text)
+    else:
+        report["scenarios"]["noise"] = run_scenario("noise", models, args, noise, text, None)
+        prefix = synthetic_scene(args, args.prefix_chunks * args.chunk_frames, g)
+        report["scenarios"]["scene"] = run_scenario("scene", models, args, noise, text, prefix)
+    if args.json:
+        report["load_average"] = list(os.getloadavg())
+        report["process_cpu_s"] = time.process_time()
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nJSON: {args.json}")
 
 
 if __name__ == "__main__":

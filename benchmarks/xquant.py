@@ -20,6 +20,11 @@ them to the cache.
     python benchmarks/xquant.py                    # full table + generate tokens/s (~10 min on 2 quiet CPU cores)
     python benchmarks/xquant.py --skip-generate    # perplexity and memory only
     python benchmarks/xquant.py --only HQQ --skip-generate   # a subset of rows (the fp32 row is always kept)
+    python benchmarks/xquant.py --quick --json x.json --plot x.png   # 512 tokens, DynamicCache, quanto best axes,
+        # XQuant latent and CL at 4 and 2 bit, no HQQ, no generate (~2 min on 2 CPU cores)
+
+`--json PATH` writes every figure of the tables (rows keyed by arm and bits, e.g. "quanto_best/int2"); `--plot PATH`
+draws bytes per token against perplexity.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import sys
 import time
 
 import torch
+
+QUICK_TOKENS = 512
+QUICK_ARMS = ("dynamic", "quanto_best", "xquant_latent", "xquant_cl")
 
 
 def main(argv=None):
@@ -48,7 +56,14 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="run only the perplexity rows whose name contains this text")
     p.add_argument("--only-generate", action="store_true", help="skip the perplexity/memory table")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_TOKENS} tokens, only the rows {', '.join(QUICK_ARMS)} at 4 and 2 bit, no HQQ, no "
+                        "generate: the headline at reduced size (bench quick profile)")
+    p.add_argument("--json", default=None, help="write every figure of the tables to this JSON file")
+    p.add_argument("--plot", default=None, help="write a bytes/token vs perplexity plot (PNG) to this path")
     args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.skip_hqq, args.skip_generate = QUICK_TOKENS, True, True
     torch.set_num_threads(args.threads)
 
     from transformers import DynamicCache, QuantizedCache
@@ -56,6 +71,7 @@ def main(argv=None):
     from hf_fastslow import XQuantCache, XQuantConfig, load_default_model
     from hf_fastslow.evaluation.kv_bench import fit_line
     from hf_fastslow.evaluation.kv_ppl import cache_perplexity
+    from hf_fastslow.evaluation.kv_report import plot_memory_vs_ppl, row_key, write_report_json
     from hf_fastslow.evaluation.memory import storage_bytes
     from hf_fastslow.evaluation.prompts import bundled_text_ids
     from hf_fastslow.evaluation.timing import interleave
@@ -80,33 +96,37 @@ def main(argv=None):
         return lambda: QuantizedCache(backend=backend, config=cfg, nbits=nbits, axis_key=axis_key,
                                       axis_value=axis_value, q_group_size=G, residual_length=R)
 
-    rows = [
-        (f"DynamicCache ({str(model_dtype).replace('torch.', '')} K/V, the model's dtype)", "-",
+    rows = [  # (arm: a stable key for the JSON, name as printed, bits, factory)
+        ("dynamic", f"DynamicCache ({str(model_dtype).replace('torch.', '')} K/V, the model's dtype)", "-",
          lambda: DynamicCache(config=cfg)),
-        ("QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 4, qc("quanto", 4, 0, 0)),
-        ("QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 2, qc("quanto", 2, 0, 0)),
-        ("QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", 4, qc("quanto", 4, -1, 0)),
-        ("QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", 2, qc("quanto", 2, -1, 0)),
-        ("XQuant latent (auto on GQA)", 4, xq(nbits=4, mode="latent")),
-        ("XQuant latent (auto on GQA)", 3, xq(nbits=3, mode="latent")),
-        ("XQuant latent (auto on GQA)", 2, xq(nbits=2, mode="latent")),
-        ("XQuant latent, all layers", 2, xq(nbits=2, mode="latent", high_precision_layers=0)),
-        ("XQuant latent + fp16 outlier channel", 2, xq(nbits=2, mode="latent", fp16_outlier_channel=True)),
-        ("XQuant-CL (latent deltas, 4-bit base at layer 2)", 4, xq(nbits=4, mode="cl")),
-        ("XQuant-CL (latent deltas, 4-bit base at layer 2)", 3, xq(nbits=3, mode="cl")),
-        ("XQuant-CL (latent deltas, 4-bit base at layer 2)", 2, xq(nbits=2, mode="cl")),
-        ("XQuant plain X (1.5x a K/V cache on this model)", 4, xq(nbits=4, mode="x")),
+        ("quanto_default", "QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 4, qc("quanto", 4, 0, 0)),
+        ("quanto_default", "QuantizedCache quanto, defaults (axis_key=0, axis_value=0)", 2, qc("quanto", 2, 0, 0)),
+        ("quanto_best", "QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", 4, qc("quanto", 4, -1, 0)),
+        ("quanto_best", "QuantizedCache quanto, best axes (axis_key=-1, axis_value=0)", 2, qc("quanto", 2, -1, 0)),
+        ("xquant_latent", "XQuant latent (auto on GQA)", 4, xq(nbits=4, mode="latent")),
+        ("xquant_latent", "XQuant latent (auto on GQA)", 3, xq(nbits=3, mode="latent")),
+        ("xquant_latent", "XQuant latent (auto on GQA)", 2, xq(nbits=2, mode="latent")),
+        ("xquant_latent_all_layers", "XQuant latent, all layers", 2, xq(nbits=2, mode="latent",
+                                                                         high_precision_layers=0)),
+        ("xquant_latent_outlier", "XQuant latent + fp16 outlier channel", 2, xq(nbits=2, mode="latent",
+                                                                                 fp16_outlier_channel=True)),
+        ("xquant_cl", "XQuant-CL (latent deltas, 4-bit base at layer 2)", 4, xq(nbits=4, mode="cl")),
+        ("xquant_cl", "XQuant-CL (latent deltas, 4-bit base at layer 2)", 3, xq(nbits=3, mode="cl")),
+        ("xquant_cl", "XQuant-CL (latent deltas, 4-bit base at layer 2)", 2, xq(nbits=2, mode="cl")),
+        ("xquant_x", "XQuant plain X (1.5x a K/V cache on this model)", 4, xq(nbits=4, mode="x")),
     ]
     if not args.skip_hqq:
         rows[5:5] = [
-            ("QuantizedCache HQQ, defaults (axis 0, 0)", 4, qc("hqq", 4, 0, 0)),
-            ("QuantizedCache HQQ, defaults (axis 0, 0)", 2, qc("hqq", 2, 0, 0)),
-            ("QuantizedCache HQQ, best axes (axis 1, 1)", 4, qc("hqq", 4, 1, 1)),
-            ("QuantizedCache HQQ, best axes (axis 1, 1)", 3, qc("hqq", 3, 1, 1)),
-            ("QuantizedCache HQQ, best axes (axis 1, 1)", 2, qc("hqq", 2, 1, 1)),
+            ("hqq_default", "QuantizedCache HQQ, defaults (axis 0, 0)", 4, qc("hqq", 4, 0, 0)),
+            ("hqq_default", "QuantizedCache HQQ, defaults (axis 0, 0)", 2, qc("hqq", 2, 0, 0)),
+            ("hqq_best", "QuantizedCache HQQ, best axes (axis 1, 1)", 4, qc("hqq", 4, 1, 1)),
+            ("hqq_best", "QuantizedCache HQQ, best axes (axis 1, 1)", 3, qc("hqq", 3, 1, 1)),
+            ("hqq_best", "QuantizedCache HQQ, best axes (axis 1, 1)", 2, qc("hqq", 2, 1, 1)),
         ]
     if args.only:
-        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[0]]  # keep the reference row
+        rows = [rows[0]] + [r for r in rows[1:] if args.only in r[1]]  # keep the reference row
+    if args.quick:
+        rows = [r for r in rows if r[0] in QUICK_ARMS and r[2] in ("-", 4, 2)]
 
     print(f"# XQuant benchmark: {type(model).__name__} SmolLM2-135M-Instruct ({model_dtype}), {n_tokens} tokens of the "
           f"bundled text, chunks of {args.chunk}, window {R}, group {G}, torch {torch.__version__}, transformers "
@@ -120,7 +140,14 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     base_ppl = None
     results = {}
-    for name, bits, factory in ([] if args.only_generate else rows):
+    report = {"benchmark": "xquant", "model": "SmolLM2-135M-Instruct", "model_dtype": str(model_dtype),
+              "tokens": n_tokens, "scored_targets": n_tokens - min(args.chunk, n_tokens), "chunk": args.chunk,
+              "residual": R, "group": G, "quick": args.quick, "args": vars(args), "threads": args.threads,
+              "device": args.device, "torch": torch.__version__,
+              "transformers": __import__("transformers").__version__, "fp16_kv_bytes_per_token": fp16_kv_per_token,
+              "rows": {}, "break_even_tokens": {}, "generate": {}}
+    cpu0 = time.process_time()
+    for arm, name, bits, factory in ([] if args.only_generate else rows):
         release_xquant_factors(model)  # factors of earlier rows must not count for this one
         points: list[tuple[int, int]] = []
         t0 = time.perf_counter()
@@ -134,6 +161,8 @@ def main(argv=None):
                 window_full = storage_bytes(cache)
         except Exception as err:  # noqa: BLE001 - a peer backend failing is a result to report, not a crash
             print(f"| {name} | {bits} | failed: {type(err).__name__}: {str(err)[:80]} | | | | | | | | |")
+            report["rows"][row_key(arm, bits)] = dict(arm=arm, name=name, bits=None if bits == "-" else bits,
+                                                      failed=f"{type(err).__name__}: {err}")
             continue
         dt = time.perf_counter() - t0
         if isinstance(cache, XQuantCache) and cache.nbytes() != window_full:
@@ -146,6 +175,10 @@ def main(argv=None):
             base_ppl = r["ppl"]
         results[(name, bits)] = dict(ppl=r["ppl"], bytes_per_token=slope, fixed=fixed, fixed_window_full=fixed_full,
                                      shared=shared, total=total)
+        report["rows"][row_key(arm, bits)] = dict(
+            arm=arm, name=name, bits=None if bits == "-" else bits, ppl=r["ppl"], dppl=r["ppl"] - base_ppl,
+            bytes_per_token=slope, x_less_than_fp16_kv=fp16_kv_per_token / slope, fixed_bytes=fixed,
+            fixed_window_full_bytes=fixed_full, shared_factor_bytes=shared, total_bytes_at_end=total, seconds=dt)
         print(f"| {name} | {bits} | {r['ppl']:.3f} | {r['ppl'] - base_ppl:+.3f} | {slope:.1f} | "
               f"{fp16_kv_per_token / slope:.2f}x | {fixed / 1e6:.2f} | {fixed_full / 1e6:.2f} | {shared / 1e6:.2f} | "
               f"{total / 1e6:.2f} | {dt:.1f} |", flush=True)
@@ -159,8 +192,19 @@ def main(argv=None):
             gain = ref_slope - res["bytes_per_token"]
             where = f"{max(0.0, overhead / gain):.0f} tokens" if gain > 0 else "never"
             print(f"- {name}, {bits} bit: {where}")
+        for key, row in list(report["rows"].items())[1:]:
+            if "ppl" in row:
+                gain = ref_slope - row["bytes_per_token"]
+                overhead = row["fixed_window_full_bytes"] + row["shared_factor_bytes"]
+                report["break_even_tokens"][key] = max(0.0, overhead / gain) if gain > 0 else None
+    report["table_cpu_s"] = time.process_time() - cpu0
+    if args.plot and report["rows"]:
+        reason = plot_memory_vs_ppl(report["rows"], args.plot, f"XQuant vs peer caches, SmolLM2-135M, {n_tokens} "
+                                    f"tokens of the bundled text, chunks of {args.chunk}, window {R}, group {G}")
+        print(f"\nplot: {reason or args.plot}")
 
     if args.skip_generate:
+        write_report_json(args.json, report)
         return results
     results["generate"] = {}
 
@@ -200,8 +244,13 @@ def main(argv=None):
         new_tokens = slice(prompt.shape[1], None)
         same = (timing.last[name][:, new_tokens] == timing.last[ref_name][:, new_tokens]).float().mean().item()
         results["generate"][name] = speed.median
+        report["generate"][name] = dict(tokens_per_s_median=speed.median, tokens_per_s_min=speed.low,
+                                        tokens_per_s_max=speed.high, x_vs_dynamic=speed.median / ref_speed,
+                                        same_tokens_as_dynamic=same)
         print(f"| {name} | {speed.format()} | {speed.median / ref_speed:.2f}x | {same:.0%} |", flush=True)
     print(f"\n{timing.describe_machine()}")
+    report["generate_failed"] = dict(timing.failed)
+    write_report_json(args.json, report)
     return results
 
 

@@ -1,0 +1,73 @@
+"""What the KV-cache benchmarks (benchmarks/xquant.py, benchmarks/qvg.py) write besides their tables: each table row
+as a JSON record under a stable key (the cache's arm and its bit width, so a reader does not depend on the row's
+wording), and the plot of memory against perplexity, one line per arm through its bit widths."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+__all__ = ["plot_memory_vs_ppl", "row_key", "write_report_json"]
+
+
+def row_key(arm: str, bits) -> str:
+    """`arm/int<bits>` ("quanto_best/int2"); the bare arm for an unquantized cache (bits None or "-")."""
+    return arm if bits in (None, "-") else f"{arm}/int{bits}"
+
+
+def write_report_json(path: str | Path | None, report: dict) -> None:
+    """Write `report` to `path` (nothing when None), with the load average and this process's CPU seconds so far."""
+    if not path:
+        return
+    report["load_average"] = list(os.getloadavg())
+    report["process_cpu_s"] = time.process_time()
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"JSON: {path}")
+
+
+def plot_memory_vs_ppl(rows: dict[str, dict], path: str | Path, title: str) -> str | None:
+    """Bytes per token (x, log) against perplexity (y, log) of every measured row of `rows` (records with "arm",
+    "bits", "ppl", "bytes_per_token"; failed rows have no "ppl" and are left out), the rows of one arm joined in
+    order of bits, each point labelled with its bits; the unquantized reference ("bits" None) as a dashed line.
+    Returns None when the plot was written, else why not (matplotlib missing)."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        return reason
+    measured = [r for r in rows.values() if "ppl" in r]
+    arms: dict[str, list[dict]] = {}
+    for r in measured:
+        arms.setdefault(r["arm"], []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "osD^v<>phX*"
+    for i, (arm, points) in enumerate(arms.items()):
+        if points[0]["bits"] is None:
+            ax.axhline(points[0]["ppl"], color="grey", ls="--", lw=1,
+                       label=f"{arm}: PPL {points[0]['ppl']:.2f} at {points[0]['bytes_per_token']:,.0f} B/token")
+            continue
+        points = sorted(points, key=lambda r: r["bits"])
+        xs, ys = [p["bytes_per_token"] for p in points], [p["ppl"] for p in points]
+        (line,) = ax.plot(xs, ys, marker=markers[i % len(markers)], label=arm)
+        for p in points:
+            ax.annotate(f"{p['bits']}b", (p["bytes_per_token"], p["ppl"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=line.get_color())
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 5x10^1
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("bytes per token (slope of the storage walk; shared factors excluded)")
+    ax.set_ylabel("perplexity through the cache (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
