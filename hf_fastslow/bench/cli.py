@@ -1,4 +1,5 @@
-"""The `bench` verb: `hf-fastslow bench [METHOD ...] [--profile quick|full] [--device cpu|cuda] [--out DIR] [--list]`.
+"""The `bench` verb: `hf-fastslow bench [METHOD ...] [--profile quick|full] [--device cpu|cuda] [--out DIR] [--list]
+[--update] [--render REPORT --into PAGE] [--ingest METHOD=JSON ...]`.
 Standard library only at module level (hf_fastslow.cli imports every verb module to build its parser)."""
 
 from __future__ import annotations
@@ -31,13 +32,65 @@ def _bench(args) -> int:
         return 2
     if args.list:
         return _list({e.method: e for e in resolve(args.methods, entries)}, args.profile, args.device)
+    if args.ingest:
+        return _ingest(args, entries)
+    if args.render:
+        return _render(args)
     report = run_entries(args.methods, entries, profile=args.profile, device=args.device, out_dir=args.out,
-                         allow_downloads=args.allow_downloads, timeout_s=args.timeout)
+                         allow_downloads=args.allow_downloads, timeout_s=args.timeout, update=args.update)
     print()
     print(table(report))
     print(f"\nJSON report: {args.out}/{REPORT_NAME}; each script's output: {args.out}/<method>.log")
     failed = [m["method"] for m in report["methods"] if m["status"] == "failed"]
     return 1 if failed else 0
+
+
+def _render(args) -> int:
+    """--render REPORT --into PAGE: rewrite PAGE's generated block from REPORT (no run)."""
+    import json
+    from pathlib import Path
+
+    from hf_fastslow.bench.report import render_into
+
+    if not args.into:
+        print("hf-fastslow bench: --render needs --into PAGE (e.g. docs/benchmarks.md)", file=sys.stderr)
+        return 2
+    changed = render_into(args.into, json.loads(Path(args.render).read_text()))
+    print(f"{args.into}: {'rewrote' if changed else 'already up to date with'} {args.render}")
+    return 0
+
+
+def _ingest(args, entries) -> int:
+    """--ingest METHOD=JSON ...: records from JSON files the scripts wrote outside the verb, merged into
+    OUT/bench_report.json (the profile says which sizes they ran at)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from hf_fastslow.bench.report import ingest, merge_reports
+    from hf_fastslow.bench.runner import REPORT_NAME, environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for item in args.ingest:
+        method, sep, path = item.partition("=")
+        if not sep or method not in entries:
+            print(f"hf-fastslow bench: --ingest takes METHOD=JSON with a method from --list, got {item!r}",
+                  file=sys.stderr)
+            return 2
+        kept = out / f"{method}.json"
+        if Path(path).resolve() != kept.resolve():
+            shutil.copyfile(path, kept)
+        record = ingest(entries[method], kept, args.profile, command=f"(recorded) {entries[method].script}")
+        records.append(record)
+        print(f"{method}: {record['status']}" + (f" ({record['reason']})" if record["reason"] else ""))
+    report = {"profile": args.profile, "environment": environment(args.device), "methods": records}
+    path = out / REPORT_NAME
+    if path.is_file():
+        report = merge_reports(json.loads(path.read_text()), report, list(entries))
+    path.write_text(json.dumps(report, indent=1, default=str))
+    return 1 if any(r["status"] == "failed" for r in records) else 0
 
 
 def add_parser(subparsers) -> None:
@@ -52,4 +105,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--list", action="store_true", help="list the methods, their peers and whether they run here")
     p.add_argument("--allow-downloads", action="store_true", help="let methods that download weights run")
     p.add_argument("--timeout", type=float, default=None, help="seconds per method before it is stopped")
+    p.add_argument("--update", action="store_true",
+                   help="merge into the report already in --out (these methods replace theirs, the others stay)")
+    p.add_argument("--render", metavar="REPORT", help="no run: rewrite --into PAGE's generated block from REPORT")
+    p.add_argument("--into", metavar="PAGE", help="the page --render rewrites (docs/benchmarks.md)")
+    p.add_argument("--ingest", nargs="+", metavar="METHOD=JSON",
+                   help="no run: add records from JSON files the scripts wrote themselves (recorded runs at "
+                        "--profile's sizes) to --out's report")
     p.set_defaults(func=_bench)

@@ -1,0 +1,96 @@
+"""Merging runs into one report (--update), ingesting a recorded run's JSON (--ingest), and docs/benchmarks.md's
+generated block (--render): the page must equal what its committed report renders."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_fastslow.bench.registry import BenchEntry, Figure, Output, entries_by_method
+from hf_fastslow.bench.report import BEGIN, END, generated_block, ingest, merge_reports, render_block, render_into
+from hf_fastslow.bench.runner import REPORT_NAME, run_entries
+from hf_fastslow.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL_REPORT = ROOT / "docs/benchmarks/full_report.json"
+
+
+def _entry(tmp_path, name, value):
+    script = tmp_path / f"{name}.py"
+    script.write_text("import argparse, json\np = argparse.ArgumentParser()\np.add_argument('--quick', "
+                      "action='store_true')\np.add_argument('--out')\nargs = p.parse_args()\n"
+                      f"json.dump({{'ours': {value}, 'peer': 2.0}}, open(args.out, 'w'))\n")
+    return BenchEntry(name, str(script), "a peer", "m", "x.md", Output("file", "--out"), ("--quick",),
+                      extract=lambda r: [Figure("seconds", r["ours"], r["peer"])])
+
+
+def test_update_merges_runs_and_keeps_each_records_environment(tmp_path):
+    entries = {"a": _entry(tmp_path, "a", 1.0), "b": _entry(tmp_path, "b", 3.0)}
+    out = tmp_path / "out"
+    first = run_entries(["a", "b"], entries, out_dir=out, root=tmp_path, say=lambda _: None)
+    entries["a"] = _entry(tmp_path, "a2", 5.0).__class__(**{**entries["a"].__dict__,
+                                                            "script": str(tmp_path / "a2.py")})
+    second = run_entries(["a"], entries, out_dir=out, root=tmp_path, say=lambda _: None, update=True)
+    assert [m["method"] for m in second["methods"]] == ["a", "b"]
+    assert [m["figures"][0]["ours"] for m in second["methods"]] == [5.0, 3.0]  # a re-run, b kept
+    assert second["methods"][1]["finished_at"] == first["methods"][1]["finished_at"]
+    assert all(m["environment"]["cpus"] for m in second["methods"])
+    assert json.loads((out / REPORT_NAME).read_text())["methods"][0]["figures"][0]["ours"] == 5.0
+    alone = run_entries(["a"], entries, out_dir=out, root=tmp_path, say=lambda _: None)  # no --update: replaced
+    assert [m["method"] for m in alone["methods"]] == ["a"]
+
+
+def test_merge_orders_by_registry_and_fills_old_records():
+    env = {"device": "cpu", "cpus": 2, "torch_threads": 1, "load_average": "1/1/1",
+           "versions": {"torch": "t", "transformers": "x"}}
+    old = {"profile": "full", "environment": env, "methods": [{"method": "z"}, {"method": "a", "v": 1}]}
+    new = {"profile": "quick", "environment": env, "methods": [{"method": "a", "v": 2, "profile": "quick"}]}
+    merged = merge_reports(old, new, ["a", "z"])
+    assert [(m["method"], m.get("v")) for m in merged["methods"]] == [("a", 2), ("z", None)]
+    assert merged["methods"][1]["profile"] == "full" and merged["methods"][1]["environment"] is env
+    assert merged["profile"] == "full+quick"
+
+
+def test_ingest_reads_a_recorded_json_through_the_extractor(tmp_path):
+    entry = _entry(tmp_path, "a", 1.0)
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"ours": 4.0, "peer": 8.0}))
+    record = ingest(entry, recorded, "full", "(recorded) a.py")
+    assert record["status"] == "measured" and record["figures"][0]["ratio"] == 0.5
+    assert "recorded run" in record["reason"] and record["environment"] is None
+    recorded.write_text(json.dumps({"other": 1}))
+    assert ingest(entry, recorded, "full", "x")["status"] == "failed"  # a shape the extractor does not know
+
+
+def test_cli_ingest_and_render(tmp_path, capsys):
+    out = tmp_path / "out"
+    recorded = tmp_path / "k.json"
+    recorded.write_text((ROOT / "docs/benchmarks/ipw_results.json").read_text())
+    assert main(["bench", "--ingest", "ipw=" + str(recorded), "--profile", "full", "--out", str(out)]) == 0
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert [m["method"] for m in report["methods"]] == ["ipw"] and report["methods"][0]["figures"]
+    assert main(["bench", "--ingest", "nope=x.json", "--out", str(out)]) == 2
+    assert "METHOD=JSON" in capsys.readouterr().err
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\ntext\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    assert main(["bench", "--render", str(out / REPORT_NAME), "--into", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Title\n\ntext\n\n" + BEGIN) and text.endswith(END + "\n\nafter\n")
+    assert "| ipw |" in text and "\nold\n" not in text
+    assert "environment not recorded" in text  # an ingested run says it has no environment
+    assert render_into(page, report) is False  # idempotent
+    page.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no generated block"):
+        render_into(page, report)
+
+
+def test_docs_benchmarks_page_is_generated_from_its_committed_report():
+    """docs/benchmarks.md's block is exactly what docs/benchmarks/full_report.json renders: editing one without
+    re-rendering (`hf-fastslow bench --render docs/benchmarks/full_report.json --into docs/benchmarks.md`) fails."""
+    report = json.loads(FULL_REPORT.read_text())
+    assert generated_block(ROOT / "docs/benchmarks.md") == render_block(report)
+    entries = entries_by_method()
+    assert {m["method"] for m in report["methods"]} == set(entries), "every method has a row (or says why not)"
+    for m in report["methods"]:
+        assert m["status"] in ("measured", "cannot run here", "failed", "ran", "not run"), m["method"]
+        assert m["status"] == "measured" or m["reason"], f"{m['method']}: a row without figures must say why"
