@@ -55,7 +55,9 @@ def _render(args) -> int:
     if not args.into:
         print("hf-fastslow bench: --render needs --into PAGE (e.g. docs/benchmarks.md)", file=sys.stderr)
         return 2
-    changed = render_into(args.into, json.loads(Path(args.render).read_text()))
+    from hf_fastslow.bench.registry import entries_by_method
+
+    changed = render_into(args.into, json.loads(Path(args.render).read_text()), entries_by_method())
     print(f"{args.into}: {'rewrote' if changed else 'already up to date with'} {args.render}")
     return 0
 

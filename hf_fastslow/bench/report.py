@@ -84,28 +84,34 @@ def ingest(entry, json_path: str | Path, profile: str, command: str) -> dict:
     return record
 
 
-def render_block(report: dict) -> str:
+def render_block(report: dict, entries: dict | None = None) -> str:
     """docs/benchmarks.md's generated block: one table over every method, then the environments the records were
-    measured in (runs merged from different days keep their own)."""
+    measured in (runs merged from different days keep their own). A method of `entries` (method -> BenchEntry) the
+    report lacks gets a row saying so, never silence."""
+    missing = [e for name, e in (entries or {}).items() if name not in {m["method"] for m in report["methods"]}]
+    rows = table_rows({"methods": report["methods"] + [
+        {"method": e.method, "metric": e.metric, "paper": e.paper, "figures": [], "status": "not in this report",
+         "reason": f"not yet run at this profile through the verb; recorded figures in docs/{e.docs}"}
+        for e in missing]})
     envs: dict[str, list[str]] = {}
     for m in report["methods"]:
         env = m.get("environment")
         key = environment_line(env) if env else "environment not recorded (a recorded run's JSON, ingested)"
         envs.setdefault(f"{m['profile']} profile; {key}", []).append(m["method"])
-    lines = [BEGIN, ""] + table_rows(report) + ["", "Where each row was measured:", ""]
+    lines = [BEGIN, ""] + rows + ["", "Where each row was measured:", ""]
     lines += [f"- {where}: {', '.join(methods)}" for where, methods in envs.items()]
     return "\n".join(lines + ["", END])
 
 
-def render_into(page: str | Path, report: dict) -> bool:
-    """Rewrite the generated block of `page` from `report`; True when the page changed."""
+def render_into(page: str | Path, report: dict, entries: dict | None = None) -> bool:
+    """Rewrite the generated block of `page` from `report` (rows for `entries` it lacks); True when it changed."""
     page = Path(page)
     text = page.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{page} has no generated block: add the two marker lines\n{BEGIN}\n{END}")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    new = head + render_block(report) + tail
+    new = head + render_block(report, entries) + tail
     if new != text:
         page.write_text(new)
     return new != text
