@@ -19,7 +19,9 @@ episode, fraction of steps arbitrated, backend CPU-seconds per episode, and the 
 the arbiter overrode a majority with margin > 0.7: their accuracy, and success of episodes with/without one).
 
     python benchmarks/catts.py --quick                          # < 3 min on an idle box
-    python benchmarks/catts.py --episodes 50 --out catts.json   # the documented size (3 seeds, N=8, tau 0.2/0.4/0.6)
+    python benchmarks/catts.py --episodes 20 --out catts.json   # the recorded run (3 seeds, N=8, tau 0.2/0.4/0.6)
+    python benchmarks/catts.py --episodes 50 --out catts.json   # the issue's size (about 1.3 CPU-hours)
+    (--plot catts.png: success vs share of steps arbitrated)
 """
 
 import argparse
@@ -135,6 +137,44 @@ def targets(arms: dict) -> list[str]:
     return out
 
 
+def plot_success_vs_arbitrated(arms: dict, args, path: str) -> None:
+    """Episode success (seed mean, pooled 95 % interval) against the share of steps sent to the arbiter: one line
+    per CATTS signal over its taus, between majority vote (0 %) and always-arbitrate (100 %)."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+
+    def point(name, a, **style):
+        lo, hi = a["success_ci95"]
+        y = 100 * a["success_mean"]
+        ax.errorbar([100 * a["arbitrated_fraction"]], [y], yerr=[[y - 100 * lo], [100 * hi - y]], capsize=3,
+                    label=name, **style)
+
+    point("greedy (N = 1)", arms["greedy"], marker="v", color="grey", linestyle="none")
+    point(f"majority vote (N = {args.n})", arms["majority"], marker="s", color="black", linestyle="none")
+    point(f"always-arbitrate (N = {args.n})", arms["always"], marker="D", color="tab:red", linestyle="none")
+    for signal, color in zip(args.signals, ("tab:blue", "tab:green")):
+        names = [f"catts-{signal}-{tau:g}" for tau in args.taus]
+        xs = [100 * arms[n]["arbitrated_fraction"] for n in names]
+        ys = [100 * arms[n]["success_mean"] for n in names]
+        ax.plot(xs, ys, marker="o", color=color, label=f"CATTS {signal}, tau {', '.join(f'{t:g}' for t in args.taus)}")
+        for x, y, tau in zip(xs, ys, args.taus):
+            ax.annotate(f"{tau:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
+    ax.set_xlabel("share of steps arbitrated (%)")
+    ax.set_ylabel("episode success (%); bars: pooled 95 % CI")
+    ax.set_title(f"CATTS on RunningTotalEnv, SmolLM2-135M: {len(args.seeds)} seed(s) x {args.episodes} episodes",
+                 fontsize=9)
+    ax.set_xlim(-5, 105)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=50)
@@ -150,6 +190,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="6 episodes, 1 seed, N=6, tau 0.4 (< 3 min on an idle box)")
     ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--plot", help="draw episode success vs share of steps arbitrated into this PNG")
     args = ap.parse_args()
     if args.quick:
         args.episodes, args.seeds, args.n, args.taus = 6, [0], 6, [0.4]
@@ -188,6 +229,8 @@ def main():
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    if args.plot:
+        plot_success_vs_arbitrated(summary, args, args.plot)
 
 
 if __name__ == "__main__":
