@@ -15,6 +15,9 @@ thread competing for the same cores), trainer steps / weight version, and mismat
 Run:   python benchmarks/aurora.py                    (8 requests x 32 new tokens x 3 arms, ~700 target forwards plus
                                                        the trainer; 491 s on the shared 2-core box at load 4-9)
        python benchmarks/aurora.py --draft-model-reference   (adds the Qwen2.5-Coder 0.5B -> 1.5B pair, see below)
+       python benchmarks/aurora.py --gsm8k 2 --humaneval 2 --max-new-tokens 16 --window 2 --json a.json --plot a.png
+                                                      (`hf-fastslow bench aurora`'s quick profile; `--plot` draws
+                                                       acceptance length per window, frozen vs online)
 
 `--draft-model-reference` runs the classic draft-model speculator as the reference point: target
 Qwen2.5-Coder-1.5B-Instruct, draft Qwen2.5-Coder-0.5B-Instruct (`DraftModelDrafter`), plain greedy and an online
@@ -140,6 +143,29 @@ def markdown(rows, arms):
         cells.append(str(sum(r[n].get("mismatches", 0) for n in names)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_windows(rows, arms, path):
+    """Acceptance length per window for every drafting arm: the learning curve across the domain shift."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [f"{r['requests']}\n{r['domain']}" for r in rows]
+    for name, drafter in arms:
+        if drafter is not None:
+            ax.plot(range(len(rows)), [r[name]["acc_len"] for r in rows], marker="o", label=name)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set(xlabel="requests (window)", ylabel="acceptance length (tokens / round)",
+           title="Aurora on SmolLM2-135M-Instruct: frozen vs online head")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def totals(records, arms):
@@ -268,6 +294,7 @@ def main(argv=None):
     p.add_argument("--draft-model-reference", action="store_true",
                    help="also run the Qwen2.5-Coder 0.5B -> 1.5B draft-model reference (~1.6 GB of PyPI packages)")
     p.add_argument("--json", type=str, default=None, help="write all records here")
+    p.add_argument("--plot", type=str, default=None, help="draw acceptance length per window (PNG) here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -298,6 +325,8 @@ def main(argv=None):
     log("\n" + markdown(rows, arms))
     log("\nTotals: " + json.dumps(result["totals"], indent=None))
     log(f"Trainer: {json.dumps(online.trainer.stats)}")
+    if args.plot:
+        plot_windows(rows, arms, args.plot)
 
     if args.draft_model_reference:
         del model, online, arms

@@ -17,13 +17,18 @@ arms interleaved:
 Every arm's outputs are compared with plain generate's (greedy: must be equal). Reported: per arm the median over
 `--repeats` repeats of the total wall time, the spread (min-max), the median of the per-repeat time ratio to plain,
 tokens per target forward per row (which explain the time), and the load average of the machine during the run.
+`--json PATH` also writes every printed figure (per part, per arm: the per-repeat wall and CPU seconds and their
+medians, the paired ratios to plain, tokens per forward, mismatches) and the machine state to PATH.
 
 Run:  python benchmarks/das.py        (defaults: the issue's minimum sizes; ~20-25 min on a shared 2-core box)
+      python benchmarks/das.py --prompts 8 --epochs 2 --new-tokens 32 --repeats 2 --serve-prompts 2 --pld-tokens 10 \
+          --pld-ngram 2 --json das.json      (`hf-fastslow bench das`'s quick profile: both parts at reduced size)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -35,6 +40,7 @@ from hf_fastslow.evaluation.timing import (
     load_average,
     machine_state,
     paired_ratio_table,
+    paired_ratios,
     quartiles,
     rotated,
     timed_call,
@@ -66,12 +72,20 @@ def quartile_summary(values: list[float]) -> str:
     return f"median {med:.3f} (quartiles {q1:.3f}-{q3:.3f}, n={len(values)})"
 
 
+def arm_figures(wall: list[float], cpu: list[float], peer_wall: list[float], peer_cpu: list[float]) -> dict:
+    """One arm's per-repeat totals and the medians of its per-repeat ratios to the peer (the JSON's arm record)."""
+    return {"wall_s": wall, "cpu_s": cpu, "median_wall_s": statistics.median(wall),
+            "median_cpu_s": statistics.median(cpu),
+            "wall_ratio_to_plain": statistics.median(paired_ratios(wall, peer_wall)),
+            "cpu_ratio_to_plain": statistics.median(paired_ratios(cpu, peer_cpu))}
+
+
 def timed_generate(model, enc: dict, kwargs: dict):
     call = timed_call(lambda: model.generate(**enc, **kwargs))
     return call.value, call.wall, call.cpu
 
 
-def grpo_rollouts(model, tok, args) -> None:
+def grpo_rollouts(model, tok, args) -> dict:
     prompts = gsm8k_prompts(args.prompts)
     rows = [p for p in prompts for _ in range(args.generations)]
     batches = [encode_chat(tok, rows[i : i + args.batch]) for i in range(0, len(rows), args.batch)]
@@ -82,6 +96,7 @@ def grpo_rollouts(model, tok, args) -> None:
     cpu = {a: [] for a in arms}
     per_epoch = {a: [[] for _ in range(args.epochs)] for a in arms}
     pair_wall, pair_cpu = [], []
+    das_per_forward = []  # DAS tokens per forward per row, per repeat and epoch
     print(f"\n## (a) GRPO-style rollouts: {args.prompts} prompts x {args.generations} generations, batch {args.batch}, "
           f"{args.epochs} epochs, {args.new_tokens} new tokens, T=1, drift sigma={args.sigma}", flush=True)
     for rep in range(args.repeats):
@@ -118,6 +133,7 @@ def grpo_rollouts(model, tok, args) -> None:
                 per_epoch[arm][epoch].append(epoch_t[arm])
             rounds = sum(s.rounds for s in d_stats)
             emitted = sum(s.emitted for s in d_stats)
+            das_per_forward.append(emitted / max(rounds, 1))
             print(f"repeat {rep} epoch {epoch}: plain {epoch_t['plain']:.1f}s das {epoch_t['das']:.1f}s "
                   f"(ratio {epoch_t['das'] / epoch_t['plain']:.3f}); DAS tokens per forward per row "
                   f"{emitted / max(rounds, 1):.3f}, drafted {sum(s.proposed for s in d_stats)} accepted "
@@ -136,9 +152,16 @@ def grpo_rollouts(model, tok, args) -> None:
     print("per epoch (median over repeats, wall s): " + "; ".join(
         f"epoch {e}: plain {med['plain'][e]:.1f} das {med['das'][e]:.1f}" for e in range(args.epochs)))
     print(f"load average after (a): {load_average()}", flush=True)
+    return {"settings": {"prompts": args.prompts, "generations": args.generations, "batch": args.batch,
+                         "epochs": args.epochs, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                         "sigma": args.sigma, "temperature": 1.0},
+            "arms": {a: arm_figures(times[a], cpu[a], times["plain"], cpu["plain"]) for a in arms},
+            "per_batch_wall_ratio": quartiles(pair_wall), "per_batch_cpu_ratio": quartiles(pair_cpu),
+            "das_tokens_per_forward_per_row": das_per_forward,
+            "per_epoch_median_wall_s": med, "load_average_after": load_average()}
 
 
-def greedy_serving(model, tok, counter, args) -> None:
+def greedy_serving(model, tok, counter, args) -> dict:
     n_math = (args.serve_prompts + 1) // 2
     texts = gsm8k_prompts(n_math, offset=100) + humaneval_prompts(args.serve_prompts - n_math)
     encs = [encode_chat(tok, [t]) for t in texts]
@@ -171,6 +194,8 @@ def greedy_serving(model, tok, counter, args) -> None:
     warm = DASDrafter(budget=None)
     for enc in encs:  # the warm arm's history: one earlier answer per prompt (untimed)
         model.generate(**enc, **greedy, custom_generate=speculative_generate, drafter=warm)
+    keys = {"plain": "plain", "prompt lookup": "prompt_lookup", "DAS, no history": "das_cold",
+            "DAS, warm history": "das_warm"}  # the JSON's stable arm names (the printed one carries the setting)
     arms = {
         "plain": {},
         f"prompt lookup (tokens={best[0]}, ngram={best[1]})": {"prompt_lookup_num_tokens": best[0],
@@ -207,6 +232,18 @@ def greedy_serving(model, tok, counter, args) -> None:
         print(f"DAS {name}: acceptance {d.stats.acceptance_rate:.2f}, rounds with a verified draft {d.drafted_rounds}, "
               f"skipped as not paying {d.skipped_rounds}; cost model {1e3 * a:.1f} ms + {1e3 * b:.2f} ms/token")
     print(f"load average after (b): {load_average()}", flush=True)
+    drafters = {"das_cold": cold, "das_warm": warm}
+    record = {}
+    for arm in names:
+        key = keys[arm.split(" (")[0]]
+        record[key] = {**arm_figures(times[arm], cpu[arm], times["plain"], cpu["plain"]),
+                       "tokens_per_forward": new / fwds[arm], "mismatches_vs_plain": mismatches[arm]}
+        if key in drafters:
+            record[key]["acceptance"] = drafters[key].stats.acceptance_rate
+    return {"settings": {"prompts": len(encs), "new_tokens": args.new_tokens, "repeats": args.repeats, "batch": 1},
+            "prompt_lookup_sweep_s": {f"tokens={k} ngram={n}": sweep_t[(k, n)] for k, n in sweep},
+            "prompt_lookup_best": {"prompt_lookup_num_tokens": best[0], "max_matching_ngram_size": best[1]},
+            "plain_sweep_s": plain_sweep, "arms": record, "load_average_after": load_average()}
 
 
 def main():
@@ -222,6 +259,7 @@ def main():
     p.add_argument("--serve-prompts", type=int, default=4)
     p.add_argument("--pld-tokens", type=int, nargs="+", default=[3, 6, 10])
     p.add_argument("--pld-ngram", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--json", default=None, help="also write every figure (and the machine state) to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -231,11 +269,17 @@ def main():
     model, tok = load_default_model()
     counter = ForwardCounter(model)
     parts = args.parts.split(",")
+    report = {"args": vars(args), "machine": machine}
     if "serve" in parts:
-        greedy_serving(model, tok, counter, args)
+        report["serve"] = greedy_serving(model, tok, counter, args)
     if "grpo" in parts:
-        grpo_rollouts(model, tok, args)
-    print(f"\nwall time {time.perf_counter() - start:.0f}s, load average at the end {load_average()}")
+        report["grpo"] = grpo_rollouts(model, tok, args)
+    report["wall_s"] = time.perf_counter() - start
+    report["cpu_s"] = time.process_time()
+    print(f"\nwall time {report['wall_s']:.0f}s, load average at the end {load_average()}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
 
 
 if __name__ == "__main__":

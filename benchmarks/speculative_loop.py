@@ -6,11 +6,15 @@ drafts on the default model, interleaved, in one process, and reports wall-clock
 step, plus the time spent outside the model's forward (the loop's own work).
 
     python benchmarks/speculative_loop.py --batch 1 8 --new-tokens 64 --repeats 5
+    python benchmarks/speculative_loop.py --batch 1 8 --new-tokens 16 --repeats 3 --json loop.json   (quick profile)
+
+`--json PATH` also writes every printed figure (per batch size, mode and arm) and the machine state to PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_default_model()
@@ -50,6 +55,7 @@ def main() -> None:
                                                              "top_p": None}}
     print(f"torch threads {args.threads}; {args.new_tokens} new tokens (EOS ignored); medians over {args.repeats} "
           "interleaved repeats (min-max); per step = per generated token of a row")
+    report = {"args": vars(args), "rows": []}
     for batch in args.batch:
         enc = encode_chat(tok, (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch])
         for mode, extra in modes.items():
@@ -74,7 +80,16 @@ def main() -> None:
                 print(f"batch {batch:2d} {mode:10s} {name:22s} {step.median:7.2f} ms/step "
                       f"({step.low:.2f}-{step.high:.2f}), outside forward {statistics.median(loop):5.2f} ms/step, "
                       f"x{times.spread.median / base:.3f} of generate")
+                report["rows"].append({"batch": batch, "mode": mode, "arm": name, "ms_per_step": step.median,
+                                       "ms_per_step_min": step.low, "ms_per_step_max": step.high,
+                                       "outside_forward_ms_per_step": statistics.median(loop),
+                                       "ratio_to_generate": times.spread.median / base,
+                                       "paired_ratios_to_generate": timing.ratios(name, "generate")})
             print(f"  ({timing.describe_machine()})")
+            report["machine"] = {"before": timing.before, "after": timing.after}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
 
 
 if __name__ == "__main__":

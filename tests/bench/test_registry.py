@@ -227,43 +227,6 @@ def test_commands_follow_each_output_mode(tmp_path):
         "--quick", "--device", "cuda", "--out", str(tmp_path / "ipw.json")]
 
 
-def test_extractors_read_recorded_outputs():
-    """The JSON files docs/benchmarks/ keeps from real runs, through their entries' extractors."""
-    entries = entries_by_method()
-    ipw = entries["ipw"].extract(json.loads((ROOT / "docs/benchmarks/ipw_results.json").read_text()))
-    assert [f.metric.split(",")[0] for f in ipw] == [
-        "fp32 energy per query (J): the IPW meter vs CodeCarbon's CPU share",
-        "energy saved by routing local/cloud (best threshold)", "accuracy per joule", "accuracy"]
-    assert all(f.ours is not None for f in ipw) and [f.peer is None for f in ipw] == [False, True, False, False]
-    assert [f.measured for f in ipw] == [False, False, False, True]  # no energy counter on the box that recorded it
-    fst = entries["fst"].extract(json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
-    assert (fst[0].ours, round(fst[0].peer, 3)) == (0.5, 0.167)  # docs/benchmarks/fst.md: 6/12 vs GRPO's 2/12
-    assert round(fst[1].ours, 3) == 0.076 and round(fst[1].peer, 3) == 0.045
-
-
-def test_isd_batch_extractor_reads_the_scripts_report_shape():
-    """The shape `benchmarks/isd_batch.py --json` prints (run() -> rows, machine, settings), on made-up numbers."""
-    rows = [{"arm": arm, "tokens_per_s": tps, "agree_with_generate": agree, "requests": 12}
-            for arm, tps, agree in (("stationary batch ISD (B=4)", 500.0, 11), ("isd_generate one by one", 250.0, 12),
-                                    ("isd_generate batches of 4", 400.0, 12), ("generate one by one", 300.0, 12),
-                                    ("generate batches of 4", 625.0, 12))]
-    report = {"rows": rows, "machine": "m", "settings": {"model": "random", "requests": 12, "tokens": 84}}
-    figures = entries_by_method()["isd_batch"].extract(report)
-    assert [(f.ours, f.peer) for f in figures] == [(500.0, 250.0), (500.0, 625.0), (11 / 12, 1.0)]
-
-
-def test_spurious_features_extractor_on_the_scripts_report_shape():
-    """The shape `benchmarks/spurious_features.py --json` writes (results per training size, per arm, per seed)."""
-    arm = {"ERM": [0.2, 0.4], "KD": [0.1, 0.3], "early-readout KD": [0.5, 0.7], "Feature Sieve": [0.6, 0.6]}
-    rows = {name: [{"worst_group": w, "average": 0.8} for w in values] for name, values in arm.items()}
-    for row, precision in zip(rows["early-readout KD"], (0.7, 0.9)):
-        row["flag_precision_minority"] = precision
-    figures = entries_by_method()["spurious_features"].extract({"args": {}, "teacher": [0.9, 0.9],
-                                                                "results": {"400": rows}})
-    assert [(round(f.ours, 3), f.peer and round(f.peer, 3)) for f in figures] == [(0.6, 0.2), (0.6, 0.3), (0.8, None)]
-    assert all("400 training rows, 2 seed(s)" in f.note for f in figures)
-
-
 def test_side_outputs_go_under_the_run_folder(tmp_path):
     cmd = command(entries_by_method()["fst"], "full", "cpu", tmp_path, python="py")
     assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "fst_reward_vs_rollouts.png")  # never docs/

@@ -1,0 +1,63 @@
+"""The decoding family's headline extractors on the JSON of real runs (tests/bench/data/<method>_quick.json: trimmed
+copies of quick runs made on the development box; docs/benchmarks/fst_results.json: the recorded full fst run).
+
+Expected values are read off those files by hand, not recomputed by the extractors' logic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_fastslow.bench.headlines import extractors
+from hf_fastslow.bench.headlines.decoding import EXTRACTORS
+from hf_fastslow.bench.registry import entries_by_method, headline_extractor
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parent / "data"
+
+
+def _load(name: str) -> dict:
+    return json.loads((DATA / f"{name}_quick.json").read_text())
+
+
+def _pairs(figures) -> list[tuple]:
+    return [(f.ours, f.peer) for f in figures]
+
+
+def test_every_decoding_method_is_looked_up_through_its_entry():
+    entries = entries_by_method()
+    for method in ("das", "speculative_loop", "aurora", "v1_infer", "pairrl", "fst"):
+        assert entries[method].extract is None  # not set on the entry: found in this family module
+        assert headline_extractor(entries[method]) is EXTRACTORS[method] is extractors()[method]
+
+
+def test_fst_on_the_recorded_full_run():
+    figures = EXTRACTORS["fst"](json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
+    assert len(figures) == 2  # that run had no fst_frozen arm
+    assert (figures[0].ours, round(figures[0].peer, 3)) == (0.5, 0.167)  # docs/benchmarks/fst.md: 6/12 vs GRPO's 2/12
+    assert round(figures[1].ours, 3) == 0.076 and round(figures[1].peer, 3) == 0.045  # KL, seed context
+    assert "12 held-out items" in figures[0].note and "lower is less drift" in figures[1].metric
+
+
+def test_v1_infer_quick():
+    figures = EXTRACTORS["v1_infer"](_load("v1_infer"))
+    # summary.selectors: v1_budget_1N 1/4 correct, 691 judge tokens/question; pointwise 1/4, 552.75; majority vote 2/4
+    assert _pairs(figures) == [(0.25, 0.25), (0.25, 0.5), (691, 552.75), (0.75, None)]
+    assert "pointwise" in figures[0].metric and "majority vote" in figures[1].metric
+    assert "addition, 4 questions, N=4 candidates" in figures[0].note and figures[0].paper
+    assert "4 vs 4 judge calls" in figures[2].note and "lower is better" in figures[2].metric
+
+
+def test_a_renamed_arm_fails_loudly():
+    report = _load("v1_infer")
+    report["summary"]["selectors"]["v1_1N"] = report["summary"]["selectors"].pop("v1_budget_1N")
+    with pytest.raises(KeyError):
+        EXTRACTORS["v1_infer"](report)
+    broken = copy.deepcopy(json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
+    del broken["kl_to_base"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["fst"](broken)
