@@ -17,11 +17,14 @@ with `attention="causal"` + logit shift (I-DLM layout: the pattern an unconverte
 
     python benchmarks/block_diffusion.py --quick      # ~2 min on 2 busy cores
     python benchmarks/block_diffusion.py              # 4 prompts x 32 tokens, 3 rounds, 4 settings (~20 min)
+
+`--json PATH` also writes every table row (per setting and arm) to PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 
@@ -80,7 +83,8 @@ def arms_for(model, tok, prompts, args, block, steps, threshold):
     return arms
 
 
-def run_setting(title, model, tok, prompts, args, block, steps, threshold):
+def run_setting(title, model, tok, prompts, args, block, steps, threshold) -> dict:
+    """Print one setting's table; return it as a record (arm name -> its row; a failed arm has only "failed")."""
     from hf_fastslow.evaluation.timing import interleave
 
     arms = arms_for(model, tok, prompts, args, block, steps, threshold)
@@ -93,15 +97,22 @@ def run_setting(title, model, tok, prompts, args, block, steps, threshold):
     print(f"({result.describe_machine()}; {args.repeats} timed rounds after 1 warm-up)\n")
     print("| arm | TPF | tokens/s median (min-max) | x AR greedy (paired median) | agreement with AR greedy |")
     print("|---|---|---|---|---|")
+    record = {"model": title, "block": block, "steps": steps, "threshold": threshold, "prompts": len(prompts),
+              "new_tokens": args.max_new, "prompt_lengths": [p.shape[1] for p in prompts], "repeats": args.repeats,
+              "machine": result.describe_machine(), "arms": {}}
     for name in arms:
         if name in result.failed:
             print(f"| {name} | failed: {result.failed[name]} | | | |")
+            record["arms"][name] = {"failed": result.failed[name]}
             continue
         rows, forwards = result.last[name]
         spread = result[name].spread.rate(tokens)
         speedup = statistics.median(result.ratios("AR greedy generate", name))
-        print(f"| {name} | {sum(len(r) for r in rows) / forwards:.2f} | {spread.format('.1f')} | {speedup:.2f} | "
-              f"{agreement(rows, reference):.3f} |")
+        tpf, agree = sum(len(r) for r in rows) / forwards, agreement(rows, reference)
+        print(f"| {name} | {tpf:.2f} | {spread.format('.1f')} | {speedup:.2f} | {agree:.3f} |")
+        record["arms"][name] = {"tpf": tpf, "tokens_per_s": spread.median, "tokens_per_s_min": spread.low,
+                                "tokens_per_s_max": spread.high, "speedup_vs_greedy": speedup, "agreement": agree}
+    return record
 
 
 def parse_setting(text: str) -> tuple[int, int, float | None]:
@@ -135,6 +146,7 @@ def main(argv=None):
     p.add_argument("--settings", default=None,
                    help="comma-separated block:steps:threshold triples (threshold 'none'), e.g. 4:4:none,4:2:0.9")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write every table row to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.repeats, args.max_new = 2, 1, 16
@@ -143,13 +155,15 @@ def main(argv=None):
     settings = [(4, 4, 0.9)] if args.quick else [(4, 4, None), (4, 4, 0.9), (8, 8, 0.9), (4, 2, 0.9)]
     if args.settings:
         settings = [parse_setting(item) for item in args.settings.split(",")]
+    records = []
 
     if not args.skip_tiny:
         model = tiny_model()
         gen = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, 500, (1, args.tiny_prompt), generator=gen) for _ in range(args.prompts)]
         for block, steps, threshold in settings:
-            run_setting("tiny random Llama (2 layers, hidden 64)", model, None, prompts, args, block, steps, threshold)
+            records.append(run_setting("tiny random Llama (2 layers, hidden 64)", model, None, prompts, args, block,
+                                       steps, threshold))
 
     if not args.skip_default:
         from hf_fastslow import load_default_model
@@ -162,7 +176,11 @@ def main(argv=None):
         prompts = [encode_chat(tok, [q])["input_ids"] for q in gsm8k_prompts(args.prompts)]
         print(f"\ndefault model: mask token {tok.mask_token!r} (id {mask_id}), unconverted AR weights")
         for block, steps, threshold in settings:
-            run_setting("SmolLM2-135M-Instruct (unconverted)", model, tok, prompts, args, block, steps, threshold)
+            records.append(run_setting("SmolLM2-135M-Instruct (unconverted)", model, tok, prompts, args, block, steps,
+                                       threshold))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "settings": records}, fh, indent=1)
 
 
 if __name__ == "__main__":

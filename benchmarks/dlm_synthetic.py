@@ -28,6 +28,8 @@ data):
     # the same, arms trained in parallel processes, then evaluated together:
     for a in AR I-DLM BD3 "ref RCD" SeqD; do python benchmarks/dlm_synthetic.py --save --no-eval --arms $a & done; wait
     python benchmarks/dlm_synthetic.py --load outputs/dlm_synthetic
+
+`--plot PATH` draws accuracy against tokens per forward, one curve per decoder's threshold / step sweep.
 """
 
 
@@ -434,6 +436,30 @@ def print_table(rows: list[Row], arms: dict[str, TrainedArm], profile: Profile, 
               f"{r.tpf_after_prefill:.2f} | {r.extra} |")
 
 
+def plot_rows(rows: list[Row], path: str) -> None:
+    """Accuracy vs tokens per forward: one marker series per (method, model), points in sweep order."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    series: dict[str, list[Row]] = {}
+    for r in rows:
+        series.setdefault(f"{r.method} ({r.model})", []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        ax.plot([r.tpf for r in points], [100 * r.accuracy for r in points], marker="o", label=label)
+    ax.set_xlabel("tokens per forward (prefill counted)")
+    ax.set_ylabel("exact match, %")
+    ax.set_title("multi-digit addition: accuracy vs tokens per forward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
 def save_arms(arms: dict[str, TrainedArm], tok, out_dir: str) -> None:
     """`save_pretrained` of every trained model (config carries its BlockDiffusionConfig) + the tokenizer + a record of
     its training, so `--load` can evaluate without retraining."""
@@ -488,6 +514,7 @@ def main(argv=None):
     p.add_argument("--out", default="outputs/dlm_synthetic", help="trainer output dirs, the JSON results, --save")
     p.add_argument("--save", action="store_true", help="save_pretrained every trained model under OUT/models")
     p.add_argument("--load", default=None, help="evaluate the models a --save run wrote to LOAD/models (no training)")
+    p.add_argument("--plot", default=None, help="write accuracy vs tokens per forward to this PNG")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
@@ -513,6 +540,8 @@ def main(argv=None):
         json.dump({"profile": asdict(profile), "rows": [asdict(r) for r in rows],
                    "arms": {k: {"seconds": a.seconds, "sequences": a.sequences, "tokens": a.tokens,
                                 "final_loss": a.final_loss} for k, a in arms.items()}}, fh, indent=1)
+    if args.plot:
+        plot_rows(rows, args.plot)
     return rows
 
 

@@ -22,6 +22,7 @@
 
     python benchmarks/isd.py                                   # the figures in docs/dlm.md
     python benchmarks/isd.py --train-prompts 4 --prompts 2 --new-tokens 16 --repeats 1 --f64-prompts 1   # smoke
+    python benchmarks/isd.py --quick    # smoke scale: 2 training answers, 1 prompt, N=3 only, 2 stationary requests
 """
 
 from __future__ import annotations
@@ -248,7 +249,13 @@ def main(argv=None):
     p.add_argument("--slots", type=int, default=4, help="stationary-batch slots")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="outputs/isd-smollm2", help="adapter, model card and results.json go here")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke scale (overrides the sizes): 2 training answers of 16 tokens, lr 1e-3, 1 prompt x 12 "
+                        "new tokens, N=3 only, 1 timed round, 2 stationary requests on 2 slots, 1 thread")
     args = p.parse_args(argv)
+    if args.quick:
+        args.train_prompts, args.seq_len, args.lr, args.prompts, args.new_tokens = 2, 16, 1e-3, 1, 12
+        args.strides, args.repeats, args.f64_prompts, args.requests, args.slots, args.threads = [3], 1, 1, 2, 2, 1
     if max(args.strides) > args.block_length + 1:
         p.error("--strides needs N <= block_length + 1")
     torch.set_num_threads(args.threads)

@@ -32,6 +32,8 @@ with a 4D boolean mask and GQA) are host timings, not a kernel comparison.
 
     nice -n 15 python benchmarks/losa.py                 # 4K and 7K prefix, budgets 128/256/512 (~30 min, loaded box)
     python benchmarks/losa.py --quick                    # 1.5K prefix, 2 blocks, budgets 128/256 (~2 min)
+
+`--plot PATH` draws top-1 agreement with dense against the loaded KV of the sparse steps, per method and prefix.
 """
 
 from __future__ import annotations
@@ -182,6 +184,35 @@ def print_table(rows):
               f"{r['kl']:.2e} | {r['attention_ms_per_step']:.1f} | {r['sdpa_ms_per_step']:.1f} |")
 
 
+def plot_rows(rows, path):
+    """Top-1 agreement vs loaded prefix KV on steps 2-4 (LOSA) / every step (QUEST-naive): one curve per method and
+    prefix, one point per budget."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    series = {}
+    for r in rows:
+        if r["method"] == "dense" or "reuse" in r["method"]:
+            continue
+        density = r["density_steps_2_4"] if r["density_steps_2_4"] is not None else r["density"]
+        series.setdefault(f"{r['method']}, prefix {r['prefix']}", []).append((100 * density, 100 * r["top1_agreement"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, points in series.items():
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("loaded prefix KV on the sparse steps, %")
+    ax.set_ylabel("top-1 agreement with dense, %")
+    ax.set_title("LOSA vs QUEST-naive: fidelity vs loaded KV (one point per budget)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefixes", default="4096,7168")
@@ -194,6 +225,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="1.5K prefix, 2 blocks, budgets 128/256, rule k5")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--plot", default=None, help="write top-1 agreement vs loaded KV to this PNG")
     args = p.parse_args(argv)
     if args.quick:
         args.prefixes, args.budgets, args.blocks, args.active = "1536", "128,256", 2, "k5"
@@ -224,6 +256,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.plot:
+        plot_rows(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ much training-free residuals move the decoding, not whether they help (the paper
     python benchmarks/rcd.py --quick       # a few minutes on 2 busy cores
     python benchmarks/rcd.py               # more prompts / rounds
     python benchmarks/rcd.py --components --rounds 30 --blocks 8 32   # the per-step pieces alone
+
+`--json PATH` also writes every table row (per block and arm, or per piece with --components) to PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -112,6 +115,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--components", action="store_true",
                    help="time the per-step pieces alone (block forward, dense / top-64 residual) instead of decodes")
+    p.add_argument("--json", default=None, help="also write every table row to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.rounds, args.max_new, args.blocks = 1, 3, 16, [8]
@@ -129,6 +133,7 @@ def main(argv=None):
     print(f"SmolLM2-135M-Instruct, mask id {mask_id}, {len(prompts)} GSM8K prompts "
           f"({[p.shape[1] for p in prompts]} tokens), {args.max_new} new tokens each, greedy, batch 1, "
           f"{args.rounds} rounds + 1 warm-up, torch threads {args.threads}")
+    report = {"args": vars(args), "prompt_lengths": [p.shape[1] for p in prompts], "blocks": []}
     if args.components:
         for block in args.blocks:
             attach_block_diffusion(model, BlockDiffusionConfig(mask_id, block, logit_shift=True, attention="causal"))
@@ -138,10 +143,14 @@ def main(argv=None):
             print(f"\n### per-step pieces, block {block}, prompt {prompts[0].shape[1]} tokens, {args.rounds} rounds\n")
             print("| piece | ms, median (min-max) | / block forward, median (min-max) of rounds |")
             print("|---|---|---|")
+            pieces = {}
             for name, times in result.arms.items():
                 ratio = Spread.of([t / b for t, b in zip(times.wall, base.wall)])
                 print(f"| {name} | {times.spread.scaled(1e3).format('.1f')} | {ratio.format('.3f')} |")
+                pieces[name] = {"ms": times.spread.median * 1e3, "per_block_forward": ratio.median}
             print(f"\n{result.describe_machine()}")
+            report["blocks"].append({"block": block, "machine": result.describe_machine(), "pieces": pieces})
+        write_json(args.json, report)
         return
     for block in args.blocks:
         attach_block_diffusion(model, BlockDiffusionConfig(mask_id, block, logit_shift=True, attention="causal"))
@@ -152,6 +161,7 @@ def main(argv=None):
         print("| arm | wall s per round, median (min-max) | ms / forward | tokens/s | forwards | wall / baseline, "
               "median (min-max) of rounds | CPU s / baseline | tokens == baseline |")
         print("|---|---|---|---|---|---|---|---|")
+        rows_out = {}
         for name, times in result.arms.items():
             rows, forwards = result.last[name]
             wall = times.spread
@@ -161,7 +171,21 @@ def main(argv=None):
             print(f"| {name} | {wall.format('.2f')} | {per_forward:.1f} | {wall.rate(new_tokens).format('.1f')} | "
                   f"{forwards} | {ratio.format('.3f')} | {cpu_ratio.format('.3f')} | "
                   f"{agreement(rows, base_rows):.3f} |")
+            agree = agreement(rows, base_rows)
+            rows_out[name] = {"wall_s": wall.median, "wall_s_min": wall.low, "wall_s_max": wall.high,
+                              "ms_per_forward": per_forward, "tokens_per_s": new_tokens / wall.median,
+                              "forwards": forwards, "wall_vs_baseline": ratio.median,
+                              "cpu_vs_baseline": cpu_ratio.median, "agreement_with_baseline": agree}
         print(f"\n{result.describe_machine()}")
+        report["blocks"].append({"block": block, "steps": block, "machine": result.describe_machine(),
+                                 "arms": rows_out})
+    write_json(args.json, report)
+
+
+def write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=1)
 
 
 if __name__ == "__main__":

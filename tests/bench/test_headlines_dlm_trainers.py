@@ -1,0 +1,77 @@
+"""The dlm_trainers headline extractors on trimmed copies of real quick runs (tests/bench/data/<method>_quick.json,
+made by the command in each test's docstring) and on hand-made reports of the scripts' shapes. Expected values are
+read off the saved files by hand, not recomputed by the extractors' logic."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_fastslow.bench.headlines import extractors
+from hf_fastslow.bench.headlines.dlm_trainers import EXTRACTORS
+from hf_fastslow.bench.registry import entries_by_method, headline_extractor
+
+DATA = Path(__file__).resolve().parent / "data"
+METHODS = ("dlm_synthetic", "isd", "block_diffusion", "isd_batch", "rcd", "losa", "spurious_features", "qttt", "dts")
+
+
+def _quick(method: str):
+    return json.loads((DATA / f"{method}_quick.json").read_text())
+
+
+def _figures(method: str, report=None):
+    return EXTRACTORS[method](_quick(method) if report is None else report)
+
+
+def _values(figures, digits=4):
+    return [(round(f.ours, digits), None if f.peer is None else round(f.peer, digits)) for f in figures]
+
+
+def test_every_method_of_the_family_has_an_extractor_found_through_its_entry():
+    entries = entries_by_method()
+    assert set(EXTRACTORS) == set(METHODS)
+    for method in METHODS:
+        assert entries[method].extract is None  # looked up in this family module, not defined in the registry
+        assert headline_extractor(entries[method]) is EXTRACTORS[method] is extractors()[method]
+
+
+# -- made-up reports of the scripts' shapes (moved from tests/bench/test_registry.py) -----------------------------------
+
+def test_isd_batch_extractor_reads_the_scripts_report_shape():
+    """The shape `benchmarks/isd_batch.py --json` prints (run() -> rows, machine, settings), on made-up numbers."""
+    rows = [{"arm": arm, "tokens_per_s": tps, "agree_with_generate": agree, "requests": 12}
+            for arm, tps, agree in (("stationary batch ISD (B=4)", 500.0, 11), ("isd_generate one by one", 250.0, 12),
+                                    ("isd_generate batches of 4", 400.0, 12), ("generate one by one", 300.0, 12),
+                                    ("generate batches of 4", 625.0, 12))]
+    report = {"rows": rows, "machine": "m", "settings": {"model": "random", "requests": 12, "tokens": 84}}
+    figures = EXTRACTORS["isd_batch"](report)
+    assert [(f.ours, f.peer) for f in figures] == [(500.0, 250.0), (500.0, 625.0), (11 / 12, 1.0)]
+
+
+def test_spurious_features_extractor_on_the_scripts_report_shape():
+    """The shape `benchmarks/spurious_features.py --json` writes (results per training size, per arm, per seed)."""
+    arm = {"ERM": [0.2, 0.4], "KD": [0.1, 0.3], "early-readout KD": [0.5, 0.7], "Feature Sieve": [0.6, 0.6]}
+    rows = {name: [{"worst_group": w, "average": 0.8} for w in values] for name, values in arm.items()}
+    for row, precision in zip(rows["early-readout KD"], (0.7, 0.9)):
+        row["flag_precision_minority"] = precision
+    figures = EXTRACTORS["spurious_features"]({"args": {}, "teacher": [0.9, 0.9], "results": {"400": rows}})
+    assert [(round(f.ours, 3), f.peer and round(f.peer, 3)) for f in figures] == [(0.6, 0.2), (0.6, 0.3), (0.8, None)]
+    assert all("400 training rows, 2 seed(s)" in f.note for f in figures)
+
+
+# -- real quick runs --------------------------------------------------------------------------------------------------
+
+def test_isd_batch_quick_run():
+    """`python benchmarks/isd_batch.py --quick --json` (stdout), load 2.9: 12 requests on the random Llama."""
+    figures = _figures("isd_batch")
+    assert _values(figures, 1) == [(534.6, 253.6), (534.6, 712.7), (1.0, 1.0)]
+    assert "12 requests, 84 new tokens" in figures[0].note
+
+
+def test_losa_quick_run():
+    """`python benchmarks/losa.py --quick --json losa.json`: prefix 1536, budgets 128/256, rule k5; the figures are
+    the smallest budget's (128), LOSA k5 beside QUEST-naive and SDPA dense."""
+    figures = _figures("losa")
+    assert _values(figures) == [(0.1022, 0.1241), (0.8958, 0.6875), (276.1418, 260.0696)]
+    assert "prefix 1536, budget 128, LOSA k5" in figures[0].note
+    assert figures[0].paper and figures[2].paper
