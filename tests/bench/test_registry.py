@@ -227,20 +227,6 @@ def test_commands_follow_each_output_mode(tmp_path):
         "--quick", "--device", "cuda", "--out", str(tmp_path / "ipw.json")]
 
 
-def test_extractors_read_recorded_outputs():
-    """The JSON files docs/benchmarks/ keeps from real runs, through their entries' extractors."""
-    entries = entries_by_method()
-    ipw = entries["ipw"].extract(json.loads((ROOT / "docs/benchmarks/ipw_results.json").read_text()))
-    assert [f.metric.split(",")[0] for f in ipw] == [
-        "fp32 energy per query (J): the IPW meter vs CodeCarbon's CPU share",
-        "energy saved by routing local/cloud (best threshold)", "accuracy per joule", "accuracy"]
-    assert all(f.ours is not None for f in ipw) and [f.peer is None for f in ipw] == [False, True, False, False]
-    assert [f.measured for f in ipw] == [False, False, False, True]  # no energy counter on the box that recorded it
-    fst = entries["fst"].extract(json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
-    assert (fst[0].ours, round(fst[0].peer, 3)) == (0.5, 0.167)  # docs/benchmarks/fst.md: 6/12 vs GRPO's 2/12
-    assert round(fst[1].ours, 3) == 0.076 and round(fst[1].peer, 3) == 0.045
-
-
 def test_side_outputs_go_under_the_run_folder(tmp_path):
     cmd = command(entries_by_method()["fst"], "full", "cpu", tmp_path, python="py")
     assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "fst_reward_vs_rollouts.png")  # never docs/
