@@ -75,3 +75,17 @@ def test_losa_quick_run():
     assert _values(figures) == [(0.1022, 0.1241), (0.8958, 0.6875), (276.1418, 260.0696)]
     assert "prefix 1536, budget 128, LOSA k5" in figures[0].note
     assert figures[0].paper and figures[2].paper
+
+
+def test_rcd_quick_run():
+    """`python benchmarks/rcd.py --quick --threads 1 --json rcd.json` under load 15-19: 1 prompt x 16 tokens, block 8."""
+    figures = _figures("rcd")
+    assert _values(figures) == [(0.4036, 0.4533), (2331.8459, 2206.2309), (2229.2504, 2206.2309), (1.19, 1.0)]
+    assert "block 8, 1 GSM8K prompt(s) x 16 new tokens, 3 rounds; tokens == baseline 0.812" in figures[0].note
+
+
+def test_rcd_components_run_has_no_decode_headline():
+    report = _quick("rcd")
+    report["blocks"] = [{"block": 8, "machine": "m", "pieces": {"block forward": {"ms": 1.0, "per_block_forward": 1.0}}}]
+    with pytest.raises(KeyError):
+        EXTRACTORS["rcd"](report)

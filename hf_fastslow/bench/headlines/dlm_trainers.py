@@ -110,6 +110,8 @@ def _rcd(report: dict) -> list[Figure]:
                dense["ms_per_forward"], base["ms_per_forward"], note=note),
         Figure("ms per forward, RCD top-64 residual vs the block-diffusion loop, lower is better",
                topk["ms_per_forward"], base["ms_per_forward"], note=note),
+        Figure("process CPU s per round, RCD dense / the loop (median of paired rounds; steadier than wall under load)",
+               dense["cpu_vs_baseline"], 1.0, note=note),
     ]
 
 
