@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--noise-std", type=float, default=0.15)
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 epochs")
     parser.add_argument("--out", default="concept_bottleneck_report.json")
+    parser.add_argument("--plot", default=None, help="the PNG (default: beside the JSON report)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], min(args.epochs, 8)
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     print(f"report written to {args.out}")
     title = (f"digits CBM ({args.bottleneck}, {'segments' if args.segments_only else 'segments + pen style'}), "
              f"{len(args.seeds)} seed(s)")
-    plot(summary, os.path.splitext(args.out)[0] + ".png", title)
+    plot(summary, args.plot or os.path.splitext(args.out)[0] + ".png", title)
     return 0
 
 

@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--serve-scope", default="pids", choices=("pids", "machine"))
     ap.add_argument("--no-codecarbon", action="store_true")
     ap.add_argument("--out", default=None, help="JSON report (a PNG is written beside it)")
+    ap.add_argument("--plot", default=None, help="the PNG (default: beside the JSON report)")
     ap.add_argument("--random-weights", action="store_true",
                     help="a random-init model of the default model's shape (GPU calibration: joules per token, no "
                          "accuracy, so no IPW); arms fp32/bf16 only")
@@ -243,7 +244,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=2, default=str)
-        plot(reports, os.path.splitext(args.out)[0] + ".png")
+        plot(reports, args.plot or os.path.splitext(args.out)[0] + ".png")
 
 
 def print_random_weights(reports, n, args, state_before) -> None:

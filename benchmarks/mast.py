@@ -176,6 +176,7 @@ def main(argv=None):
     ap.add_argument("--speedup-traces", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="mast_benchmark.json")
+    ap.add_argument("--plot", default=None, help="the PNG (default: beside the JSON report)")
     args = ap.parse_args(argv)
     limit = args.limit or (4 if args.quick else 24)
     max_new = args.max_new_tokens or (64 if args.quick else 200)
@@ -241,7 +242,7 @@ def main(argv=None):
     out.write_text(json.dumps({"args": vars(args), "fixtures": rep_fix, "agent_runs": rep_agents,
                                "agentdash_setup_error": agentdash_setup, "score_cache_speedup": speed,
                                "total": total}, indent=1, default=str))
-    png = plot_report(rep_fix, str(out.with_suffix(".png")),
+    png = plot_report(rep_fix, args.plot or str(out.with_suffix(".png")),
                       title="MAST on the fixture traces: per-mode F1, SmolLM2-135M-Instruct as judge")
     print(f"report: {out}" + (f", plot: {png}" if png else ""))
 

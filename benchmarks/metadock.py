@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="metadock_report.json")
+    p.add_argument("--plot", default=None, help="the PNG (default: beside the JSON report)")
     p.add_argument("--merge", nargs="+", metavar="REPORT",
                    help="build the table from these reports' rows (runs split over processes) instead of running")
     args = p.parse_args(argv)
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"settings": vars(args), "rows": rows, "table": table, "verdicts": lines, "total": total}, f,
                   indent=1)
-    plot(table, os.path.splitext(args.out)[0] + ".png")
+    plot(table, args.plot or os.path.splitext(args.out)[0] + ".png")
     return 0
 
 

@@ -13,7 +13,7 @@ L1-structured on down_proj's columns (what a user would otherwise run; it only z
 on the bundled text (calibration and held-out spans disjoint), no healing.
 
 CPU budget per arm is the process CPU time, printed beside wall time (the box is shared):
-    python benchmarks/slimming.py --quick            # ~1 CPU-min (tracker ~20 s each, LM ~40 s); minutes of wall
+    python benchmarks/slimming.py --quick            # ~2 CPU-min (trackers ~25 / ~45 s, LM ~30 s); minutes of wall
     python benchmarks/slimming.py                    # the docs' figures: ~10 CPU-min per tracker, ~10 for the LM
 """
 
@@ -229,7 +229,8 @@ def lm_arm(a) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, figures are not meaningful")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (300 dense, 20 search / child steps, 4 test sequences): a rough direction only")
     p.add_argument("--trackers", nargs="*", default=["vit", "cnn"], choices=["vit", "cnn"])
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--threshold", default="global", choices=["global", "layerwise", "floor"])
@@ -257,10 +258,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scratch", default=None, help="Trainer output dirs (default: a fresh temporary folder)")
     p.add_argument("--out", default="slimming_report.json")
+    p.add_argument("--plot", default=None, help="PNG: tracker success AUC and LM perplexity vs kept fraction")
     a = p.parse_args(argv)
     if a.quick:
         a.budgets = [1.0, 0.5, 0.1]
-        a.dense_steps, a.search_steps, a.child_steps, a.batch = 120, 20, 20, 16
+        a.dense_steps, a.search_steps, a.child_steps, a.batch = 300, 20, 20, 16
         a.train_sequences, a.train_pairs, a.test_sequences, a.test_length, a.latency_repeats = 12, 512, 4, 20, 10
         a.lm_budgets, a.lm_search_steps, a.lm_batch, a.lm_seq, a.lm_eval_chunks = [0.5], 3, 1, 128, 4
     torch.set_num_threads(a.threads)
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=1)
     print_tables(report)
     print(f"wrote {a.out}")
+    if a.plot:
+        plot(report, a.plot)
     return 0
 
 
@@ -293,6 +297,44 @@ def print_tables(report):
               f"params (sliced) | dense ppl {lm['dense_ppl']}")
         for r in lm["rows"]:
             print(f"| {r['kept']:.0%} | {r['slim_ppl']:.2f} | {r['torch_prune_l1_ppl']:.2f} | {r['slim_params']:,} |")
+
+
+
+def plot(report, path):
+    """Success AUC vs kept fraction per tracker; the LM's held-out perplexity vs kept MLP channels for both scorers."""
+    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+
+    plt, reason = pyplot_or_reason()
+    if plt is None:
+        print(reason)
+        return
+    panels = 1 + ("lm" in report)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for kind, res in report["trackers"].items():
+        rows = sorted(res["rows"], key=lambda r: r["kept"])
+        ax.plot([r["kept"] for r in rows], [r["success_auc"] for r in rows], marker="o", label=f"{kind} tracker")
+    ax.set_xscale("log")
+    ax.set_xlabel("kept fraction (attention dims / MLP / channels)")
+    ax.set_ylabel("success AUC (held-out sequences)")
+    ax.set_title("trackers: pruned and fine-tuned children")
+    ax.legend()
+    if "lm" in report:
+        lm, ax = report["lm"], axes[0][1]
+        rows = sorted(lm["rows"], key=lambda r: r["kept"])
+        kept = [r["kept"] for r in rows]
+        ax.plot(kept, [r["slim_ppl"] for r in rows], marker="o", label="ViT-Slim (IA3 mask search)")
+        ax.plot(kept, [r["torch_prune_l1_ppl"] for r in rows], marker="s", label="torch.nn.utils.prune L1-structured")
+        ax.axhline(lm["dense_ppl"], color="gray", linestyle="--", label=f"dense ({lm['dense_ppl']:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("kept fraction of MLP channels")
+        ax.set_ylabel("held-out perplexity (no healing)")
+        ax.set_title("default LM")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
