@@ -8,6 +8,11 @@ from __future__ import annotations
 from hf_fastslow.bench.registry import Figure
 
 EAR, SVG2, SCORE_COMP = "EAR (error + comp)", "SVG2-style (score, drop)", "score + comp"
+SMOKE = "smoke-scale (quick profile): too few examples to separate the arms; "
+
+
+def _smoke(report: dict) -> str:
+    return SMOKE if report["args"]["quick"] else ""
 
 
 def _ear(report: dict) -> list[Figure]:
@@ -61,10 +66,12 @@ def _iha(report: dict) -> list[Figure]:
                 f"{tune['layers']} layers, {arms['stock']['steps']} steps; untrained "
                 f"{tune['untrained']['exact_match']:.3f}")
         figures.append(Figure("held-out exact match after the same fine-tune, higher is better",
-                              arms["IHA"]["acc"], arms["stock"]["acc"], note=f"peer: stock attention; {size}",
+                              arms["IHA"]["acc"], arms["stock"]["acc"],
+                              note=f"{_smoke(report)}peer: stock attention; {size}",
                               paper="+10-20 points on RULER multi-key retrieval at 4k-16k (pretrained, FLOP-matched)"))
         figures.append(Figure("held-out answer-token NLL after the same fine-tune, lower is better",
-                              arms["IHA"]["nll"], arms["stock"]["nll"], note=f"peer: stock attention; {size}"))
+                              arms["IHA"]["nll"], arms["stock"]["nll"],
+                              note=f"{_smoke(report)}peer: stock attention; {size}"))
     return figures
 
 
@@ -102,14 +109,15 @@ def _crest(report: dict) -> list[Figure]:
     return [
         Figure("GSM-Symbolic exact-match accuracy, CREST vs SEAL-style steering, higher is better",
                crest["accuracy"], seal["accuracy"],
-               note=f"peer: SEAL-style vector; no steering {plain['accuracy']:.2f}; {size}",
+               note=f"{_smoke(report)}peer: SEAL-style vector; no steering {plain['accuracy']:.2f}; {size}",
                paper="up to +17.5 points vs no steering (reasoning models)"),
         Figure("mean new tokens per answer, CREST vs SEAL-style steering, lower is better", crest["mean_tokens"],
-               seal["mean_tokens"], note=f"peer: SEAL-style vector; no steering {plain['mean_tokens']:.1f}; answers at "
-               f"the cap: CREST {crest['at_token_cap']}, SEAL {seal['at_token_cap']}", paper="up to -37.6 % tokens"),
+               seal["mean_tokens"], note=f"{_smoke(report)}peer: SEAL-style vector; no steering "
+               f"{plain['mean_tokens']:.1f}; answers at the {cap}-token cap: CREST {crest['at_token_cap']}, SEAL "
+               f"{seal['at_token_cap']} of {items}", paper="up to -37.6 % tokens vs no steering (reasoning models)"),
         Figure("non-linear steps per answer, CREST vs no steering (what CREST suppresses), lower is fewer",
                crest["nonlinear_steps_per_answer"], plain["nonlinear_steps_per_answer"],
-               note=f"peer: the same model unsteered; {size}"),
+               note=f"{_smoke(report)}peer: the same model unsteered; {size}"),
         Figure("balanced probe accuracy of the top heads (mean), real vs shuffled labels, higher is better",
                calib["probe_accuracy"]["top_mean"], calib["control_accuracy"]["top_mean"],
                note=f"peer: shuffled-label control; top {report['args']['top_ratio']:.0%} of heads; {size}"),

@@ -1,0 +1,139 @@
+"""The attention family's headline extractors (ear, iha, care, crest) on the JSON of real quick runs
+(tests/bench/data/<method>_quick.json, trimmed copies of `python benchmarks/<method>.py --quick ...`). The expected
+figures are copied from those files by hand, not recomputed by the extractor's logic; a profile's missing part (null)
+gives no figure, and a changed schema fails loudly."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_fastslow.bench.headlines import extractors
+from hf_fastslow.bench.headlines.attention import EXTRACTORS
+from hf_fastslow.bench.registry import entries_by_method
+
+DATA = Path(__file__).parent / "data"
+
+
+def _load(method):
+    return json.loads((DATA / f"{method}_quick.json").read_text())
+
+
+def _by_metric(figures, words):
+    found = [f for f in figures if words in f.metric]
+    assert len(found) == 1, [f.metric for f in figures]
+    return found[0]
+
+
+def test_the_family_is_registered_and_wired():
+    found = extractors()
+    entries = entries_by_method()
+    for method in ("ear", "iha", "care", "crest"):
+        assert found[method] is EXTRACTORS[method]
+        assert entries[method].quick_args == ("--quick",)
+        assert entries[method].output.mode == "file"
+
+
+def test_ear_quick():
+    figures = EXTRACTORS["ear"](_load("ear"))
+    assert len(figures) == 3  # the quick profile runs part 1 only: no end-to-end figure
+    error = _by_metric(figures, "mean over layers, lower is better")
+    assert error.ours == pytest.approx(0.06722515550625148)
+    assert error.peer == pytest.approx(0.46302728623048633)
+    assert "512 tokens, last 128 queries, 30 layers" in error.note
+    routing = _by_metric(figures, "routing alone")
+    assert (routing.ours, routing.peer) == (pytest.approx(0.06722515550625148), pytest.approx(0.4164782291378875))
+    share = _by_metric(figures, "share of layers")
+    assert share.ours == pytest.approx(24 / 30) and share.peer is None
+    assert "24 of 30 layers" in share.note
+
+
+def test_ear_end_to_end_part_read_when_present():
+    report = _load("ear")
+    report["llm_end_to_end"] = {"tokens": 512, "chunk": 128, "dense_loss": 3.0, "arms": [
+        {"attention": "SVG2-style (score, drop)", "density": 0.2, "delta_loss": 0.25},
+        {"attention": "EAR (error + comp)", "density": 0.2, "delta_loss": 0.01},
+        {"attention": "EAR (error + comp)", "density": 0.1, "delta_loss": 0.05}]}
+    e2e = _by_metric(EXTRACTORS["ear"](report), "next-token loss increase")
+    assert (e2e.ours, e2e.peer) == (0.01, 0.25)
+    assert "chunk 128" in e2e.note
+
+
+def test_ear_changed_schema_fails_loudly():
+    report = _load("ear")
+    del report["layers"]["mean"]["EAR (error + comp)"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["ear"](report)
+    with pytest.raises(KeyError):
+        EXTRACTORS["ear"]({"layers": None})
+
+
+def test_iha_quick():
+    figures = EXTRACTORS["iha"](_load("iha"))
+    assert len(figures) == 4
+    exact = _by_metric(figures, "identity IHA conversion (P=3)")
+    assert (exact.ours, exact.peer) == (0.000110626220703125, 0.0001010894775390625)
+    assert "greedy 8 tokens identical: yes" in exact.note
+    prefill = _by_metric(figures, "prefill ms")
+    assert (prefill.ours, prefill.peer) == (pytest.approx(1741.3362760053133), pytest.approx(1496.880251004768))
+    accuracy = _by_metric(figures, "held-out exact match")
+    assert (accuracy.ours, accuracy.peer) == (0.53125, 0.53125)
+    assert accuracy.paper and "RULER" in accuracy.paper
+    assert "32 train / 32 held-out, top 2 layers, 8 steps" in accuracy.note
+    assert accuracy.note.startswith("smoke-scale (quick profile)")
+    assert not exact.note.startswith("smoke-scale")  # exactness is the recorded figure at P=3
+    nll = _by_metric(figures, "answer-token NLL")
+    assert (nll.ours, nll.peer) == (pytest.approx(0.24831104278564453), pytest.approx(0.2576962411403656))
+
+
+def test_iha_arms_not_swapped():
+    # the quick run's two arms tie on exact match; move one to see which side each lands on
+    report = _load("iha")
+    report["finetune"]["arms"]["IHA"]["acc"] = 0.5625
+    accuracy = _by_metric(EXTRACTORS["iha"](report), "held-out exact match")
+    assert (accuracy.ours, accuracy.peer) == (0.5625, 0.53125)
+
+
+def test_iha_skipped_parts_and_changed_schema():
+    report = _load("iha")
+    report["finetune"] = None
+    assert [f.metric.split(",")[0] for f in EXTRACTORS["iha"](report)] == [
+        "max |delta logit| of the identity IHA conversion (P=3) vs the stock model's own eager-vs-SDPA difference",
+        "prefill ms of that batch"]
+    broken = copy.deepcopy(_load("iha"))
+    del broken["finetune"]["arms"]["stock"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["iha"](broken)
+
+
+def test_crest_quick():
+    figures = EXTRACTORS["crest"](_load("crest"))
+    assert len(figures) == 4
+    accuracy = _by_metric(figures, "exact-match accuracy")
+    assert (accuracy.ours, accuracy.peer) == (0.0, 0.0)
+    assert accuracy.note.startswith("smoke-scale (quick profile)")
+    assert "4 GSM-Symbolic items" in accuracy.note and "5 non-linear of 52 steps" in accuracy.note
+    tokens = _by_metric(figures, "mean new tokens")
+    assert (tokens.ours, tokens.peer) == (96, 93.75)
+    assert "no steering 84.8" in tokens.note and "CREST 4, SEAL 3 of 4" in tokens.note
+    steps = _by_metric(figures, "non-linear steps per answer")
+    assert (steps.ours, steps.peer) == (0, 0)
+    probe = _by_metric(figures, "balanced probe accuracy")
+    assert (probe.ours, probe.peer) == (pytest.approx(0.9848976731300354), pytest.approx(0.7750809192657471))
+    assert not probe.note.startswith("smoke-scale")  # the quick profile keeps the recorded calibration
+
+
+def test_crest_arms_not_swapped_and_full_profile_note():
+    report = _load("crest")
+    report["arms"]["CREST"]["accuracy"], report["arms"]["SEAL-style"]["accuracy"] = 0.25, 0.5
+    report["arms"]["CREST"]["nonlinear_steps_per_answer"] = 0.75
+    report["args"]["quick"] = False
+    figures = EXTRACTORS["crest"](report)
+    accuracy = _by_metric(figures, "exact-match accuracy")
+    assert (accuracy.ours, accuracy.peer) == (0.25, 0.5)
+    assert accuracy.note.startswith("peer: SEAL-style vector")
+    assert _by_metric(figures, "non-linear steps per answer").ours == 0.75
+    del report["arms"]["SEAL-style"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["crest"](report)
