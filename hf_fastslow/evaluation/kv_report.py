@@ -28,7 +28,7 @@ def write_report_json(path: str | Path | None, report: dict) -> None:
 
 
 def plot_memory_vs_ppl(rows: dict[str, dict], path: str | Path, title: str) -> str | None:
-    """Bytes per token (x, log) against perplexity (y, log) of every measured row of `rows` (records with "arm",
+    """Bytes per token (x) against perplexity (y) of every measured row of `rows` (records with "arm",
     "bits", "ppl", "bytes_per_token"; failed rows have no "ppl" and are left out), the rows of one arm joined in
     order of bits, each point labelled with its bits; the unquantized reference ("bits" None) as a dashed line.
     Returns None when the plot was written, else why not (matplotlib missing)."""
@@ -54,13 +54,11 @@ def plot_memory_vs_ppl(rows: dict[str, dict], path: str | Path, title: str) -> s
         for p in points:
             ax.annotate(f"{p['bits']}b", (p["bytes_per_token"], p["ppl"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8, color=line.get_color())
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 5x10^1
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(NullFormatter())
+    # log axes only where the points span more than 5x (a peer at 1,000 PPL beside 34), else linear (readable ticks)
+    for values, set_scale in (([r["bytes_per_token"] for r in measured if r["bits"] is not None], ax.set_xscale),
+                              ([r["ppl"] for r in measured], ax.set_yscale)):
+        if values and max(values) > 5 * min(values):
+            set_scale("log")
     ax.set_xlabel("bytes per token (slope of the storage walk; shared factors excluded)")
     ax.set_ylabel("perplexity through the cache (lower is better)")
     ax.set_title(title, fontsize=9)
