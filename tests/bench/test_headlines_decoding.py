@@ -61,3 +61,14 @@ def test_a_renamed_arm_fails_loudly():
     del broken["kl_to_base"]
     with pytest.raises(KeyError):
         EXTRACTORS["fst"](broken)
+
+
+def test_pairrl_quick():
+    report = _load("pairrl")
+    figures = EXTRACTORS["pairrl"](report)
+    # results: base/grpo/pairrl pass@1 all 3/8, verifier accuracy 0 on the 2 held-out pairs: one step moves nothing
+    assert _pairs(figures) == [(0.375, 0.375), (0.0, 0.0)]
+    assert "smoke scale" in figures[0].note and "2 pairs" in figures[1].note and "base 0.375" in figures[0].note
+    # the quick run's arms tie, so tell them apart by hand: ours must be PairRL's, the peer GRPO's
+    report["results"]["pairrl"]["pass_at_1"], report["results"]["grpo"]["verifier"]["accuracy"] = 0.5, 0.25
+    assert _pairs(EXTRACTORS["pairrl"](report)) == [(0.5, 0.375), (0.0, 0.25)]

@@ -99,6 +99,8 @@ def _pairrl(report: dict) -> list[Figure]:
     grpo, pairrl = results["grpo"], results["pairrl"]
     size = (f"{args['steps']} steps x {args['problems_per_step']} problems, {args['rollouts']} rollouts per problem, "
             f"{report['heldout_problems']} held-out problems")
+    if args["steps"] < 5:  # the recorded run (docs/benchmarks/v1.md) trains 5 steps
+        size += "; smoke scale: too few steps to move the weights measurably"
     return [
         Figure("held-out pass@1 after training, higher is better", pairrl["pass_at_1"], grpo["pass_at_1"],
                note=f"peer: GRPO at the same rollouts per problem; {size}; base {results['base']['pass_at_1']:.3f}",
@@ -113,6 +115,8 @@ def _fst(report: dict) -> list[Figure]:
     config, fst, grpo = report["config"], report["fst"], report["grpo"]
     size = (f"{config['steps']} steps x {config['problems']} problems x G={config['G']}, {config['heldout']} held-out "
             f"items, seed {config['seed']}")
+    if config["steps"] < 6:  # the recorded run (docs/benchmarks/fst.md) trains 6 steps
+        size += "; smoke scale: a pipeline run, not a quality figure"
     kl = report["kl_to_base"]["seed_context"]
     figures = [Figure("held-out accuracy after training, higher is better", fst["heldout_A_acc"], grpo["heldout_A_acc"],
                       note=f"peer: GRPO, same steps and rollouts; FST with the rule-based reflector; {size}",
