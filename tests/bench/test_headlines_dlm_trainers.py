@@ -35,7 +35,7 @@ def test_every_method_of_the_family_has_an_extractor_found_through_its_entry():
         assert headline_extractor(entries[method]) is EXTRACTORS[method] is extractors()[method]
 
 
-# -- made-up reports of the scripts' shapes (moved from tests/bench/test_registry.py) -----------------------------------
+# -- made-up reports of the scripts' shapes (moved from tests/bench/test_registry.py) ---------------------------------
 
 def test_isd_batch_extractor_reads_the_scripts_report_shape():
     """The shape `benchmarks/isd_batch.py --json` prints (run() -> rows, machine, settings), on made-up numbers."""
@@ -78,7 +78,7 @@ def test_losa_quick_run():
 
 
 def test_rcd_quick_run():
-    """`python benchmarks/rcd.py --quick --threads 1 --json rcd.json` under load 15-19: 1 prompt x 16 tokens, block 8."""
+    """`python benchmarks/rcd.py --quick --threads 1 --json rcd.json`, load 15-19: 1 prompt x 16 tokens, block 8."""
     figures = _figures("rcd")
     assert _values(figures) == [(0.4036, 0.4533), (2331.8459, 2206.2309), (2229.2504, 2206.2309), (1.19, 1.0)]
     assert "block 8, 1 GSM8K prompt(s) x 16 new tokens, 3 rounds; tokens == baseline 0.812" in figures[0].note
@@ -86,6 +86,54 @@ def test_rcd_quick_run():
 
 def test_rcd_components_run_has_no_decode_headline():
     report = _quick("rcd")
-    report["blocks"] = [{"block": 8, "machine": "m", "pieces": {"block forward": {"ms": 1.0, "per_block_forward": 1.0}}}]
+    pieces = {"block forward": {"ms": 1.0, "per_block_forward": 1.0}}
+    report["blocks"] = [{"block": 8, "machine": "m", "pieces": pieces}]
     with pytest.raises(KeyError):
         EXTRACTORS["rcd"](report)
+
+
+def test_dlm_synthetic_quick_run():
+    """`python benchmarks/dlm_synthetic.py --quick --out DIR`: 3-digit addition, 40 steps, 64 held-out problems; at
+    that size no arm learns the task (every accuracy 0.0 in the file) and the note says so."""
+    figures = _figures("dlm_synthetic")
+    assert _values(figures) == [(0.0, 0.0), (1.0, 1.0), (0.0, 0.0)]
+    assert all("smoke scale" in f.note for f in figures)
+    assert "64/64 answers == its generate" in figures[1].note
+
+
+def test_dlm_synthetic_reads_the_named_rows():
+    """On the full profile's row names, with made-up accuracies: each figure takes its own row."""
+    report = _quick("dlm_synthetic")
+    accuracy = {("block diffusion", "BD3", "b=4 steps=4 thr=0.9"): 0.87, ("AR greedy", "AR", "generate"): 0.10,
+                ("RCD (zero init)", "RCD", "b=4 thr=0.9"): 0.84,
+                ("SeqD (block diffusion)", "SeqD", "b=4 thr=0.9"): 0.89}
+    for row in report["rows"]:
+        row["accuracy"] = accuracy.get((row["method"], row["model"], row["setting"]), 0.5)
+        if (row["method"], row["setting"]) == ("ISD greedy", "N=3"):
+            row["tpf"] = 1.59
+    figures = EXTRACTORS["dlm_synthetic"](report)
+    assert _values(figures) == [(0.87, 0.10), (1.59, 1.0), (0.84, 0.89)]
+    assert not any("smoke scale" in f.note for f in figures)
+    del report["rows"][-1]  # the last RCD row (self init, thr 0.3) is not read
+    EXTRACTORS["dlm_synthetic"](report)
+    report["rows"] = [r for r in report["rows"] if r["model"] != "SeqD"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["dlm_synthetic"](report)
+
+
+def test_block_diffusion_quick_run():
+    """`python benchmarks/block_diffusion.py --quick --json bd.json` under load 19-28: block 4 / steps 4 / threshold
+    0.9 on the tiny random Llama and on SmolLM2; the figures are SmolLM2's."""
+    figures = _figures("block_diffusion")
+    assert _values(figures) == [(0.9221, 0.1108), (0.9221, 0.3366), (1.5238, 0.8421)]
+    assert figures[0].note.startswith("SmolLM2-135M-Instruct (unconverted), block 4, steps 4, threshold 0.9")
+
+
+def test_block_diffusion_without_the_default_model_reads_the_tiny_setting():
+    report = _quick("block_diffusion")
+    report["settings"] = [s for s in report["settings"] if not s["model"].startswith("SmolLM2")]
+    tiny = report["settings"][0]["arms"]
+    figures = EXTRACTORS["block_diffusion"](report)
+    assert [f.ours for f in figures] == [tiny["ours (cached, fused commit)"]["tokens_per_s"]] * 2 + [
+        tiny["ours (cached, fused commit)"]["tpf"]]
+    assert figures[0].peer == tiny["diffusers LLaDA2Pipeline (no cache)"]["tokens_per_s"]

@@ -13,6 +13,8 @@ def _dlm_synthetic(report: dict) -> list[Figure]:
     rows = {(r["method"], r["model"], r["setting"]): r for r in report["rows"]}
     profile = report["profile"]
     size = f"{profile['digits']}-digit addition, {profile['n_test']} held-out problems, {profile['steps']} steps"
+    if max(r["accuracy"] for r in report["rows"]) == 0:  # the quick profile: a pipeline run, too short to learn
+        size += "; smoke scale: no arm learned the task at this size"
     ar = rows[("AR greedy", "AR", "generate")]
     bd3 = rows[("block diffusion", "BD3", "b=4 steps=4 thr=0.9")]
     isd = rows[("ISD greedy", "I-DLM", "N=3")]
