@@ -72,3 +72,23 @@ def test_pairrl_quick():
     # the quick run's arms tie, so tell them apart by hand: ours must be PairRL's, the peer GRPO's
     report["results"]["pairrl"]["pass_at_1"], report["results"]["grpo"]["verifier"]["accuracy"] = 0.5, 0.25
     assert _pairs(EXTRACTORS["pairrl"](report)) == [(0.5, 0.375), (0.0, 0.25)]
+
+
+def test_speculative_loop_quick():
+    figures = EXTRACTORS["speculative_loop"](_load("speculative_loop"))
+    assert [f.metric.split(":")[0] for f in figures] == ["batch 1, greedy", "batch 1, sample T=1", "batch 8, greedy",
+                                                         "batch 8, sample T=1"]
+    # rows: ms_per_step of "speculative, no drafts" (ours) and of "generate" (peer), by batch and mode
+    assert [(round(f.ours, 1), round(f.peer, 1)) for f in figures] == [
+        (1085.4, 1094.2), (865.7, 917.0), (2274.9, 2073.2), (5328.5, 4498.6)]
+    assert "outside the forward 264.41 vs 240.39 ms/step" in figures[3].note and "16 tokens" in figures[3].note
+
+
+def test_aurora_quick():
+    figures = EXTRACTORS["aurora"](_load("aurora"))
+    # result.totals: online acc_len 15/14 rounds, frozen 1.0; last window (requests 2-3, humaneval) online 15/13;
+    # tokens/s online 0.2895 vs plain 0.3834 (a box at load ~25); no mismatches
+    assert [(round(f.ours, 4), f.peer if f.peer is None else round(f.peer, 4)) for f in figures] == [
+        (1.0714, 1.0), (1.1538, 1.0), (0.2895, 0.3834), (0, None)]
+    assert "window 2-3, humaneval" in figures[1].metric and "smoke scale" in figures[0].note
+    assert "of 4 requests" in figures[3].note and figures[0].paper and figures[2].paper

@@ -57,6 +57,8 @@ def _aurora(report: dict) -> list[Figure]:
     totals, windows, args = result["totals"], result["windows"], result["args"]
     size = (f"{args['gsm8k']} GSM8K then {args['humaneval']} HumanEval prompts x {args['epochs']} epoch(s), "
             f"{args['max_new_tokens']} tokens, k={args['k']}")
+    if (args["gsm8k"] + args["humaneval"]) * args["epochs"] < 8:  # the recorded run: 8 requests x 32 tokens
+        size += "; smoke scale: too few requests for the head to learn much"
     online, frozen, plain = totals["online"], totals["frozen"], totals["plain"]
     last = windows[-1]
     return [
