@@ -137,3 +137,48 @@ def test_block_diffusion_without_the_default_model_reads_the_tiny_setting():
     assert [f.ours for f in figures] == [tiny["ours (cached, fused commit)"]["tokens_per_s"]] * 2 + [
         tiny["ours (cached, fused commit)"]["tpf"]]
     assert figures[0].peer == tiny["diffusers LLaDA2Pipeline (no cache)"]["tokens_per_s"]
+
+
+def test_isd_extractor_on_the_scripts_report_shape():
+    """The results.json `benchmarks/isd.py` writes (decoding rows per arm, equality per compared arm), made-up
+    numbers; the lossless figure counts the ISD arms only, not prompt lookup."""
+    decoding = [{"arm": arm, "tokens_per_s": tps, "acceptance": acc}
+                for arm, tps, acc in (("greedy generate", 4.0, None), ("prompt lookup (3 tokens)", 3.0, None),
+                                      ("ISD N=2, base model", 2.0, 0.06), ("R-ISD N=2, trained adapter", 2.5, 0.2),
+                                      ("ISD N=3, base model", 1.5, 0.05), ("R-ISD N=3, trained adapter", 5.0, 0.4))]
+    equality = [{"arm": arm, "identical": same, "prompts": 3}
+                for arm, same in (("fp32 prompt lookup (3 tokens)", 0), ("fp32 ISD N=3, base model", 3),
+                                  ("fp32 R-ISD N=3, trained adapter", 2), ("float64 ISD N=3 (R-ISD)", 3))]
+    report = {"args": {"strides": [2, 3], "lookup": 3, "prompts": 3, "new_tokens": 24}, "decoding": decoding,
+              "training": {"tokens": 1712}, "equality": equality}
+    figures = EXTRACTORS["isd"](report)
+    assert [(f.ours, f.peer) for f in figures] == [(0.4, 0.05), (5.0, 4.0), (5.0, 3.0), (5 / 6, 1.0)]
+    assert "1712 clean tokens" in figures[0].note and figures[1].paper
+
+
+def test_qttt_extractor_on_the_scripts_report_shape():
+    """The JSON `benchmarks/qttt.py` writes (per context length, JSON keys are strings): the longest length is read."""
+    def arms(in_context, thinking, qttt, full):
+        return {"in-context": {"exact_match": in_context}, "thinking (FLOP-matched)": {"exact_match": thinking},
+                "qTTT": {"exact_match": qttt}, "full TTT": {"exact_match": full}}
+
+    run = {"context_tokens": 2045.3, "thinking_budget": 2543, "lr_qttt": 1e-4, "lr_full": 1e-3}
+    report = {"args": {"examples": 10, "steps": 16},
+              "lengths": {"2048": {**run, "arms": arms(0.1, 0.2, 0.4, 0.0)},
+                          "1024": {**run, "arms": arms(0.9, 0.9, 0.9, 0.9)}}}
+    figures = EXTRACTORS["qttt"](report)
+    assert [(f.ours, f.peer) for f in figures] == [(0.4, 0.1), (0.4, 0.2), (0.4, 0.0)]
+    assert "~2045 tokens, 10 examples" in figures[0].note and "budget 2543" in figures[1].note
+
+
+def test_dts_extractor_on_the_scripts_report_shape():
+    """The JSON `benchmarks/dts.py` writes (table per arm); an arm without pairs has accuracy None: no DPO figure."""
+    table = {"base model": {"accuracy": 0.083},
+             "DTS": {"pairs": 7, "jaccard": 0.188, "accuracy": 0.042},
+             "sampling": {"pairs": 5, "jaccard": 0.242, "accuracy": 0.062}}
+    report = {"args": {"train": 24, "test": 48, "problems": "easy", "k": 4}, "table": table, "token_ratio": 1.08}
+    figures = EXTRACTORS["dts"](report)
+    assert [(f.ours, f.peer) for f in figures] == [(7, 5), (0.188, 0.242), (0.042, 0.062)]
+    assert "base model 0.083" in figures[2].note
+    table["DTS"]["accuracy"] = None
+    assert len(EXTRACTORS["dts"](report)) == 2

@@ -40,7 +40,7 @@ def _isd(report: dict) -> list[Figure]:
     training = report["training"]
     size = (f"SmolLM2-135M, R-ISD aLoRA trained on {training['tokens']} clean tokens; {report['args']['prompts']} "
             f"GSM8K prompt(s) x {report['args']['new_tokens']} new tokens")
-    fp32 = [e for e in report["equality"] if e["arm"].startswith("fp32 ")]
+    fp32 = [e for e in report["equality"] if e["arm"].startswith("fp32 ") and "ISD" in e["arm"]]  # not lookup
     return [
         Figure(f"ISD acceptance (accepted / verified drafts), N={n}: trained R-ISD adapter vs the untrained base",
                trained["acceptance"], base["acceptance"], note=size),
