@@ -16,7 +16,7 @@ routing with compensation, at equal density, all through `hf_fastslow.kernels.ea
 
     python benchmarks/ear.py                         # everything (~10 min on 2 busy CPU cores)
     python benchmarks/ear.py --skip-llm-e2e --skip-timing
-    python benchmarks/ear.py --quick --json ear.json --plot ear.png   # part 1 at reduced size (see QUICK)
+    python benchmarks/ear.py --quick --json ear.json --plot ear.png   # parts 1-2 at reduced size (see QUICK)
 
 `--json PATH` writes every figure the tables print (null for a part that was skipped); `--plot PATH` draws the mean
 error over layers against density per router (part 1).
@@ -39,8 +39,9 @@ PEERS = [
     ("EAR (error + comp)", "error", True),
 ]
 DENSITIES = (0.05, 0.1, 0.2, 0.3)
-# --quick: part 1 only, on the first 512 tokens (last 128 queries), every layer; the other parts are skipped.
-QUICK = dict(tokens=512, queries=128, skip_llm_e2e=True, skip_wan=True, skip_timing=True)
+# --quick: parts 1 and 2 on the first 512 tokens (part 1: last 128 queries, every layer; part 2: chunk 128); the tiny
+# Wan model (diffusers) and the timing are skipped.
+QUICK = dict(tokens=512, queries=128, chunk=128, skip_wan=True, skip_timing=True)
 
 
 def bundled_text() -> str:
@@ -303,7 +304,7 @@ def main(argv=None):
     p.add_argument("--skip-llm-e2e", action="store_true")
     p.add_argument("--skip-wan", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
-    p.add_argument("--quick", action="store_true", help="part 1 only at reduced size: " +
+    p.add_argument("--quick", action="store_true", help="parts 1 and 2 at reduced size: " +
                    ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--json", default=None, help="write every figure of the run to this JSON file")
     p.add_argument("--plot", default=None, help="PNG of the mean error over layers against density (part 1)")

@@ -137,3 +137,29 @@ def test_crest_arms_not_swapped_and_full_profile_note():
     del report["arms"]["SEAL-style"]
     with pytest.raises(KeyError):
         EXTRACTORS["crest"](report)
+
+
+def test_care_quick():
+    figures = EXTRACTORS["care"](_load("care"))
+    assert len(figures) == 3  # no healing in the quick profile
+    vs_svd = _by_metric(figures, "one-shot CARE (uniform ranks) vs plain SVD")
+    assert (vs_svd.ours, vs_svd.peer) == (pytest.approx(44.29535696532455), pytest.approx(26642.32851335294))
+    assert vs_svd.paper and "22048.8" in vs_svd.paper
+    assert "calibration 256 GSM8K questions x 32 tokens" in vs_svd.note and "512 tokens" in vs_svd.note
+    vs_original = _by_metric(figures, "one-shot CARE vs the original model")
+    assert (vs_original.ours, vs_original.peer) == (pytest.approx(44.29535696532455), pytest.approx(28.991157589702322))
+    memory = _by_metric(figures, "KV cache bytes per token")
+    assert (memory.ours, memory.peer) == (23040.0, 46080.0)
+
+
+def test_care_healed_row_read_when_present():
+    report = _load("care")
+    report["rows"].append({"arm": "care_uniform_healed", "model": "CARE uniform + healing", "fraction": 0.5,
+                           "ppl": 43.65, "bytes_per_token": 23040.0, "fixed": 0.0})
+    report["healing"].append({"fraction": 0.5, "steps": 12, "seconds": 156.0, "log": []})
+    healed = _by_metric(EXTRACTORS["care"](report), "after KVHealingTrainer")
+    assert (healed.ours, healed.peer) == (43.65, pytest.approx(44.29535696532455))
+    assert "12 healing steps" in healed.note
+    report["rows"] = [r for r in report["rows"] if r["arm"] != "svd_uniform"]
+    with pytest.raises(KeyError):
+        EXTRACTORS["care"](report)

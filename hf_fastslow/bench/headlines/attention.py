@@ -63,7 +63,7 @@ def _iha(report: dict) -> list[Figure]:
     if tune is not None:
         arms = tune["arms"]
         size = (f"{tune['pairs']}-pair retrieval, {tune['train']} train / {tune['eval']} held-out, top "
-                f"{tune['layers']} layers, {arms['stock']['steps']} steps; untrained "
+                f"{tune['layers']} layers, {arms['stock']['steps']} steps; untrained exact match "
                 f"{tune['untrained']['exact_match']:.3f}")
         figures.append(Figure("held-out exact match after the same fine-tune, higher is better",
                               arms["IHA"]["acc"], arms["stock"]["acc"],
