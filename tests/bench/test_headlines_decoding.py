@@ -92,3 +92,14 @@ def test_aurora_quick():
         (1.0714, 1.0), (1.1538, 1.0), (0.2895, 0.3834), (0, None)]
     assert "window 2-3, humaneval" in figures[1].metric and "smoke scale" in figures[0].note
     assert "of 4 requests" in figures[3].note and figures[0].paper and figures[2].paper
+
+
+def test_das_quick():
+    figures = EXTRACTORS["das"](_load("das"))
+    # grpo.arms: das 222.88 s vs plain 275.08 s (median totals); serve.arms: das_warm 36.79 vs plain 107.32,
+    # das_cold 100.72 vs prompt_lookup 89.44; 0 mismatches
+    assert [(round(f.ours, 2), f.peer if f.peer is None else round(f.peer, 2)) for f in figures] == [
+        (222.88, 275.08), (36.79, 107.32), (100.72, 89.44), (0, None)]
+    assert "median per-repeat ratio 0.821 (CPU seconds 0.914)" in figures[0].note and "batch 8" in figures[0].note
+    assert "4.41 tokens per forward" in figures[1].note and "tokens=10, ngram=2" in figures[2].note
+    assert "of 8 DAS outputs" in figures[3].note and figures[0].paper

@@ -22,7 +22,7 @@ def _das(report: dict) -> list[Figure]:
     return [
         Figure("GRPO rollouts: median wall s, lower is better", das["median_wall_s"], peer["median_wall_s"],
                note=f"peer: plain generate (sampling); {rollouts}; median per-repeat ratio "
-                    f"{das['wall_ratio_to_plain']:.3f}",
+                    f"{das['wall_ratio_to_plain']:.3f} (CPU seconds {das['cpu_ratio_to_plain']:.3f})",
                paper="rollout time -25 % (code RL) to -50 % (math RL), 8xH100, 7-8B models"),
         Figure("greedy serving, warm history: median wall s, lower is better", arms["das_warm"]["median_wall_s"],
                plain["median_wall_s"], note=f"peer: plain greedy generate; {serving}; "
