@@ -37,7 +37,7 @@ def test_the_family_is_registered_and_wired():
 
 def test_ear_quick():
     figures = EXTRACTORS["ear"](_load("ear"))
-    assert len(figures) == 3  # the quick profile runs part 1 only: no end-to-end figure
+    assert len(figures) == 4
     error = _by_metric(figures, "mean over layers, lower is better")
     assert error.ours == pytest.approx(0.06722515550625148)
     assert error.peer == pytest.approx(0.46302728623048633)
@@ -47,17 +47,17 @@ def test_ear_quick():
     share = _by_metric(figures, "share of layers")
     assert share.ours == pytest.approx(24 / 30) and share.peer is None
     assert "24 of 30 layers" in share.note
+    e2e = _by_metric(figures, "KL(dense || sparse)")
+    assert (e2e.ours, e2e.peer) == (pytest.approx(0.004317122511565685), pytest.approx(0.024157293140888214))
+    assert "512 tokens, chunk 128" in e2e.note
 
 
-def test_ear_end_to_end_part_read_when_present():
+def test_ear_skipped_parts_give_no_figure():
     report = _load("ear")
-    report["llm_end_to_end"] = {"tokens": 512, "chunk": 128, "dense_loss": 3.0, "arms": [
-        {"attention": "SVG2-style (score, drop)", "density": 0.2, "delta_loss": 0.25},
-        {"attention": "EAR (error + comp)", "density": 0.2, "delta_loss": 0.01},
-        {"attention": "EAR (error + comp)", "density": 0.1, "delta_loss": 0.05}]}
-    e2e = _by_metric(EXTRACTORS["ear"](report), "next-token loss increase")
-    assert (e2e.ours, e2e.peer) == (0.01, 0.25)
-    assert "chunk 128" in e2e.note
+    report["llm_end_to_end"] = None
+    assert len(EXTRACTORS["ear"](report)) == 3
+    report["layers"] = None
+    assert EXTRACTORS["ear"](report) == []
 
 
 def test_ear_changed_schema_fails_loudly():
