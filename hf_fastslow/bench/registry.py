@@ -246,7 +246,8 @@ ENTRIES: tuple[BenchEntry, ...] = (
     BenchEntry("multiprocess_trainers", "benchmarks/multiprocess_trainers.py", "1 process",
                "2-process FST/DAS rollout time, same state on every rank", "scaling.md", Output("file", "--out"),
                ("--quick",)),
-    BenchEntry("replica_failover", "benchmarks/replica_failover.py", "one replica, no failure",
+    BenchEntry("replica_failover", "benchmarks/replica_failover.py",
+               "a single endpoint without the router; the router with nobody killed (latency)",
                "answered requests and latency with a replica killed", "scaling.md", Output("file", "--out"),
                ("--quick",), full_args=("--requests", "40"), requires=("module:fastapi",)),
 )
