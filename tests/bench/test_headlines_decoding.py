@@ -103,3 +103,10 @@ def test_das_quick():
     assert "median per-repeat ratio 0.821 (CPU seconds 0.914)" in figures[0].note and "batch 8" in figures[0].note
     assert "4.41 tokens per forward" in figures[1].note and "tokens=10, ngram=2" in figures[2].note
     assert "of 8 DAS outputs" in figures[3].note and figures[0].paper
+
+
+def test_fst_quick():
+    figures = EXTRACTORS["fst"](_load("fst"))
+    # grpo and fst held-out accuracy 0/6 each; kl_to_base.seed_context: fst 0.004468, grpo 0.035058
+    assert [(round(f.ours, 6), round(f.peer, 6)) for f in figures] == [(0.0, 0.0), (0.004468, 0.035058)]
+    assert "smoke scale" in figures[0].note and "6 held-out items" in figures[0].note
