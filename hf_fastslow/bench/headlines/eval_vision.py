@@ -105,6 +105,7 @@ def slimming(report: dict) -> list[Figure]:
     held-out perplexity at 50 % of the MLP channels, ViT-Slim/IA3 masks vs torch.nn.utils.prune L1-structured."""
     figures = []
     args = report["args"]
+    smoke = "; --quick: smoke-scale (a few test sequences, short training), not a ranking" if args["quick"] else ""
     for kind, arm in report["trackers"].items():
         dense, cut = _row_at(arm["rows"], 1.0), _row_at(arm["rows"], SLIM_TRACKER_KEPT)
         figures.append(Figure(
@@ -112,7 +113,7 @@ def slimming(report: dict) -> list[Figure]:
             cut["success_auc"], dense["success_auc"],
             note=f"params {cut['params']:,} of {dense['params']:,}; {args['dense_steps']} dense / "
                  f"{args['search_steps']} search / {args['child_steps']} child steps, {args['test_sequences']} test "
-                 f"sequences of {args['test_length']} frames, 1 seed"))
+                 f"sequences of {args['test_length']} frames, 1 seed{smoke}"))
     if "lm" in report:
         lm = report["lm"]
         row = _row_at(lm["rows"], SLIM_LM_KEPT)
@@ -120,7 +121,7 @@ def slimming(report: dict) -> list[Figure]:
             f"default LM: held-out perplexity at {SLIM_LM_KEPT:.0%} of the MLP channels, lower is better",
             row["slim_ppl"], row["torch_prune_l1_ppl"],
             note=f"ViT-Slim (IA3 mask search, {args['lm_search_steps']} steps) vs torch.nn.utils.prune L1-structured; "
-                 f"no healing; dense ppl {lm['dense_ppl']}; {lm['heldout_tokens']} held-out tokens"))
+                 f"no healing; dense ppl {lm['dense_ppl']}; {lm['heldout_tokens']} held-out tokens{smoke}"))
     return figures
 
 
