@@ -40,9 +40,9 @@ import torch
 
 from hf_fastslow.evaluation.timing import Spread, paired_ratios
 
-# --quick: exactness at P=3 only (1 timed round, 8 greedy tokens); the fine-tune on 32 training / 32 held-out examples,
+# --quick: exactness at P=3 only (3 timed rounds, 8 greedy tokens); the fine-tune on 32 training / 32 held-out examples,
 # 2 epochs of the top 2 layers. Both arms and the task are the recorded ones; the sizes are not.
-QUICK = dict(pseudo_heads=[3], repeats=1, new_tokens=8, train=32, eval=32, epochs=2, layers=2)
+QUICK = dict(pseudo_heads=[3], repeats=3, new_tokens=8, train=32, eval=32, epochs=2, layers=2)
 ADJECTIVES = ("amber brave calm dusty eager faint gentle hollow icy jolly keen lucky misty noble olive proud quiet "
               "rapid silver tidy urban vivid witty young zesty").split()
 ANIMALS = ("fox owl bear crane deer eagle frog goose hawk ibis jay koala lynx moth newt otter panda quail raven seal "
@@ -320,8 +320,11 @@ def main(argv=None):
         report["exactness"] = {
             "width": width, "new_tokens": args.new_tokens, "fp32_floor_eager_vs_sdpa": floor, "rows": rows,
             "prefill_ms_median": {arm: 1e3 * t.spread.median for arm, t in timing.arms.items()},
+            "prefill_ms_min_max": {arm: [1e3 * t.spread.low, 1e3 * t.spread.high] for arm, t in timing.arms.items()},
             "prefill_wall_ratio_to_stock_median": {arm: Spread.of(timing.ratios(arm, "stock")).median
                                                    for arm in timing.arms},
+            "prefill_cpu_ratio_to_stock_median": {
+                arm: Spread.of(paired_ratios(t.cpu, timing["stock"].cpu)).median for arm, t in timing.arms.items()},
             "machine": timing.describe_machine()}
     if args.skip_finetune:
         write_json()

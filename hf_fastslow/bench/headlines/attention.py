@@ -59,7 +59,9 @@ def _iha(report: dict) -> list[Figure]:
         ms = exact["prefill_ms_median"]
         figures.append(Figure(f"prefill ms of that batch, IHA P={p} vs stock (CPU fp32), lower is better",
                               ms[f"P={p}"], ms["stock"],
-                              note=f"median of {report['args']['repeats']} interleaved round(s), loaded box"))
+                              note=f"median of {report['args']['repeats']} interleaved round(s); CPU-time ratio "
+                                   f"{exact['prefill_cpu_ratio_to_stock_median'][f'P={p}']:.2f} (wall is noisy on a "
+                                   "loaded box)"))
     tune = report["finetune"]
     if tune is not None:
         arms = tune["arms"]
