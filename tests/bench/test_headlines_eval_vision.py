@@ -129,3 +129,15 @@ def test_slimming_quick_run():
     assert _pairs(figures, 3) == [(0.196, 0.136), (0.101, 0.133), (14042.2, 8544592.894)]
     assert all("smoke-scale" in f.note for f in figures)
     assert not any("smoke" in f.note for f in EXTRACTORS["slimming"](_load(DATA / "slimming_full.json")))
+
+
+def test_mast_without_the_agentdash_arm_has_no_peer_and_says_why():
+    report = _load(ROOT / "docs/benchmarks/mast_results.json")
+    del report["fixtures"]["annotators"]["agentdash"]
+    report["agentdash_setup_error"] = "ImportError: no module named fastapi"
+    figures = EXTRACTORS["mast"](report)
+    assert _pairs(figures[:3]) == [(0.0144, None), (0.0714, None), (0.5621, None)]
+    assert "agentdash not run (ImportError: no module named fastapi)" in figures[0].note
+    report["agentdash_setup_error"] = None  # the arm is missing although it was to run: the shape changed
+    with pytest.raises(KeyError):
+        EXTRACTORS["mast"](report)

@@ -121,7 +121,8 @@ def slimming(report: dict) -> list[Figure]:
             f"default LM: held-out perplexity at {SLIM_LM_KEPT:.0%} of the MLP channels, lower is better",
             row["slim_ppl"], row["torch_prune_l1_ppl"],
             note=f"ViT-Slim (IA3 mask search, {args['lm_search_steps']} steps) vs torch.nn.utils.prune L1-structured; "
-                 f"no healing; dense ppl {lm['dense_ppl']}; {lm['heldout_tokens']} held-out tokens{smoke}"))
+                 f"no healing; dense ppl {lm['dense_ppl']}; {lm['heldout_tokens']} held-out tokens"
+                 + ("; --quick: smoke-scale search" if args["quick"] else "")))
     return figures
 
 
