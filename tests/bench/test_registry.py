@@ -224,7 +224,7 @@ def test_commands_follow_each_output_mode(tmp_path):
         "--out", str(tmp_path / "dlm_synthetic")]
     assert command(entries["isd_batch"], "quick", "cpu", tmp_path, python="py")[-1] == "--json"
     assert command(entries["ipw"], "quick", "cuda", tmp_path, python="py")[2:] == [
-        "--quick", "--device", "cuda", "--out", str(tmp_path / "ipw.json")]
+        "--quick", "--device", "cuda", "--plot", str(tmp_path / "ipw.png"), "--out", str(tmp_path / "ipw.json")]
 
 
 def test_side_outputs_go_under_the_run_folder(tmp_path):
