@@ -182,3 +182,12 @@ def test_dts_extractor_on_the_scripts_report_shape():
     assert "base model 0.083" in figures[2].note
     table["DTS"]["accuracy"] = None
     assert len(EXTRACTORS["dts"](report)) == 2
+
+
+def test_isd_quick_run():
+    """`python benchmarks/isd.py --quick --out DIR` (results.json), load 17-28: 239 training tokens, 1 prompt x 12
+    tokens, N=3; smoke scale: acceptance 0.0 before and after, R-ISD slower than greedy, outputs identical."""
+    figures = _figures("isd")
+    assert _values(figures) == [(0.0, 0.0), (0.1867, 0.4066), (0.1867, 0.6203), (1.0, 1.0)]
+    assert "239 clean tokens; 1 GSM8K prompt(s) x 12 new tokens" in figures[0].note
+    assert figures[3].note == "2 ISD arm(s)"
