@@ -285,6 +285,8 @@ def main():
     p.add_argument("--proposal-tokens", type=int, default=96)
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--settings", nargs="+", default=["in-process", "serve"], choices=["in-process", "serve"])
+    p.add_argument("--serve-timeout", type=float, default=600.0,
+                   help="seconds per request to the served model (a loaded box needs more than the usual 120)")
     p.add_argument("--serve-args", default="--continuous-batching",
                    help="extra `transformers serve` arguments (\"\" for the one-generate-at-a-time server)")
     p.add_argument("--interleaved", action="store_true",
@@ -320,10 +322,14 @@ def main():
             from hf_fastslow.default_model import default_model_path
 
             with LocalServer(default_model_path(), threads=args.threads, extra_args=args.serve_args.split()) as server:
-                props = [server.backend(system=s, temperature=0.7) for s in PERSONAS]
+                props = [server.backend(system=s, temperature=0.7, timeout=args.serve_timeout) for s in PERSONAS]
+                # the first request to a continuous-batching server pays its start-up (40 s at load 15 here, past the
+                # default 120 s timeout at load 25): the capability probes take it, outside every timed item
+                probed = [b.capabilities for b in props]
+                print(f"serve: proposers probed ({probed[0]})", flush=True)
 
                 def served_aggregator():  # continues its answer through /v1/completions, rendered with `tok`
-                    return server.backend(temperature=0.0, tokenizer=tok)
+                    return server.backend(temperature=0.0, tokenizer=tok, timeout=args.serve_timeout)
 
                 rows = run_setting(setting, props, served_aggregator, items, args, CpuMeter(server.pid))
             report["settings"][setting] = {"summary": summarize(rows), "rows": rows}
