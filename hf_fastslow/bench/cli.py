@@ -83,7 +83,7 @@ def _ingest(args, entries) -> int:
             return 2
         kept = out / f"{method}.json"
         if Path(path).resolve() != kept.resolve():
-            shutil.copyfile(path, kept)
+            shutil.copy2(path, kept)  # keeps the run's modification time, which the record reports
         record = ingest(entries[method], kept, args.profile, command=f"(recorded) {entries[method].script}")
         records.append(record)
         print(f"{method}: {record['status']}" + (f" ({record['reason']})" if record["reason"] else ""))

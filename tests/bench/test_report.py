@@ -78,7 +78,7 @@ def test_cli_ingest_and_render(tmp_path, capsys):
     assert text.startswith("# Title\n\ntext\n\n" + BEGIN) and text.endswith(END + "\n\nafter\n")
     assert "| ipw |" in text and "\nold\n" not in text
     assert "environment not recorded" in text  # an ingested run says it has no environment
-    assert render_into(page, report) is False  # idempotent
+    assert render_into(page, report, entries_by_method()) is False  # idempotent (the CLI adds the missing methods)
     page.write_text("no markers\n")
     with pytest.raises(ValueError, match="no generated block"):
         render_into(page, report)
@@ -100,3 +100,12 @@ def test_a_method_missing_from_the_report_gets_a_row_saying_so():
     entries = entries_by_method()
     block = render_block({"methods": []}, {"ksort": entries["ksort"]})
     assert "| ksort | " in block and "not in this report: not yet run at this profile" in block
+
+
+def test_readme_quick_table_is_generated_from_its_committed_report():
+    """README.md's benchmark table is what docs/benchmarks/quick_report.json renders, every method with a row."""
+    report, entries = json.loads((ROOT / "docs/benchmarks/quick_report.json").read_text()), entries_by_method()
+    block = generated_block(ROOT / "README.md")
+    assert block == render_block(report, entries)
+    assert {m["method"] for m in report["methods"]} == set(entries), "the quick run covers every method"
+    assert {m["profile"] for m in report["methods"]} == {"quick"}
