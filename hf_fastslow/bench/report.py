@@ -88,11 +88,13 @@ def render_block(report: dict, entries: dict | None = None) -> str:
     """docs/benchmarks.md's generated block: one table over every method, then the environments the records were
     measured in (runs merged from different days keep their own). A method of `entries` (method -> BenchEntry) the
     report lacks gets a row saying so, never silence."""
-    missing = [e for name, e in (entries or {}).items() if name not in {m["method"] for m in report["methods"]}]
-    rows = table_rows({"methods": report["methods"] + [
-        {"method": e.method, "metric": e.metric, "paper": e.paper, "figures": [], "status": "not in this report",
-         "reason": f"not yet run at this profile through the verb; recorded figures in docs/{e.docs}"}
-        for e in missing]})
+    present = {m["method"]: m for m in report["methods"]}
+    missing = {name: {"method": e.method, "metric": e.metric, "paper": e.paper, "figures": [],
+                      "status": "not in this report",
+                      "reason": f"not yet run at this profile through the verb; recorded figures in docs/{e.docs}"}
+               for name, e in (entries or {}).items() if name not in present}
+    order = list(entries or {}) + [name for name in present if name not in (entries or {})]
+    rows = table_rows({"methods": [present.get(name) or missing[name] for name in order]})
     envs: dict[str, list[str]] = {}
     for m in report["methods"]:
         env = m.get("environment")

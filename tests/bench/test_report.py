@@ -12,7 +12,7 @@ from hf_fastslow.bench.runner import REPORT_NAME, run_entries
 from hf_fastslow.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-FULL_REPORT = ROOT / "docs/benchmarks/full_report.json"
+FULL_REPORT = ROOT / "docs/benchmarks/full/bench_report.json"
 
 
 def _entry(tmp_path, name, value):
@@ -85,8 +85,9 @@ def test_cli_ingest_and_render(tmp_path, capsys):
 
 
 def test_docs_benchmarks_page_is_generated_from_its_committed_report():
-    """docs/benchmarks.md's block is exactly what docs/benchmarks/full_report.json renders: editing one without
-    re-rendering (`hf-fastslow bench --render docs/benchmarks/full_report.json --into docs/benchmarks.md`) fails."""
+    """docs/benchmarks.md's block is exactly what docs/benchmarks/full/bench_report.json renders: editing one without
+    re-rendering (`hf-fastslow bench --render docs/benchmarks/full/bench_report.json --into docs/benchmarks.md`)
+    fails."""
     report, entries = json.loads(FULL_REPORT.read_text()), entries_by_method()
     block = generated_block(ROOT / "docs/benchmarks.md")
     assert block == render_block(report, entries)
