@@ -166,6 +166,13 @@ def apply_headline(record: dict, entry: BenchEntry, data) -> bool:
     return True
 
 
+def _shown(path) -> str:
+    """`path` (or a command line holding paths) with the current directory's prefix cut, so that a report committed
+    from a checkout names its files relative to it, not by this machine's absolute paths."""
+    here = str(Path.cwd()) + os.sep
+    return str(path).replace(here, "")
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -196,11 +203,11 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
             continue
         cmd = command(entry, profile, device, out_dir)
         log_path = out_dir / f"{entry.method}.log"
-        record.update(command=" ".join(cmd[1:]), log=str(log_path))
+        record.update(command=_shown(" ".join(cmd[1:])), log=_shown(log_path))
         say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
         rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
         record.update(wall_s=round(wall, 1), finished_at=_now())
-        record["plots"] = [str(out_dir / name) for _, name in entry.side_outputs
+        record["plots"] = [_shown(out_dir / name) for _, name in entry.side_outputs
                            if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]
         log_text = log_path.read_text(errors="replace")
         if rc != 0:
@@ -215,7 +222,7 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
             record.update(status="failed", reason=f"ran, but its JSON could not be read: {err}")
             say(f"[{i}/{len(chosen)}] {entry.method}: ran in {wall:.0f} s but its JSON could not be read: {err}")
             continue
-        record["json"] = json_path
+        record["json"] = _shown(json_path) if json_path else None
         if not apply_headline(record, entry, data):
             say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
             continue
