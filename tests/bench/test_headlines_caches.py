@@ -54,6 +54,16 @@ def test_xquant_quick_figures():
     assert all(f.measured for f in figures.values())
 
 
+def test_xquant_break_even_reads_the_models_dtype_and_never():
+    report = _load("xquant_quick.json")
+    bytes4 = _by_metric(EXTRACTORS["xquant"](report))["4 bit: bytes per token (storage walk, slope), lower is better"]
+    assert "less than a float32 DynamicCache from 957 tokens on" in bytes4.note
+    report["model_dtype"] = "torch.bfloat16"
+    report["break_even_tokens"]["xquant_latent/int4"] = None  # the script writes None where it prints "never"
+    bytes4 = _by_metric(EXTRACTORS["xquant"](report))["4 bit: bytes per token (storage walk, slope), lower is better"]
+    assert "never holds less than a bfloat16 DynamicCache" in bytes4.note
+
+
 def test_qvg_quick_figures():
     figures = _by_metric(EXTRACTORS["qvg"](_load("qvg_quick.json")))
     assert len(figures) == 4

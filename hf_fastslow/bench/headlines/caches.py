@@ -21,6 +21,7 @@ def _text_setting(report: dict) -> str:
 def _xquant(report: dict) -> list[Figure]:
     rows, setting = report["rows"], _text_setting(report)
     dyn = rows["dynamic"]
+    dyn_dtype = report["model_dtype"].replace("torch.", "")
     figures = []
     for bits, ppl_paper, bytes_paper in (
             (4, "< 0.1 PPL over FP16 (XQuant-4bit, MHA Llama-2-7B, WikiText-2)",
@@ -29,6 +30,9 @@ def _xquant(report: dict) -> list[Figure]:
              "KV 0.15 of fp16 (6.7x less) for the 2-bit GQA rows, Llama-3.1-8B")):
         key = f"xquant_latent/int{bits}"
         ours, peer, cl = rows[key], rows[f"quanto_best/int{bits}"], rows[f"xquant_cl/int{bits}"]
+        even = report["break_even_tokens"][key]  # None: never below the DynamicCache (the script's "never")
+        break_even = (f"with them it holds less than a {dyn_dtype} DynamicCache from {even:.0f} tokens on" if even
+                      is not None else f"with them it never holds less than a {dyn_dtype} DynamicCache")
         figures.append(Figure(
             f"{bits} bit: perplexity through the cache, lower is better", ours["ppl"], peer["ppl"],
             note=f"ours XQuant latent (first 3 layers 4-bit); XQuant-CL {cl['ppl']:.2f}; peer {_QUANTO}; "
@@ -38,8 +42,7 @@ def _xquant(report: dict) -> list[Figure]:
             peer["bytes_per_token"],
             note=f"XQuant latent vs {_QUANTO}: {ours['x_less_than_fp16_kv']:.2f}x vs "
                  f"{peer['x_less_than_fp16_kv']:.2f}x less than fp16 K/V; XQuant also keeps "
-                 f"{ours['shared_factor_bytes'] / 1e6:.1f} MB of SVD factors once per model (with them it holds less "
-                 f"than an fp32 DynamicCache from {report['break_even_tokens'][key]:.0f} tokens on)",
+                 f"{ours['shared_factor_bytes'] / 1e6:.1f} MB of SVD factors once per model ({break_even})",
             paper=bytes_paper))
     return figures
 
