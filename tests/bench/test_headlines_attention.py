@@ -4,20 +4,13 @@ figures are copied from those files by hand, not recomputed by the extractor's l
 gives no figure, and a changed schema fails loudly."""
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from hf_fastslow.bench.headlines import extractors
 from hf_fastslow.bench.headlines.attention import EXTRACTORS
 from hf_fastslow.bench.registry import entries_by_method
-
-DATA = Path(__file__).parent / "data"
-
-
-def _load(method):
-    return json.loads((DATA / f"{method}_quick.json").read_text())
+from tests.bench.conftest import load_json
 
 
 def _by_metric(figures, words):
@@ -36,7 +29,7 @@ def test_the_family_is_registered_and_wired():
 
 
 def test_ear_quick():
-    figures = EXTRACTORS["ear"](_load("ear"))
+    figures = EXTRACTORS["ear"](load_json("ear_quick.json"))
     assert len(figures) == 4
     error = _by_metric(figures, "mean over layers, lower is better")
     assert error.ours == pytest.approx(0.06722515550625148)
@@ -53,7 +46,7 @@ def test_ear_quick():
 
 
 def test_ear_skipped_parts_give_no_figure():
-    report = _load("ear")
+    report = load_json("ear_quick.json")
     report["llm_end_to_end"] = None
     assert len(EXTRACTORS["ear"](report)) == 3
     report["layers"] = None
@@ -61,7 +54,7 @@ def test_ear_skipped_parts_give_no_figure():
 
 
 def test_ear_changed_schema_fails_loudly():
-    report = _load("ear")
+    report = load_json("ear_quick.json")
     del report["layers"]["mean"]["EAR (error + comp)"]
     with pytest.raises(KeyError):
         EXTRACTORS["ear"](report)
@@ -70,7 +63,7 @@ def test_ear_changed_schema_fails_loudly():
 
 
 def test_iha_quick():
-    figures = EXTRACTORS["iha"](_load("iha"))
+    figures = EXTRACTORS["iha"](load_json("iha_quick.json"))
     assert len(figures) == 4
     exact = _by_metric(figures, "identity IHA conversion (P=3)")
     assert (exact.ours, exact.peer) == (0.000110626220703125, 0.0001010894775390625)
@@ -82,38 +75,38 @@ def test_iha_quick():
     assert (accuracy.ours, accuracy.peer) == (0.53125, 0.53125)
     assert accuracy.paper and "RULER" in accuracy.paper
     assert "32 train / 32 held-out, top 2 layers, 8 steps" in accuracy.note
-    assert accuracy.note.startswith("smoke-scale (quick profile)")
-    assert not exact.note.startswith("smoke-scale")  # exactness is the recorded figure at P=3
+    assert accuracy.note.endswith("; smoke scale: quick profile, too few examples to separate the arms")
+    assert "smoke" not in exact.note  # exactness is the recorded figure at P=3
     nll = _by_metric(figures, "answer-token NLL")
     assert (nll.ours, nll.peer) == (pytest.approx(0.24831104278564453), pytest.approx(0.2576962411403656))
 
 
 def test_iha_arms_not_swapped():
     # the quick run's two arms tie on exact match; move one to see which side each lands on
-    report = _load("iha")
+    report = load_json("iha_quick.json")
     report["finetune"]["arms"]["IHA"]["acc"] = 0.5625
     accuracy = _by_metric(EXTRACTORS["iha"](report), "held-out exact match")
     assert (accuracy.ours, accuracy.peer) == (0.5625, 0.53125)
 
 
 def test_iha_skipped_parts_and_changed_schema():
-    report = _load("iha")
+    report = load_json("iha_quick.json")
     report["finetune"] = None
     assert [f.metric.split(",")[0] for f in EXTRACTORS["iha"](report)] == [
         "max |delta logit| of the identity IHA conversion (P=3) vs the stock model's own eager-vs-SDPA difference",
         "prefill ms of that batch"]
-    broken = copy.deepcopy(_load("iha"))
+    broken = copy.deepcopy(load_json("iha_quick.json"))
     del broken["finetune"]["arms"]["stock"]
     with pytest.raises(KeyError):
         EXTRACTORS["iha"](broken)
 
 
 def test_crest_quick():
-    figures = EXTRACTORS["crest"](_load("crest"))
+    figures = EXTRACTORS["crest"](load_json("crest_quick.json"))
     assert len(figures) == 4
     accuracy = _by_metric(figures, "exact-match accuracy")
     assert (accuracy.ours, accuracy.peer) == (0.0, 0.0)
-    assert accuracy.note.startswith("smoke-scale (quick profile)")
+    assert accuracy.note.endswith("; smoke scale: quick profile, too few examples to separate the arms")
     assert "4 GSM-Symbolic items" in accuracy.note and "5 non-linear of 52 steps" in accuracy.note
     tokens = _by_metric(figures, "mean new tokens")
     assert (tokens.ours, tokens.peer) == (96, 93.75)
@@ -122,11 +115,11 @@ def test_crest_quick():
     assert (steps.ours, steps.peer) == (0, 0)
     probe = _by_metric(figures, "balanced probe accuracy")
     assert (probe.ours, probe.peer) == (pytest.approx(0.9848976731300354), pytest.approx(0.7750809192657471))
-    assert not probe.note.startswith("smoke-scale")  # the quick profile keeps the recorded calibration
+    assert "smoke" not in probe.note  # the quick profile keeps the recorded calibration
 
 
 def test_crest_arms_not_swapped_and_full_profile_note():
-    report = _load("crest")
+    report = load_json("crest_quick.json")
     report["arms"]["CREST"]["accuracy"], report["arms"]["SEAL-style"]["accuracy"] = 0.25, 0.5
     report["arms"]["CREST"]["nonlinear_steps_per_answer"] = 0.75
     report["args"]["quick"] = False
@@ -141,7 +134,7 @@ def test_crest_arms_not_swapped_and_full_profile_note():
 
 
 def test_care_quick():
-    figures = EXTRACTORS["care"](_load("care"))
+    figures = EXTRACTORS["care"](load_json("care_quick.json"))
     assert len(figures) == 3  # no healing in the quick profile
     vs_svd = _by_metric(figures, "one-shot CARE (uniform ranks) vs plain SVD")
     assert (vs_svd.ours, vs_svd.peer) == (pytest.approx(44.29535696532455), pytest.approx(26642.32851335294))
@@ -154,7 +147,7 @@ def test_care_quick():
 
 
 def test_care_healed_row_read_when_present():
-    report = _load("care")
+    report = load_json("care_quick.json")
     report["rows"].append({"arm": "care_uniform_healed", "model": "CARE uniform + healing", "fraction": 0.5,
                            "ppl": 43.65, "bytes_per_token": 23040.0, "fixed": 0.0})
     report["healing"].append({"fraction": 0.5, "steps": 12, "seconds": 156.0, "log": []})

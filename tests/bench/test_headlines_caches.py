@@ -5,19 +5,12 @@ copied from those files, not recomputed."""
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from hf_fastslow.bench.headlines.caches import EXTRACTORS
 from hf_fastslow.bench.registry import entries_by_method, headline_extractor
-
-DATA = Path(__file__).parent / "data"
-
-
-def _load(name: str) -> dict:
-    return json.loads((DATA / name).read_text())
+from tests.bench.conftest import load_json
 
 
 def _by_metric(figures) -> dict:
@@ -35,7 +28,7 @@ def test_every_caches_entry_finds_its_extractor():
 
 
 def test_xquant_quick_figures():
-    figures = _by_metric(EXTRACTORS["xquant"](_load("xquant_quick.json")))
+    figures = _by_metric(EXTRACTORS["xquant"](load_json("xquant_quick.json")))
     assert len(figures) == 4
     ppl4 = figures["4 bit: perplexity through the cache, lower is better"]
     assert ppl4.ours == pytest.approx(29.009849794070966)  # XQuant latent int4
@@ -55,7 +48,7 @@ def test_xquant_quick_figures():
 
 
 def test_xquant_break_even_reads_the_models_dtype_and_never():
-    report = _load("xquant_quick.json")
+    report = load_json("xquant_quick.json")
     bytes4 = _by_metric(EXTRACTORS["xquant"](report))["4 bit: bytes per token (storage walk, slope), lower is better"]
     assert "less than a float32 DynamicCache from 957 tokens on" in bytes4.note
     report["model_dtype"] = "torch.bfloat16"
@@ -65,7 +58,7 @@ def test_xquant_break_even_reads_the_models_dtype_and_never():
 
 
 def test_qvg_quick_figures():
-    figures = _by_metric(EXTRACTORS["qvg"](_load("qvg_quick.json")))
+    figures = _by_metric(EXTRACTORS["qvg"](load_json("qvg_quick.json")))
     assert len(figures) == 4
     ppl2 = figures["2 bit: perplexity through the cache, lower is better"]
     assert ppl2.ours == pytest.approx(31.98506434695099)  # QVG S=1 int2
@@ -84,7 +77,7 @@ def test_qvg_quick_figures():
 
 
 def test_qvg_video_quick_figures():
-    figures = _by_metric(EXTRACTORS["qvg_video"](_load("qvg_video_quick.json")))
+    figures = _by_metric(EXTRACTORS["qvg_video"](load_json("qvg_video_quick.json")))
     assert len(figures) == 4
     latent = figures["scene, int2: generated-latent relative error vs the uncompressed cache, lower is better"]
     assert latent.ours == pytest.approx(0.00046292197657749057)  # QVG S=1 asym. int2
@@ -103,7 +96,7 @@ def test_qvg_video_quick_figures():
 
 
 def test_kernels_quantize_cpu_json_has_the_reference_only():
-    figures = EXTRACTORS["kernels_quantize"](_load("kernels_quantize_quick.json"))
+    figures = EXTRACTORS["kernels_quantize"](load_json("kernels_quantize_quick.json"))
     assert [f.metric for f in figures] == ["int2 quantize_pack (per-token): ms, lower is better",
                                            "int2 dequant_matmul (per-token): ms, lower is better",
                                            "int2 dequant_matmul (per-channel): ms, lower is better"]
@@ -115,7 +108,7 @@ def test_kernels_quantize_cpu_json_has_the_reference_only():
 
 
 def test_kernels_quantize_interpreter_json():
-    figures = EXTRACTORS["kernels_quantize"](_load("kernels_quantize_interpret.json"))
+    figures = EXTRACTORS["kernels_quantize"](load_json("kernels_quantize_interpret.json"))
     assert (figures[0].ours, figures[0].peer) == (pytest.approx(238.0424139992101), pytest.approx(0.7388680023723282))
     assert (figures[1].ours, figures[1].peer) == (pytest.approx(251.70804699882865), pytest.approx(282.6391729977331))
     assert (figures[2].ours, figures[2].peer) == (pytest.approx(157.34217499993974), pytest.approx(382.7408799988916))
@@ -134,7 +127,7 @@ def test_kernels_quantize_interpreter_json():
     ("kernels_quantize", "kernels_quantize_quick.json", ("rows", "dequant_matmul/per-channel/int2")),
 ])
 def test_a_renamed_arm_fails_loudly(method, data, path):
-    report = copy.deepcopy(_load(data))
+    report = copy.deepcopy(load_json(data))
     parent = report
     for key in path[:-1]:
         parent = parent[key]
@@ -148,7 +141,7 @@ def test_memory_vs_ppl_plot(tmp_path):
     from hf_fastslow.evaluation.kv_report import plot_memory_vs_ppl, row_key
 
     assert row_key("dynamic", "-") == "dynamic" and row_key("quanto_best", 2) == "quanto_best/int2"
-    rows = _load("xquant_quick.json")["rows"]
+    rows = load_json("xquant_quick.json")["rows"]
     rows["failed/int3"] = {"arm": "failed", "bits": 3, "failed": "RuntimeError: x"}  # left out, not a crash
     out = tmp_path / "plot.png"
     assert plot_memory_vs_ppl(rows, out, "test") is None

@@ -7,21 +7,13 @@ Expected values are read off those files by hand, not recomputed by the extracto
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 
 from hf_fastslow.bench.headlines import extractors
 from hf_fastslow.bench.headlines.decoding import EXTRACTORS
 from hf_fastslow.bench.registry import entries_by_method, headline_extractor
-
-ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).parent / "data"
-
-
-def _load(name: str) -> dict:
-    return json.loads((DATA / f"{name}_quick.json").read_text())
+from tests.bench.conftest import ROOT, load_json
 
 
 def _pairs(figures) -> list[tuple]:
@@ -36,7 +28,7 @@ def test_every_decoding_method_is_looked_up_through_its_entry():
 
 
 def test_fst_on_the_recorded_full_run():
-    figures = EXTRACTORS["fst"](json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
+    figures = EXTRACTORS["fst"](load_json(ROOT / "docs/benchmarks/fst_results.json"))
     assert len(figures) == 2  # that run had no fst_frozen arm
     assert (figures[0].ours, round(figures[0].peer, 3)) == (0.5, 0.167)  # docs/benchmarks/fst.md: 6/12 vs GRPO's 2/12
     assert round(figures[1].ours, 3) == 0.076 and round(figures[1].peer, 3) == 0.045  # KL, seed context
@@ -44,7 +36,7 @@ def test_fst_on_the_recorded_full_run():
 
 
 def test_v1_infer_quick():
-    figures = EXTRACTORS["v1_infer"](_load("v1_infer"))
+    figures = EXTRACTORS["v1_infer"](load_json("v1_infer_quick.json"))
     # summary.selectors: v1_budget_1N 1/4 correct, 691 judge tokens/question; pointwise 1/4, 552.75; majority vote 2/4
     assert _pairs(figures) == [(0.25, 0.25), (0.25, 0.5), (691, 552.75), (0.75, None)]
     assert "pointwise" in figures[0].metric and "majority vote" in figures[1].metric
@@ -53,18 +45,18 @@ def test_v1_infer_quick():
 
 
 def test_a_renamed_arm_fails_loudly():
-    report = _load("v1_infer")
+    report = load_json("v1_infer_quick.json")
     report["summary"]["selectors"]["v1_1N"] = report["summary"]["selectors"].pop("v1_budget_1N")
     with pytest.raises(KeyError):
         EXTRACTORS["v1_infer"](report)
-    broken = copy.deepcopy(json.loads((ROOT / "docs/benchmarks/fst_results.json").read_text()))
+    broken = copy.deepcopy(load_json(ROOT / "docs/benchmarks/fst_results.json"))
     del broken["kl_to_base"]
     with pytest.raises(KeyError):
         EXTRACTORS["fst"](broken)
 
 
 def test_pairrl_quick():
-    report = _load("pairrl")
+    report = load_json("pairrl_quick.json")
     figures = EXTRACTORS["pairrl"](report)
     # results: base/grpo/pairrl pass@1 all 3/8, verifier accuracy 0 on the 2 held-out pairs: one step moves nothing
     assert _pairs(figures) == [(0.375, 0.375), (0.0, 0.0)]
@@ -75,7 +67,7 @@ def test_pairrl_quick():
 
 
 def test_speculative_loop_quick():
-    figures = EXTRACTORS["speculative_loop"](_load("speculative_loop"))
+    figures = EXTRACTORS["speculative_loop"](load_json("speculative_loop_quick.json"))
     assert [f.metric.split(":")[0] for f in figures] == ["batch 1, greedy", "batch 1, sample T=1", "batch 8, greedy",
                                                          "batch 8, sample T=1"]
     # rows: ms_per_step of "speculative, no drafts" (ours) and of "generate" (peer), by batch and mode
@@ -85,7 +77,7 @@ def test_speculative_loop_quick():
 
 
 def test_aurora_quick():
-    figures = EXTRACTORS["aurora"](_load("aurora"))
+    figures = EXTRACTORS["aurora"](load_json("aurora_quick.json"))
     # result.totals: online acc_len 15/14 rounds, frozen 1.0; last window (requests 2-3, humaneval) online 15/13;
     # tokens/s online 0.2895 vs plain 0.3834 (a box at load ~25); no mismatches
     assert [(round(f.ours, 4), f.peer if f.peer is None else round(f.peer, 4)) for f in figures] == [
@@ -95,7 +87,7 @@ def test_aurora_quick():
 
 
 def test_das_quick():
-    figures = EXTRACTORS["das"](_load("das"))
+    figures = EXTRACTORS["das"](load_json("das_quick.json"))
     # grpo.arms: das 222.88 s vs plain 275.08 s (median totals); serve.arms: das_warm 36.79 vs plain 107.32,
     # das_cold 100.72 vs prompt_lookup 89.44; 0 mismatches
     assert [(round(f.ours, 2), f.peer if f.peer is None else round(f.peer, 2)) for f in figures] == [
@@ -106,7 +98,7 @@ def test_das_quick():
 
 
 def test_fst_quick():
-    figures = EXTRACTORS["fst"](_load("fst"))
+    figures = EXTRACTORS["fst"](load_json("fst_quick.json"))
     # grpo and fst held-out accuracy 0/6 each; kl_to_base.seed_context: fst 0.004468, grpo 0.035058
     assert [(round(f.ours, 6), round(f.peer, 6)) for f in figures] == [(0.0, 0.0), (0.004468, 0.035058)]
     assert "smoke scale" in figures[0].note and "6 held-out items" in figures[0].note

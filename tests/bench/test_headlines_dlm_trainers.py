@@ -2,21 +2,19 @@
 made by the command in each test's docstring) and on hand-made reports of the scripts' shapes. Expected values are
 read off the saved files by hand, not recomputed by the extractors' logic."""
 
-import json
-from pathlib import Path
 
 import pytest
 
 from hf_fastslow.bench.headlines import extractors
 from hf_fastslow.bench.headlines.dlm_trainers import EXTRACTORS
 from hf_fastslow.bench.registry import entries_by_method, headline_extractor
+from tests.bench.conftest import load_json
 
-DATA = Path(__file__).resolve().parent / "data"
 METHODS = ("dlm_synthetic", "isd", "block_diffusion", "isd_batch", "rcd", "losa", "spurious_features", "qttt", "dts")
 
 
 def _quick(method: str):
-    return json.loads((DATA / f"{method}_quick.json").read_text())
+    return load_json(f"{method}_quick.json")
 
 
 def _figures(method: str, report=None):

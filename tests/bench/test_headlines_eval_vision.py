@@ -3,10 +3,8 @@ copies of quick runs in tests/bench/data/, and the full-size runs docs/benchmark
 values are read off those files by hand (the docs pages quote the same numbers), not recomputed by the extractors'
 logic; a swapped ours/peer or a wrong key fails here."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +12,11 @@ from hf_fastslow.bench.headlines import extractors
 from hf_fastslow.bench.headlines.eval_vision import EXTRACTORS
 from hf_fastslow.bench.registry import entries_by_method
 from hf_fastslow.bench.runner import command
+from tests.bench.conftest import DATA, ROOT, load_json
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).parent / "data"
 METHODS = ("ipw", "ksort", "mast", "concept_bottleneck", "slimming", "metadock")
 # metadock_quick.json's table: MetaDOCK Conv4-32 @ 25% vs iMAML dense Conv4-16, 1-shot then 5-shot
 METADOCK_QUICK = [(0.7367, 0.706), (0.856, 0.832)]
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def _pairs(figures, digits=4):
@@ -42,7 +35,7 @@ def test_every_method_of_the_family_has_its_extractor_and_a_plot_under_the_run_f
 
 def test_ipw_recorded_run():
     """docs/benchmarks/ipw_results.json (50 problems, docs/benchmarks/ipw.md)."""
-    ipw = EXTRACTORS["ipw"](_load(ROOT / "docs/benchmarks/ipw_results.json"))
+    ipw = EXTRACTORS["ipw"](load_json(ROOT / "docs/benchmarks/ipw_results.json"))
     assert [f.metric.split(",")[0] for f in ipw] == [
         "fp32 energy per query (J): the IPW meter vs CodeCarbon's CPU share",
         "energy saved by routing local/cloud vs cloud only", "energy saved by routing local/cloud vs cloud only",
@@ -60,7 +53,7 @@ def test_ipw_recorded_run():
 def test_mast_recorded_full_run():
     """docs/benchmarks/mast_results.json: 24 fixtures; docs/evaluation.md quotes kappa ~0 for the judge, 0.56 for the
     heuristics, 0 for agentdash, and the prefix cache at 24.6 s vs 175 s."""
-    figures = EXTRACTORS["mast"](_load(ROOT / "docs/benchmarks/mast_results.json"))
+    figures = EXTRACTORS["mast"](load_json(ROOT / "docs/benchmarks/mast_results.json"))
     assert _pairs(figures) == [(0.0144, 0.0), (0.0714, 0.0), (0.5621, 0.0), (24.6489, 175.2488)]
     assert "24 fixture traces" in figures[0].note and "agentdash" in figures[0].note
     assert figures[0].paper.startswith("0.77")
@@ -69,7 +62,7 @@ def test_mast_recorded_full_run():
 def test_slimming_recorded_full_run():
     """The default-size run (docs/vision.md 'The default-size run'): ViT 0.420 at 10 % vs 0.486 dense, CNN 0.211 vs
     0.560; LM at 50 % MLP: 36,773 (IA3 masks) vs 3.56 M (torch prune)."""
-    figures = EXTRACTORS["slimming"](_load(DATA / "slimming_full.json"))
+    figures = EXTRACTORS["slimming"](load_json("slimming_full.json"))
     assert [f.metric.split(":")[0] for f in figures] == ["vit tracker", "cnn tracker", "default LM"]
     assert _pairs(figures, 3) == [(0.42, 0.486), (0.211, 0.56), (36773.387, 3564711.021)]
     assert "params 38,835 of 217,861" in figures[0].note and "3000 dense" in figures[0].note
@@ -77,19 +70,19 @@ def test_slimming_recorded_full_run():
 
 
 def test_slimming_missing_kept_fraction_fails_loudly():
-    report = _load(DATA / "slimming_full.json")
+    report = load_json("slimming_full.json")
     report["trackers"]["vit"]["rows"] = [r for r in report["trackers"]["vit"]["rows"] if r["kept"] != 0.1]
     with pytest.raises(KeyError, match="kept=0.1"):
         EXTRACTORS["slimming"](report)
 
 
 def test_metadock_quick_run():
-    figures = EXTRACTORS["metadock"](_load(DATA / "metadock_quick.json"))
+    figures = EXTRACTORS["metadock"](load_json("metadock_quick.json"))
     assert [f.metric.split(" meta-test")[0] for f in figures] == ["5-way 1-shot", "5-way 5-shot"]
     assert _pairs(figures) == METADOCK_QUICK
     assert all("Conv4-16 (= 25% params)" in f.note for f in figures)
-    # the gates kept ~72 % of the kernels in 8 meta-steps: flagged, and the quick run is called a smoke run
-    assert all("budget not reached" in f.note and "smoke run" in f.note for f in figures)
+    # the gates kept ~72 % of the kernels in 8 meta-steps: flagged, and the quick run is called smoke scale
+    assert all("budget not reached" in f.note and "smoke scale" in f.note for f in figures)
 
 
 def test_metadock_merged_report(tmp_path):
@@ -99,12 +92,12 @@ def test_metadock_merged_report(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks/metadock.py"), "--merge", str(DATA / "metadock_quick.json"),
                     "--width", "64", "--out", str(merged), "--plot", str(tmp_path / "m.png")], check=True,
                    capture_output=True, cwd=tmp_path)
-    figures = EXTRACTORS["metadock"](_load(merged))
+    figures = EXTRACTORS["metadock"](load_json(merged))
     assert _pairs(figures) == METADOCK_QUICK
 
 
 def test_metadock_missing_arm_fails_loudly():
-    report = _load(DATA / "metadock_quick.json")
+    report = load_json("metadock_quick.json")
     report["table"] = [t for t in report["table"] if "params)" not in t["arm"]]
     with pytest.raises(KeyError, match="gated or narrow arm missing"):
         EXTRACTORS["metadock"](report)
@@ -112,7 +105,7 @@ def test_metadock_missing_arm_fails_loudly():
 
 def test_concept_bottleneck_quick_run():
     """3 seeds x 8 epochs: CooP 84.5 AUC points vs the static order's 82.1 (the best non-oracle baseline)."""
-    figures = EXTRACTORS["concept_bottleneck"](_load(DATA / "concept_bottleneck_quick.json"))
+    figures = EXTRACTORS["concept_bottleneck"](load_json("concept_bottleneck_quick.json"))
     assert _pairs(figures) == [(84.5249, 82.1263), (2.3986, None)]
     assert "peer: static" in figures[0].note and "3 seed(s)" in figures[0].note
     assert figures[0].metric.startswith("test accuracy AUC over the first 3 queries") and figures[1].paper == ">= 5"
@@ -121,10 +114,10 @@ def test_concept_bottleneck_quick_run():
 def test_ksort_quick_run():
     """The quick run docs/bench.md shows (5 seeds x 2 models, 12 prompts): K-Sort needs 73 runs to converge vs static
     matching's 81.3, both converge within 90; text arena |mu - true skill| 0.361 vs Bradley-Terry's 0.300."""
-    figures = EXTRACTORS["ksort"](_load(DATA / "ksort_quick.json"))
+    figures = EXTRACTORS["ksort"](load_json("ksort_quick.json"))
     assert _pairs(figures) == [(73, 81.3), (1, 1), (0.3613, 0.3)]
     assert figures[1].paper == "0.91-0.93" and "static judge + Bradley-Terry" in figures[2].note
-    text_only = _load(DATA / "ksort_quick.json")
+    text_only = load_json("ksort_quick.json")
     del text_only["synthetic"]  # --skip-synthetic: only the text arena's figure
     assert _pairs(EXTRACTORS["ksort"](text_only)) == [(0.3613, 0.3)]
 
@@ -132,14 +125,14 @@ def test_ksort_quick_run():
 def test_slimming_quick_run():
     """--quick (300 dense / 20 search / 20 child steps, 4 test sequences): ViT 0.196 at 10 % vs 0.136 dense (noise at
     this size), CNN 0.101 vs 0.133; LM at 50 % MLP 14,042 vs 8.5 M; every note calls it smoke-scale."""
-    figures = EXTRACTORS["slimming"](_load(DATA / "slimming_quick.json"))
+    figures = EXTRACTORS["slimming"](load_json("slimming_quick.json"))
     assert _pairs(figures, 3) == [(0.196, 0.136), (0.101, 0.133), (14042.2, 8544592.894)]
-    assert all("smoke-scale" in f.note for f in figures)
-    assert not any("smoke" in f.note for f in EXTRACTORS["slimming"](_load(DATA / "slimming_full.json")))
+    assert all("smoke scale" in f.note for f in figures)
+    assert not any("smoke" in f.note for f in EXTRACTORS["slimming"](load_json("slimming_full.json")))
 
 
 def test_mast_without_the_agentdash_arm_has_no_peer_and_says_why():
-    report = _load(ROOT / "docs/benchmarks/mast_results.json")
+    report = load_json(ROOT / "docs/benchmarks/mast_results.json")
     del report["fixtures"]["annotators"]["agentdash"]
     report["agentdash_setup_error"] = "ImportError: no module named fastapi"
     figures = EXTRACTORS["mast"](report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 
+from hf_fastslow.bench.headlines import index_rows
 from hf_fastslow.bench.registry import Figure
 
 
@@ -143,9 +144,7 @@ def _speculative_agent(report: dict) -> list[Figure]:
 # Multi-process trainers (benchmarks/multiprocess_trainers.py --out)
 # ----------------------------------------------------------------------------------------------------------------------
 def _multiprocess_trainers(report: dict) -> list[Figure]:
-    by_arm: dict[str, list[dict]] = {}
-    for row in report["rows"]:
-        by_arm.setdefault(row["arm"], []).append(row)
+    by_arm = index_rows(report["rows"], "arm", grouped=True)  # one row per repeat
     size = f"{report['repeats']} repeat(s), torchrun gloo on {report['cpu_count']} shared CPUs, no speed-up claimed"
 
     def train_s(arm):

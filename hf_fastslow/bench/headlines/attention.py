@@ -5,14 +5,14 @@ figure)."""
 
 from __future__ import annotations
 
+from hf_fastslow.bench.headlines import index_rows, smoke_note
 from hf_fastslow.bench.registry import Figure
 
 EAR, SVG2, SCORE_COMP = "EAR (error + comp)", "SVG2-style (score, drop)", "score + comp"
-SMOKE = "smoke-scale (quick profile): too few examples to separate the arms; "
 
 
 def _smoke(report: dict) -> str:
-    return SMOKE if report["args"]["quick"] else ""
+    return smoke_note(report["args"]["quick"], "quick profile, too few examples to separate the arms")
 
 
 def _ear(report: dict) -> list[Figure]:
@@ -35,9 +35,9 @@ def _ear(report: dict) -> list[Figure]:
     e2e = report["llm_end_to_end"]
     if e2e is not None:
         # KL, not the loss delta: the sparse arms' losses sit within noise of dense (docs/ear.md, section 2)
-        kl = {(arm["attention"], arm["density"]): arm["kl"] for arm in e2e["arms"]}
+        arms = index_rows(e2e["arms"], "attention", "density")
         figures.append(Figure("end to end: KL(dense || sparse) of next-token distributions at density 0.2 on the "
-                              "routed part, lower is better", kl[EAR, 0.2], kl[SVG2, 0.2],
+                              "routed part, lower is better", arms[EAR, 0.2]["kl"], arms[SVG2, 0.2]["kl"],
                               note=f"peer: SVG2-style; enable_ear_attention on SmolLM2-135M, {e2e['tokens']} tokens, "
                                    f"chunk {e2e['chunk']} (chunk 0 exact), positions with a routed part"))
     return figures
@@ -47,7 +47,7 @@ def _iha(report: dict) -> list[Figure]:
     figures = []
     exact = report["exactness"]
     if exact is not None:
-        rows = {row["P"]: row for row in exact["rows"]}
+        rows = index_rows(exact["rows"], "P")
         p = 3 if 3 in rows else max(rows)
         row = rows[p]
         figures.append(Figure(f"max |delta logit| of the identity IHA conversion (P={p}) vs the stock model's own "
@@ -70,16 +70,16 @@ def _iha(report: dict) -> list[Figure]:
                 f"{tune['untrained']['exact_match']:.3f}")
         figures.append(Figure("held-out exact match after the same fine-tune, higher is better",
                               arms["IHA"]["acc"], arms["stock"]["acc"],
-                              note=f"{_smoke(report)}peer: stock attention; {size}",
+                              note=f"peer: stock attention; {size}{_smoke(report)}",
                               paper="+10-20 points on RULER multi-key retrieval at 4k-16k (pretrained, FLOP-matched)"))
         figures.append(Figure("held-out answer-token NLL after the same fine-tune, lower is better",
                               arms["IHA"]["nll"], arms["stock"]["nll"],
-                              note=f"{_smoke(report)}peer: stock attention; {size}"))
+                              note=f"peer: stock attention; {size}{_smoke(report)}"))
     return figures
 
 
 def _care(report: dict) -> list[Figure]:
-    rows = {(row["arm"], row["fraction"]): row for row in report["rows"]}
+    rows = index_rows(report["rows"], "arm", "fraction")
     original = rows["original", 1.0]
     care, svd = rows["care_uniform", 0.5], rows["svd_uniform", 0.5]
     size = (f"SmolLM2-135M, 50% of the KV width, {report['tokens']} tokens of the bundled text, calibration "
@@ -112,15 +112,15 @@ def _crest(report: dict) -> list[Figure]:
     return [
         Figure("GSM-Symbolic exact-match accuracy, CREST vs SEAL-style steering, higher is better",
                crest["accuracy"], seal["accuracy"],
-               note=f"{_smoke(report)}peer: SEAL-style vector; no steering {plain['accuracy']:.2f}; {size}",
+               note=f"peer: SEAL-style vector; no steering {plain['accuracy']:.2f}; {size}{_smoke(report)}",
                paper="up to +17.5 points vs no steering (reasoning models)"),
         Figure("mean new tokens per answer, CREST vs SEAL-style steering, lower is better", crest["mean_tokens"],
-               seal["mean_tokens"], note=f"{_smoke(report)}peer: SEAL-style vector; no steering "
-               f"{plain['mean_tokens']:.1f}; answers at the {cap}-token cap: CREST {crest['at_token_cap']}, SEAL "
-               f"{seal['at_token_cap']} of {items}", paper="up to -37.6 % tokens vs no steering (reasoning models)"),
-        Figure("non-linear steps per answer, CREST vs no steering (what CREST suppresses), lower is fewer",
-               crest["nonlinear_steps_per_answer"], plain["nonlinear_steps_per_answer"],
-               note=f"{_smoke(report)}peer: the same model unsteered; {size}"),
+               seal["mean_tokens"], note=f"peer: SEAL-style vector; no steering {plain['mean_tokens']:.1f}; answers "
+               f"at the {cap}-token cap: CREST {crest['at_token_cap']}, SEAL {seal['at_token_cap']} of {items}"
+               f"{_smoke(report)}", paper="up to -37.6 % tokens vs no steering (reasoning models)"),
+        Figure("non-linear steps per answer, CREST vs no steering (what CREST suppresses), lower means more "
+               "suppression", crest["nonlinear_steps_per_answer"], plain["nonlinear_steps_per_answer"],
+               note=f"peer: the same model unsteered; {size}{_smoke(report)}"),
         Figure("balanced probe accuracy of the top heads (mean), real vs shuffled labels, higher is better",
                calib["probe_accuracy"]["top_mean"], calib["control_accuracy"]["top_mean"],
                note=f"peer: shuffled-label control; top {report['args']['top_ratio']:.0%} of heads; {size}"),

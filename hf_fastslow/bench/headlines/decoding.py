@@ -6,6 +6,7 @@ stable JSON keys), so a changed shape fails with a KeyError instead of a silentl
 
 from __future__ import annotations
 
+from hf_fastslow.bench.headlines import index_rows, smoke_note
 from hf_fastslow.bench.registry import Figure
 
 
@@ -37,7 +38,7 @@ def _das(report: dict) -> list[Figure]:
 
 
 def _speculative_loop(report: dict) -> list[Figure]:
-    rows = {(r["batch"], r["mode"], r["arm"]): r for r in report["rows"]}
+    rows = index_rows(report["rows"], "batch", "mode", "arm")
     args, figures = report["args"], []
     for batch, mode, _ in [key for key in rows if key[2] == "generate"]:
         ours, peer = rows[(batch, mode, "speculative, no drafts")], rows[(batch, mode, "generate")]
@@ -57,8 +58,9 @@ def _aurora(report: dict) -> list[Figure]:
     totals, windows, args = result["totals"], result["windows"], result["args"]
     size = (f"{args['gsm8k']} GSM8K then {args['humaneval']} HumanEval prompts x {args['epochs']} epoch(s), "
             f"{args['max_new_tokens']} tokens, k={args['k']}")
-    if (args["gsm8k"] + args["humaneval"]) * args["epochs"] < 8:  # the recorded run: 8 requests x 32 tokens
-        size += "; smoke scale: too few requests for the head to learn much"
+    # smaller than the recorded run (8 requests x 32 tokens)
+    size += smoke_note((args["gsm8k"] + args["humaneval"]) * args["epochs"] < 8,
+                       "too few requests for the head to learn much")
     online, frozen, plain = totals["online"], totals["frozen"], totals["plain"]
     last = windows[-1]
     return [
@@ -101,8 +103,8 @@ def _pairrl(report: dict) -> list[Figure]:
     grpo, pairrl = results["grpo"], results["pairrl"]
     size = (f"{args['steps']} steps x {args['problems_per_step']} problems, {args['rollouts']} rollouts per problem, "
             f"{report['heldout_problems']} held-out problems")
-    if args["steps"] < 5:  # the recorded run (docs/benchmarks/v1.md) trains 5 steps
-        size += "; smoke scale: too few steps to move the weights measurably"
+    # fewer steps than the recorded run (docs/benchmarks/v1.md: 5)
+    size += smoke_note(args["steps"] < 5, "too few steps to move the weights measurably")
     return [
         Figure("held-out pass@1 after training, higher is better", pairrl["pass_at_1"], grpo["pass_at_1"],
                note=f"peer: GRPO at the same rollouts per problem; {size}; base {results['base']['pass_at_1']:.3f}",
@@ -117,8 +119,8 @@ def _fst(report: dict) -> list[Figure]:
     config, fst, grpo = report["config"], report["fst"], report["grpo"]
     size = (f"{config['steps']} steps x {config['problems']} problems x G={config['G']}, {config['heldout']} held-out "
             f"items, seed {config['seed']}")
-    if config["steps"] < 6:  # the recorded run (docs/benchmarks/fst.md) trains 6 steps
-        size += "; smoke scale: a pipeline run, not a quality figure"
+    # fewer steps than the recorded run (docs/benchmarks/fst.md: 6)
+    size += smoke_note(config["steps"] < 6, "a pipeline run, not a quality figure")
     kl = report["kl_to_base"]["seed_context"]
     figures = [Figure("held-out accuracy after training, higher is better", fst["heldout_A_acc"], grpo["heldout_A_acc"],
                       note=f"peer: GRPO, same steps and rollouts; FST with the rule-based reflector; {size}",

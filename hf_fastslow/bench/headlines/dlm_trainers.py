@@ -6,15 +6,16 @@ with a KeyError when an arm it reads was renamed or left out, so a stale extract
 
 from __future__ import annotations
 
+from hf_fastslow.bench.headlines import index_rows, smoke_note
 from hf_fastslow.bench.registry import Figure
 
 
 def _dlm_synthetic(report: dict) -> list[Figure]:
-    rows = {(r["method"], r["model"], r["setting"]): r for r in report["rows"]}
+    rows = index_rows(report["rows"], "method", "model", "setting")
     profile = report["profile"]
     size = f"{profile['digits']}-digit addition, {profile['n_test']} held-out problems, {profile['steps']} steps"
-    if max(r["accuracy"] for r in report["rows"]) == 0:  # the quick profile: a pipeline run, too short to learn
-        size += "; smoke scale: no arm learned the task at this size"
+    # the quick profile: a pipeline run, too short to learn
+    size += smoke_note(max(r["accuracy"] for r in report["rows"]) == 0, "no arm learned the task at this size")
     ar = rows[("AR greedy", "AR", "generate")]
     bd3 = rows[("block diffusion", "BD3", "b=4 steps=4 thr=0.9")]
     isd = rows[("ISD greedy", "I-DLM", "N=3")]
@@ -33,7 +34,7 @@ def _dlm_synthetic(report: dict) -> list[Figure]:
 
 def _isd(report: dict) -> list[Figure]:
     n = max(report["args"]["strides"])
-    rows = {r["arm"]: r for r in report["decoding"]}
+    rows = index_rows(report["decoding"], "arm")
     base, trained = rows[f"ISD N={n}, base model"], rows[f"R-ISD N={n}, trained adapter"]
     greedy = rows["greedy generate"]
     lookup = rows[f"prompt lookup ({report['args']['lookup']} tokens)"]
@@ -80,7 +81,7 @@ def _block_diffusion(report: dict) -> list[Figure]:
 def _losa(rows: list[dict]) -> list[Figure]:
     prefix = max(r["prefix"] for r in rows)
     budget = min(r["budget"] for r in rows if r["method"] == "QUEST-naive")
-    at = {r["method"]: r for r in rows if r["prefix"] == prefix and r["budget"] in (budget, 0)}
+    at = index_rows((r for r in rows if r["prefix"] == prefix and r["budget"] in (budget, 0)), "method")
     losa = next(r for name, r in at.items() if name.startswith("LOSA ") and "reuse" not in name)
     quest, dense = at["QUEST-naive"], at["dense"]
     note = f"SmolLM2-135M in block mode, prefix {prefix}, budget {budget}, {losa['method']}"
@@ -117,8 +118,13 @@ def _rcd(report: dict) -> list[Figure]:
     ]
 
 
+def _isd_batch_arm(row: dict) -> str:
+    """The arm's name without its batch size ("stationary batch ISD (B=4)", "generate batches of 4")."""
+    return row["arm"].split(" (")[0].rsplit(" batches of", 1)[0]
+
+
 def _isd_batch(report: dict) -> list[Figure]:
-    rows = {r["arm"].split(" (")[0].rsplit(" batches of", 1)[0]: r for r in report["rows"]}
+    rows = index_rows(report["rows"], _isd_batch_arm)
     ours, settings = rows["stationary batch ISD"], report["settings"]
     note = f"{settings['model']}, {settings['requests']} requests, {settings['tokens']} new tokens"
     figures = [Figure("tokens/s, stationary batch vs the same requests one by one (isd_generate)",

@@ -5,6 +5,7 @@ same keys in the quick and the full profile, and raises KeyError when the shape 
 
 from __future__ import annotations
 
+from hf_fastslow.bench.headlines import index_rows, smoke_note
 from hf_fastslow.bench.registry import Figure
 
 # The kept fractions every slimming profile measures (quick: 1.0 / 0.5 / 0.1 trackers, 0.5 LM; full: both among more).
@@ -96,21 +97,15 @@ def mast(report: dict) -> list[Figure]:
     return figures
 
 
-def _row_at(rows: list[dict], kept: float) -> dict:
-    for row in rows:
-        if abs(row["kept"] - kept) < 1e-9:
-            return row
-    raise KeyError(f"no row at kept={kept} (kept: {[r['kept'] for r in rows]})")
-
-
 def slimming(report: dict) -> list[Figure]:
     """Per tracker: success AUC of the child at 10 % kept beside the dense child (100 %, same fine-tuning); the LM:
     held-out perplexity at 50 % of the MLP channels, ViT-Slim/IA3 masks vs torch.nn.utils.prune L1-structured."""
     figures = []
     args = report["args"]
-    smoke = "; --quick: smoke-scale (a few test sequences, short training), not a ranking" if args["quick"] else ""
+    smoke = smoke_note(args["quick"], "--quick, a few test sequences and short training, not a ranking")
     for kind, arm in report["trackers"].items():
-        dense, cut = _row_at(arm["rows"], 1.0), _row_at(arm["rows"], SLIM_TRACKER_KEPT)
+        rows = index_rows(arm["rows"], "kept")
+        dense, cut = rows[1.0], rows[SLIM_TRACKER_KEPT]
         figures.append(Figure(
             f"{kind} tracker: success AUC at {SLIM_TRACKER_KEPT:.0%} kept vs the dense tracker, higher is better",
             cut["success_auc"], dense["success_auc"],
@@ -119,13 +114,13 @@ def slimming(report: dict) -> list[Figure]:
                  f"sequences of {args['test_length']} frames, 1 seed{smoke}"))
     if "lm" in report:
         lm = report["lm"]
-        row = _row_at(lm["rows"], SLIM_LM_KEPT)
+        row = index_rows(lm["rows"], "kept")[SLIM_LM_KEPT]
         figures.append(Figure(
             f"default LM: held-out perplexity at {SLIM_LM_KEPT:.0%} of the MLP channels, lower is better",
             row["slim_ppl"], row["torch_prune_l1_ppl"],
             note=f"ViT-Slim (IA3 mask search, {args['lm_search_steps']} steps) vs torch.nn.utils.prune L1-structured; "
                  f"no healing; dense ppl {lm['dense_ppl']}; {lm['heldout_tokens']} held-out tokens"
-                 + ("; --quick: smoke-scale search" if args["quick"] else "")))
+                 + smoke_note(args["quick"], "--quick, a short mask search")))
     return figures
 
 
@@ -147,8 +142,7 @@ def metadock(report: dict) -> list[Figure]:
                     f"+-{gated['ci95_mean']:.3f}")
             if gated["active_conv_params"] > 1.1 * narrow["active_conv_params"]:
                 note += "; budget not reached: not an equal-parameter comparison"
-            if report["settings"]["quick"]:
-                note += "; --quick: a smoke run (few meta-steps), too short to rank the arms"
+            note += smoke_note(report["settings"]["quick"], "--quick, few meta-steps, too short to rank the arms")
             figures.append(Figure(f"5-way {shots}-shot meta-test accuracy, gated at {budget:.0%} vs narrow dense, "
                                   "higher is better", gated["accuracy_mean"], narrow["accuracy_mean"], note=note,
                                   paper="up to +2 % accuracy with > 75 % fewer active parameters (CIFAR-FS, "
