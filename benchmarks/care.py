@@ -30,6 +30,7 @@ import warnings
 
 import torch
 
+from hf_fastslow.evaluation.cli_support import apply_quick
 from hf_fastslow.evaluation.kv_bench import fit_line
 
 # --quick: one KV width (50%), CARE uniform vs the SVD peer, no healing; calibration and evaluation text as recorded
@@ -85,9 +86,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every row (and the healing log) to this JSON file")
     p.add_argument("--plot", default=None, help="PNG of perplexity against KV bytes per token, every row")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*CARE rank.*clamped.*")
@@ -298,24 +297,13 @@ def main(argv=None):
 
 
 def plot_ppl_vs_bytes(rows, path, title):
-    from hf_fastslow.evaluation.cli_support import pyplot_or_reason
+    """kv_report's memory-vs-perplexity plot, an arm's points joined through its kept KV fractions; the original
+    model (the only arm at 100 %) is the dashed reference line."""
+    from hf_fastslow.evaluation.kv_report import plot_memory_vs_ppl
 
-    plt, reason = pyplot_or_reason()
-    if plt is None:
-        print(reason)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        ax.scatter(row["bytes_per_token"], row["ppl"], label=f"{row['arm']} ({row['fraction']:.0%})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("KV cache bytes per token (storage walk)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    points = [{**row, "fraction": None if row["arm"] == "original" else row["fraction"]} for row in rows]
+    reason = plot_memory_vs_ppl(points, path, title, along="fraction", point_label="{:.0%}")
+    print(reason or f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers import LogitsProcessorList
 
 from hf_fastslow import load_default_model
 from hf_fastslow.evaluation.answers import extract_answer
+from hf_fastslow.evaluation.cli_support import apply_quick
 from hf_fastslow.evaluation.prompts import chat_text, encode_chat, gsm8k_rows
 from hf_fastslow.evaluation.timing import load_average
 from hf_fastslow.generation.crest import CRESTCalibrator, CRESTSteerer
@@ -89,9 +90,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="reduced sizes: " +
                     ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = ap.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     torch.set_num_threads(1)
     t0, load_before, cpu_started = time.time(), load_average(), time.process_time()
     model, tok = load_default_model()

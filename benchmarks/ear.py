@@ -33,6 +33,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from hf_fastslow.evaluation.cli_support import apply_quick
+
 PEERS = [
     ("SVG2-style (score, drop)", "score", False),
     ("score + comp", "score", True),
@@ -283,6 +285,7 @@ def plot_error_vs_density(layers, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"plot: {path}")
 
 
@@ -309,9 +312,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every figure of the run to this JSON file")
     p.add_argument("--plot", default=None, help="PNG of the mean error over layers against density (part 1)")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     report = {"args": vars(args), "peers": [name for name, _, _ in PEERS], "layers": None, "llm_end_to_end": None,

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import sys
 import time
 
 import torch
 
+from hf_fastslow.evaluation.cli_support import apply_quick, write_report_json
 from hf_fastslow.evaluation.timing import Spread, paired_ratios
 
 # --quick: exactness at P=3 only (3 timed rounds, 8 greedy tokens); the fine-tune on 32 training / 32 held-out examples,
@@ -289,18 +289,14 @@ def main(argv=None):
                    ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--json", default=None, help="write every figure of the run to this JSON file")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     started, cpu_started = time.perf_counter(), time.process_time()
     report = {"args": vars(args), "exactness": None, "finetune": None}
 
     def write_json():
         if args.json:
             report["wall_s"], report["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
-            with open(args.json, "w") as fh:
-                json.dump(report, fh, indent=1)
-            print(f"JSON: {args.json}")
+            write_report_json(args.json, report)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

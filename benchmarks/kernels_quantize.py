@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import time
 
 import torch
 
@@ -153,15 +151,13 @@ def main() -> None:
             record("dequant_matmul", layout, nbits, ref, peer, tri)
 
     if args.json:
+        from hf_fastslow.evaluation.cli_support import write_report_json
+
         if use_triton:
             import triton
 
             report["triton"] = triton.__version__
-        report["load_average"] = list(os.getloadavg())
-        report["process_cpu_s"] = time.process_time()
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"\nJSON: {args.json}")
+        write_report_json(args.json, report)
 
 
 if __name__ == "__main__":

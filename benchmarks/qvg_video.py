@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 
 import torch
@@ -256,12 +254,9 @@ def main(argv=None):
         report["scenarios"]["noise"] = run_scenario("noise", models, args, noise, text, None)
         prefix = synthetic_scene(args, args.prefix_chunks * args.chunk_frames, g)
         report["scenarios"]["scene"] = run_scenario("scene", models, args, noise, text, prefix)
-    if args.json:
-        report["load_average"] = list(os.getloadavg())
-        report["process_cpu_s"] = time.process_time()
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"\nJSON: {args.json}")
+    from hf_fastslow.evaluation.cli_support import write_report_json
+
+    write_report_json(args.json, report)
 
 
 if __name__ == "__main__":

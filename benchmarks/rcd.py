@@ -22,7 +22,6 @@ much training-free residuals move the decoding, not whether they help (the paper
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -122,6 +121,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from hf_fastslow import load_default_model
+    from hf_fastslow.evaluation.cli_support import write_report_json
     from hf_fastslow.evaluation.prompts import chat_text, gsm8k_prompts
     from hf_fastslow.evaluation.timing import Spread, interleave
     from hf_fastslow.modeling.block_diffusion import BlockDiffusionConfig, attach_block_diffusion, ensure_mask_token
@@ -150,7 +150,7 @@ def main(argv=None):
                 pieces[name] = {"ms": times.spread.median * 1e3, "per_block_forward": ratio.median}
             print(f"\n{result.describe_machine()}")
             report["blocks"].append({"block": block, "machine": result.describe_machine(), "pieces": pieces})
-        write_json(args.json, report)
+        write_report_json(args.json, report)
         return
     for block in args.blocks:
         attach_block_diffusion(model, BlockDiffusionConfig(mask_id, block, logit_shift=True, attention="causal"))
@@ -179,13 +179,7 @@ def main(argv=None):
         print(f"\n{result.describe_machine()}")
         report["blocks"].append({"block": block, "steps": block, "machine": result.describe_machine(),
                                  "arms": rows_out})
-    write_json(args.json, report)
-
-
-def write_json(path: str | None, report: dict) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(report, fh, indent=1)
+    write_report_json(args.json, report)
 
 
 if __name__ == "__main__":

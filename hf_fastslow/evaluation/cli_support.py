@@ -1,9 +1,14 @@
 """Pieces the evaluation verbs (`hf-fastslow ipw | ksort | mast`) share: the judged / profiled model from the command
 line (a local model folder, the default model, or an OpenAI-compatible endpoint) and matplotlib's pyplot, or the reason
-a plot is skipped."""
+a plot is skipped; and what the benchmark scripts share: the --quick overrides and the JSON report with the machine's
+load beside it."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 
@@ -48,3 +53,23 @@ def pyplot_or_reason():
     except ImportError as err:
         return None, f"plot skipped: matplotlib is not installed ({err})"
     return plt, None
+
+
+def apply_quick(args, overrides: dict[str, Any]):
+    """When `args.quick` is set, set every `overrides` item on `args` (a script's QUICK sizes win over its flags).
+    Returns `args`."""
+    if args.quick:
+        for key, value in overrides.items():
+            setattr(args, key, value)
+    return args
+
+
+def write_report_json(path: str | Path | None, report: dict) -> None:
+    """Write `report` to `path` (nothing when None), with the load average and this process's CPU seconds so far (a
+    timing read later needs to know how busy the machine was)."""
+    if not path:
+        return
+    report["load_average"] = list(os.getloadavg())
+    report["process_cpu_s"] = time.process_time()
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"JSON: {path}")
