@@ -191,48 +191,54 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
     previous = out_dir / REPORT_NAME
     previous = json.loads(previous.read_text()) if update and previous.is_file() else None
     for i, entry in enumerate(chosen, 1):
-        record = new_record(entry, profile)
-        record["environment"] = report["environment"]
-        report["methods"].append(record)
-        reason = blocked_reason(entry, profile, device, allow_downloads)
-        if not reason and not (root / entry.script).is_file():
-            reason = f"{entry.script} not found under {root} (run the verb from a source checkout)"
-        if reason:
-            record.update(status="cannot run here", reason=reason, finished_at=_now())
-            say(f"[{i}/{len(chosen)}] {entry.method}: cannot run here: {reason}")
-            continue
-        cmd = command(entry, profile, device, out_dir)
-        log_path = out_dir / f"{entry.method}.log"
-        record.update(command=_shown(" ".join(cmd[1:])), log=_shown(log_path))
-        say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
-        rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
-        record.update(wall_s=round(wall, 1), finished_at=_now())
-        record["plots"] = [_shown(out_dir / name) for _, name in entry.side_outputs
-                           if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]
-        log_text = log_path.read_text(errors="replace")
-        if rc != 0:
-            tail = " / ".join(log_text.strip().splitlines()[-3:])[-300:]
-            why = f"timed out after {timeout_s:.0f} s" if rc is None else f"exit status {rc}"
-            record.update(status="failed", reason=f"{why}: {tail}")
-            say(f"[{i}/{len(chosen)}] {entry.method}: FAILED after {wall:.0f} s ({why}); log {log_path}")
-            continue
         try:
-            data, json_path = read_json(entry, profile, out_dir, log_text)
-        except (OSError, ValueError) as err:
-            record.update(status="failed", reason=f"ran, but its JSON could not be read: {err}")
-            say(f"[{i}/{len(chosen)}] {entry.method}: ran in {wall:.0f} s but its JSON could not be read: {err}")
-            continue
-        record["json"] = _shown(json_path) if json_path else None
-        if not apply_headline(record, entry, data):
-            say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
-            continue
-        say(f"[{i}/{len(chosen)}] {entry.method}: done in {wall:.0f} s"
-            + (f" ({record['reason']})" if record["reason"] else ""))
+            record = new_record(entry, profile)
+            record["environment"] = report["environment"]
+            report["methods"].append(record)
+            reason = blocked_reason(entry, profile, device, allow_downloads)
+            if not reason and not (root / entry.script).is_file():
+                reason = f"{entry.script} not found under {root} (run the verb from a source checkout)"
+            if reason:
+                record.update(status="cannot run here", reason=reason, finished_at=_now())
+                say(f"[{i}/{len(chosen)}] {entry.method}: cannot run here: {reason}")
+                continue
+            cmd = command(entry, profile, device, out_dir)
+            log_path = out_dir / f"{entry.method}.log"
+            record.update(command=_shown(" ".join(cmd[1:])), log=_shown(log_path))
+            say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
+            rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
+            record.update(wall_s=round(wall, 1), finished_at=_now())
+            record["plots"] = [_shown(out_dir / name) for _, name in entry.side_outputs
+                               if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]
+            log_text = log_path.read_text(errors="replace")
+            if rc != 0:
+                tail = " / ".join(log_text.strip().splitlines()[-3:])[-300:]
+                why = f"timed out after {timeout_s:.0f} s" if rc is None else f"exit status {rc}"
+                record.update(status="failed", reason=f"{why}: {tail}")
+                say(f"[{i}/{len(chosen)}] {entry.method}: FAILED after {wall:.0f} s ({why}); log {log_path}")
+                continue
+            try:
+                data, json_path = read_json(entry, profile, out_dir, log_text)
+            except (OSError, ValueError) as err:
+                record.update(status="failed", reason=f"ran, but its JSON could not be read: {err}")
+                say(f"[{i}/{len(chosen)}] {entry.method}: ran in {wall:.0f} s but its JSON could not be read: {err}")
+                continue
+            record["json"] = _shown(json_path) if json_path else None
+            if not apply_headline(record, entry, data):
+                say(f"[{i}/{len(chosen)}] {entry.method}: {record['reason']}")
+                continue
+            say(f"[{i}/{len(chosen)}] {entry.method}: done in {wall:.0f} s"
+                + (f" ({record['reason']})" if record["reason"] else ""))
+        finally:  # written after every method: a run stopped half-way keeps what it measured
+            _write_report(out_dir, report, previous, entries)
     report["load_average_after"] = _load_average()
-    if previous is not None:
-        report = merge_reports(previous, report, list(entries))
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
-    return report
+    return _write_report(out_dir, report, previous, entries)
+
+
+def _write_report(out_dir: Path, report: dict, previous: dict | None, entries: dict) -> dict:
+    merged = merge_reports(previous, report, list(entries)) if previous is not None else report
+    (out_dir / REPORT_NAME).write_text(json.dumps(merged, indent=1, default=str))
+    return merged
 
 
 def _load_average() -> list[float] | None:

@@ -110,3 +110,16 @@ def test_readme_quick_table_is_generated_from_its_committed_report():
     assert block == render_block(report, entries)
     assert {m["method"] for m in report["methods"]} == set(entries), "the quick run covers every method"
     assert {m["profile"] for m in report["methods"]} == {"quick"}
+
+
+def test_a_run_stopped_half_way_keeps_the_methods_it_measured(tmp_path):
+    entries = {"a": _entry(tmp_path, "a", 1.0), "b": _entry(tmp_path, "b", 3.0)}
+
+    def stop_at_b(line):
+        if line.startswith("[2/2] b: python"):
+            raise KeyboardInterrupt  # the user presses Ctrl-C while b runs
+
+    with pytest.raises(KeyboardInterrupt):
+        run_entries(["a", "b"], entries, out_dir=tmp_path / "out", root=tmp_path, say=stop_at_b)
+    saved = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert saved["methods"][0]["method"] == "a" and saved["methods"][0]["figures"][0]["ours"] == 1.0
