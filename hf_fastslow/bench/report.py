@@ -102,6 +102,10 @@ def render_block(report: dict, entries: dict | None = None) -> str:
         envs.setdefault(f"{m['profile']} profile; {key}", []).append(m["method"])
     lines = [BEGIN, ""] + rows + ["", "Where each row was measured:", ""]
     lines += [f"- {where}: {', '.join(methods)}" for where, methods in envs.items()]
+    walls = [f"{m['method']} {m['wall_s']:.0f}" for m in report["methods"] if m.get("wall_s") is not None]
+    if walls:
+        lines += ["", "Wall seconds per method run through the verb (on the box and at the load above): "
+                  + ", ".join(walls) + "."]
     return "\n".join(lines + ["", END])
 
 
