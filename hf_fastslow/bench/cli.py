@@ -57,7 +57,11 @@ def _render(args) -> int:
         return 2
     from hf_fastslow.bench.registry import entries_by_method
 
-    changed = render_into(args.into, json.loads(Path(args.render).read_text()), entries_by_method())
+    try:
+        changed = render_into(args.into, json.loads(Path(args.render).read_text()), entries_by_method())
+    except (OSError, ValueError) as err:  # a missing file, a report that is not JSON, a page without markers
+        print(f"hf-fastslow bench: --render {args.render} --into {args.into}: {err}", file=sys.stderr)
+        return 2
     print(f"{args.into}: {'rewrote' if changed else 'already up to date with'} {args.render}")
     return 0
 
@@ -80,6 +84,9 @@ def _ingest(args, entries) -> int:
         if not sep or method not in entries:
             print(f"hf-fastslow bench: --ingest takes METHOD=JSON with a method from --list, got {item!r}",
                   file=sys.stderr)
+            return 2
+        if not Path(path).is_file():
+            print(f"hf-fastslow bench: --ingest {item}: no such file", file=sys.stderr)
             return 2
         kept = out / f"{method}.json"
         if Path(path).resolve() != kept.resolve():

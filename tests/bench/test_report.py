@@ -71,6 +71,10 @@ def test_cli_ingest_and_render(tmp_path, capsys):
     assert [m["method"] for m in report["methods"]] == ["ipw"] and report["methods"][0]["figures"]
     assert main(["bench", "--ingest", "nope=x.json", "--out", str(out)]) == 2
     assert "METHOD=JSON" in capsys.readouterr().err
+    assert main(["bench", "--ingest", f"ipw={tmp_path / 'missing.json'}", "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["bench", "--render", str(tmp_path / "missing.json"), "--into", str(tmp_path / "p.md")]) == 2
+    assert "missing.json" in capsys.readouterr().err
     page = tmp_path / "page.md"
     page.write_text(f"# Title\n\ntext\n\n{BEGIN}\nold\n{END}\n\nafter\n")
     assert main(["bench", "--render", str(out / REPORT_NAME), "--into", str(page)]) == 0
