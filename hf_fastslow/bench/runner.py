@@ -231,7 +231,9 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
                 + (f" ({record['reason']})" if record["reason"] else ""))
         finally:  # written after every method: a run stopped half-way keeps what it measured
             _write_report(out_dir, report, previous, entries)
-    report["load_average_after"] = _load_average()
+    from hf_fastslow.evaluation.timing import load_average
+
+    report["load_average_after"] = load_average()
     return _write_report(out_dir, report, previous, entries)
 
 
@@ -239,13 +241,6 @@ def _write_report(out_dir: Path, report: dict, previous: dict | None, entries: d
     merged = merge_reports(previous, report, list(entries)) if previous is not None else report
     (out_dir / REPORT_NAME).write_text(json.dumps(merged, indent=1, default=str))
     return merged
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 __all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries",

@@ -6,7 +6,6 @@ load beside it."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,9 @@ def write_report_json(path: str | Path | None, report: dict) -> None:
     timing read later needs to know how busy the machine was)."""
     if not path:
         return
-    report["load_average"] = list(os.getloadavg())
+    from hf_fastslow.evaluation.timing import load_average
+
+    report["load_average"] = load_average()
     report["process_cpu_s"] = time.process_time()
     Path(path).write_text(json.dumps(report, indent=1))
     print(f"JSON: {path}")

@@ -42,7 +42,7 @@ def test_apply_quick_only_with_quick():
 def test_write_report_json_adds_the_load(tmp_path):
     write_report_json(tmp_path / "r.json", {"x": 1})
     written = json.loads((tmp_path / "r.json").read_text())
-    assert written["x"] == 1 and len(written["load_average"]) == 3 and written["process_cpu_s"] > 0
+    assert written["x"] == 1 and written["load_average"].count("/") == 2 and written["process_cpu_s"] > 0
     write_report_json(None, {"x": 1})  # no path: nothing written, no error
 
 
