@@ -14,7 +14,7 @@ no Hub name trl could reload it from).
 
     # the figures in docs/trainers.md (~40 min on a loaded 2-core box)
     python benchmarks/dts.py --threads 1 --lr 2e-5 --train 24 --test 48 --max-solve-tokens 96 --max-think-tokens 48
-    python benchmarks/dts.py --quick                 # 8 train / 8 test problems, K=2 (~3 min)
+    python benchmarks/dts.py --quick                 # 6 train / 6 test problems, K=2 (~2 min)
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.train, args.test, args.k, args.max_solve_tokens, args.max_think_tokens = 8, 8, 2, 64, 48
+        args.train, args.test, args.k, args.max_solve_tokens, args.max_think_tokens = 6, 6, 2, 48, 32
     torch.set_num_threads(args.threads)
     from hf_fastslow import load_default_model
     from hf_fastslow.trainers.dts import DTSConfig, build_dts_pairs, build_sampling_pairs

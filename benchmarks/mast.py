@@ -16,7 +16,7 @@ the package's agent loops (Squeeze Evolve, CATTS, MixtureOfAgents, the ReAct age
 (`--agent-runs model`) or on scripted models (`--agent-runs scripted`, the quick mode); these have no gold failure
 labels, so the report gives each arm's failure rates and the pairwise kappa between arms there.
 
-    python benchmarks/mast.py --quick          # 4 fixtures, scripted agent runs, 64-token answers
+    python benchmarks/mast.py --quick          # 4 fixtures, scripted agent runs, 64-token answers, 1 timed trace
     python benchmarks/mast.py                  # all 24 fixtures, agent runs on the default model
 """
 
@@ -167,13 +167,15 @@ def print_tables(report, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 fixtures, scripted agent runs, 64-token answers")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 fixtures, scripted agent runs, 64-token answers, 1 timed trace")
     ap.add_argument("--limit", type=int, default=None, help="fixture traces (default 24, quick 4)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="generate-mode answer (default 200, quick 64)")
     ap.add_argument("--agentdash-max-tokens", type=int, default=None, help="cap on agentdash's answers (same default)")
     ap.add_argument("--agent-runs", choices=("model", "scripted", "none"), default=None)
     ap.add_argument("--no-agentdash", action="store_true")
-    ap.add_argument("--speedup-traces", type=int, default=3)
+    ap.add_argument("--speedup-traces", type=int, default=None,
+                    help="traces timed for the score-mode cache figure (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="mast_benchmark.json")
     ap.add_argument("--plot", default=None, help="the PNG (default: beside the JSON report)")
@@ -181,6 +183,7 @@ def main(argv=None):
     limit = args.limit or (4 if args.quick else 24)
     max_new = args.max_new_tokens or (64 if args.quick else 200)
     runs = args.agent_runs or ("scripted" if args.quick else "model")
+    args.speedup_traces = args.speedup_traces or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     logging.getLogger("agentdash").setLevel(logging.ERROR)  # it logs one warning per code it cannot find
     t_start, c_start = time.perf_counter(), time.process_time()

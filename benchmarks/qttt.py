@@ -153,10 +153,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    p.add_argument("--quick", action="store_true", help="4 examples, 2 dev, 512 tokens, 4 steps")
+    p.add_argument("--quick", action="store_true", help="3 examples, 1 dev, 512 tokens, 2 steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.examples, args.dev, args.steps, args.lrs = [512], 4, 2, 4, [1e-4, 1e-3]
+        args.lengths, args.examples, args.dev, args.steps, args.lrs = [512], 3, 1, 2, [1e-4, 1e-3]
     torch.set_num_threads(args.threads)
     from hf_fastslow import load_default_model
 

@@ -24,6 +24,8 @@ from hf_fastslow.bench.registry import BenchEntry, Figure, headline_extractor, r
 from hf_fastslow.bench.report import cell, merge_reports, table
 
 REPORT_NAME = "bench_report.json"
+# The committed report of each profile (docs/bench.md): its wall times are the progress bars' expected lengths.
+COMMITTED_REPORTS = {"quick": "docs/benchmarks/quick_report.json", "full": "docs/benchmarks/full/bench_report.json"}
 _VERSIONED = ("hf_fastslow", "torch", "transformers", "trl", "peft", "accelerate", "diffusers", "triton")
 
 
@@ -116,9 +118,28 @@ def read_json(entry: BenchEntry, profile: str, out_dir: Path, log_text: str) -> 
     return json.loads(path.read_text()), str(path)
 
 
-def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Callable[[str], None],
-                heartbeat_s: float, timeout_s: float | None) -> tuple[int | None, float]:
-    """Run one script, its output to log_path; every heartbeat_s a progress line (elapsed, the log's last line)."""
+def recorded_walls(root: Path, profile: str) -> dict[str, float]:
+    """Each method's wall seconds in the committed report of `profile` (measured records only); {} without one."""
+    try:
+        methods = json.loads((root / COMMITTED_REPORTS[profile]).read_text())["methods"]
+    except (KeyError, OSError, ValueError, TypeError):
+        return {}
+    return {m["method"]: m["wall_s"] for m in methods if m.get("status") == "measured" and m.get("wall_s")}
+
+
+def progress_line(method: str, elapsed: float, expected: float | None, last: str, width: int = 20) -> str:
+    """One heartbeat: a bar against the method's recorded wall time where there is one (elapsed seconds alone
+    otherwise), then the script's last output line."""
+    if not expected:
+        return f"    {method}: {elapsed:.0f} s  | {last}"
+    filled = min(width, int(width * elapsed / expected))
+    over = ", over the recorded time" if elapsed > expected else ""
+    return f"    {method}: [{'#' * filled}{'-' * (width - filled)}] {elapsed:.0f} / ~{expected:.0f} s{over}  | {last}"
+
+
+def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Callable[[str], None], heartbeat_s: float,
+                timeout_s: float | None, expected_s: float | None = None) -> tuple[int | None, float]:
+    """Run one script, its output to log_path; every heartbeat_s a progress line (see progress_line)."""
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
@@ -134,8 +155,7 @@ def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Cal
             if now >= next_beat:
                 next_beat = now + heartbeat_s
                 lines = [x for x in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if x.strip()]
-                last = lines[-1][-90:] if lines else ""
-                say(f"    {method}: {now - t0:.0f} s  | {last}")
+                say(progress_line(method, now - t0, expected_s, lines[-1][-90:] if lines else ""))
     return proc.returncode, time.perf_counter() - t0
 
 
@@ -190,6 +210,7 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
     report = {"profile": profile, "environment": environment(device), "methods": []}
     previous = out_dir / REPORT_NAME
     previous = json.loads(previous.read_text()) if update and previous.is_file() else None
+    expected = recorded_walls(root, profile)
     for i, entry in enumerate(chosen, 1):
         try:
             record = new_record(entry, profile)
@@ -206,7 +227,8 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
             log_path = out_dir / f"{entry.method}.log"
             record.update(command=_shown(" ".join(cmd[1:])), log=_shown(log_path))
             say(f"[{i}/{len(chosen)}] {entry.method}: python {record['command']}")
-            rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s)
+            rc, wall = _run_script(cmd, root, log_path, entry.method, say, heartbeat_s, timeout_s,
+                                   expected.get(entry.method))
             record.update(wall_s=round(wall, 1), finished_at=_now())
             record["plots"] = [_shown(out_dir / name) for _, name in entry.side_outputs
                                if name.endswith((".png", ".svg")) and (out_dir / name).is_file()]

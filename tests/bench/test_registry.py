@@ -21,7 +21,16 @@ from hf_fastslow.bench.registry import (
     entries_by_method,
     resolve,
 )
-from hf_fastslow.bench.runner import REPORT_NAME, blocked_reason, command, run_entries, table
+from hf_fastslow.bench.runner import (
+    COMMITTED_REPORTS,
+    REPORT_NAME,
+    blocked_reason,
+    command,
+    progress_line,
+    recorded_walls,
+    run_entries,
+    table,
+)
 from hf_fastslow.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +124,9 @@ def _fake_script(tmp_path: Path, name: str, body: str) -> str:
     return str(path)
 
 
+_WRITES = "json.dump({'ours': 2.0, 'peer': 4.0, 'joules': 7.5, 'quick': args.quick}, open(args.out, 'w'))\n"
+
+
 def _extract(report):
     return [Figure("seconds per answer", report["ours"], report["peer"], paper="2x faster"),
             Figure("joules per answer", report["joules"], None, measured=False)]
@@ -122,7 +134,7 @@ def _extract(report):
 
 @pytest.fixture
 def fakes(tmp_path):
-    writes = "json.dump({'ours': 2.0, 'peer': 4.0, 'joules': 7.5, 'quick': args.quick}, open(args.out, 'w'))\n"
+    writes = _WRITES
     prints = "print('loading...'); print(json.dumps({'ours': 3.0, 'peer': 1.5, 'joules': 1.0}, indent=1))\n"
     return {
         "fake": BenchEntry("fake", _fake_script(tmp_path, "fake", writes), "a peer", "seconds per answer", "x.md",
@@ -167,6 +179,27 @@ def test_run_report_schema_and_figures(tmp_path, fakes):
     rendered = table(report)
     assert "| fake | seconds per answer | 2 | 4 | 0.5 | 2x faster | measured |" in rendered
     assert "| estimated |" in rendered and "| crashes |" in rendered and "failed: exit status 3" in rendered
+
+
+def test_progress_bar_runs_against_the_committed_reports_wall_time(tmp_path, fakes):
+    assert progress_line("m", 30, 120, "step 3") == "    m: [#####---------------] 30 / ~120 s  | step 3"
+    assert progress_line("m", 150, 120, "").startswith("    m: [####################] 150 / ~120 s, over the recorded")
+    assert progress_line("m", 30, None, "step 3") == "    m: 30 s  | step 3"  # no recorded run: elapsed alone
+    committed = tmp_path / COMMITTED_REPORTS["quick"]
+    committed.parent.mkdir(parents=True)
+    committed.write_text(json.dumps({"methods": [
+        {"method": "slow", "status": "measured", "wall_s": 4.0},
+        {"method": "crashes", "status": "failed", "wall_s": 1.0}]}))  # a failed run's time is no expectation
+    assert recorded_walls(tmp_path, "quick") == {"slow": 4.0}
+    assert recorded_walls(tmp_path, "full") == {}  # no committed full report under this root
+    slow = BenchEntry("slow", _fake_script(tmp_path, "slow", "import time; print('warming up', flush=True); "
+                                                             "time.sleep(1.5); " + _WRITES), "a peer", "m", "x.md",
+                      Output("file", "--out"), ("--quick",), extract=_extract)
+    said = []
+    run_entries(["slow"], {"slow": slow}, out_dir=tmp_path / "o", root=tmp_path, heartbeat_s=0.5, say=said.append)
+    beats = [line for line in said if line.startswith("    slow: [")]
+    assert beats and all("/ ~4 s  | " in line for line in beats)
+    assert beats[-1].endswith("| warming up")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report on a machine without a GPU")
