@@ -62,7 +62,7 @@ def _render(args) -> int:
     except (OSError, ValueError) as err:  # a missing file, a report that is not JSON, a page without markers
         print(f"hf-fastslow bench: --render {args.render} --into {args.into}: {err}", file=sys.stderr)
         return 2
-    print(f"{args.into}: {'rewrote' if changed else 'already up to date with'} {args.render}")
+    print(f"{args.into}: {'block rewritten from' if changed else 'already up to date with'} {args.render}")
     return 0
 
 

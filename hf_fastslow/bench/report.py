@@ -42,10 +42,12 @@ def table_rows(report: dict) -> list[str]:
     return lines
 
 
-def environment_line(env: dict) -> str:
+def environment_line(env: dict, load: bool = True) -> str:
+    """The machine and versions of a run; `load`: with the load average at its start."""
+    before = f", load average {env['load_average']} before" if load else ""
     return (f"device {env['device']}, {env['cpus']} CPUs, bench process torch threads {env['torch_threads']} (each "
-            f"script sets its own, see its log), load average {env['load_average']} before; torch "
-            f"{env['versions']['torch']}, transformers {env['versions']['transformers']}")
+            f"script sets its own, see its log){before}; torch {env['versions']['torch']}, transformers "
+            f"{env['versions']['transformers']}")
 
 
 def table(report: dict) -> str:
@@ -96,16 +98,18 @@ def render_block(report: dict, entries: dict | None = None) -> str:
     order = list(entries or {}) + [name for name in present if name not in (entries or {})]
     rows = table_rows({"methods": [present.get(name) or missing[name] for name in order]})
     envs: dict[str, list[str]] = {}
-    for m in report["methods"]:
+    for m in report["methods"]:  # grouped by machine and versions; the load is per method, in the wall line
         env = m.get("environment")
-        key = environment_line(env) if env else "environment not recorded (a recorded run's JSON, ingested)"
+        key = environment_line(env, load=False) if env else "environment not recorded (a recorded run's JSON, ingested)"
         envs.setdefault(f"{m['profile']} profile; {key}", []).append(m["method"])
     lines = [BEGIN, ""] + rows + ["", "Where each row was measured:", ""]
     lines += [f"- {where}: {', '.join(methods)}" for where, methods in envs.items()]
-    walls = [f"{m['method']} {m['wall_s']:.0f}" for m in report["methods"] if m.get("wall_s") is not None]
+    walls = [f"{m['method']} {m['wall_s']:.0f} ({(m.get('environment') or {}).get('load_average', 'n/a')})"
+             for m in report["methods"] if m.get("wall_s") is not None]
     if walls:
-        lines += ["", "Wall seconds per method run through the verb (on the box and at the load above): "
-                  + ", ".join(walls) + "."]
+        lines += ["", "Wall seconds per method run through the verb, with the 1/5/15-minute load average recorded "
+                  "with it (at the method's start; at its verb run's start in older records): " + ", ".join(walls)
+                  + "."]
     return "\n".join(lines + ["", END])
 
 

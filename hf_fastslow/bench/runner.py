@@ -203,6 +203,8 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
                 say: Callable[[str], None] = print, update: bool = False) -> dict:
     """Run the named entries (all when `names` is empty); returns the report written to out_dir/bench_report.json.
     update: merge into the report already in out_dir (these methods' records replace theirs, the others stay)."""
+    from hf_fastslow.evaluation.timing import load_average
+
     chosen = resolve(names, entries)  # raises with the valid names before anything runs
     root = Path(root) if root is not None else repo_root()
     out_dir = Path(out_dir).resolve()
@@ -214,7 +216,8 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
     for i, entry in enumerate(chosen, 1):
         try:
             record = new_record(entry, profile)
-            record["environment"] = report["environment"]
+            # the load when this method starts, not when the run did: a long run's load drifts from method to method
+            record["environment"] = {**report["environment"], "load_average": load_average()}
             report["methods"].append(record)
             reason = blocked_reason(entry, profile, device, allow_downloads)
             if not reason and not (root / entry.script).is_file():
@@ -253,8 +256,6 @@ def run_entries(names: list[str], entries: dict[str, BenchEntry], profile: str =
                 + (f" ({record['reason']})" if record["reason"] else ""))
         finally:  # written after every method: a run stopped half-way keeps what it measured
             _write_report(out_dir, report, previous, entries)
-    from hf_fastslow.evaluation.timing import load_average
-
     report["load_average_after"] = load_average()
     return _write_report(out_dir, report, previous, entries)
 

@@ -2,6 +2,7 @@
 generated block (--render): the page must equal what its committed report renders."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def test_update_merges_runs_and_keeps_each_records_environment(tmp_path):
     assert json.loads((out / REPORT_NAME).read_text())["methods"][0]["figures"][0]["ours"] == 5.0
     alone = run_entries(["a"], entries, out_dir=out, root=tmp_path, say=lambda _: None)  # no --update: replaced
     assert [m["method"] for m in alone["methods"]] == ["a"]
+
+
+def test_each_record_carries_the_load_at_its_methods_start(tmp_path, monkeypatch):
+    import hf_fastslow.evaluation.timing as timing
+
+    loads = iter(["0.1/0.1/0.1", "1.0/1.0/1.0", "2.0/2.0/2.0", "3.0/3.0/3.0", "9.0/9.0/9.0"])
+    monkeypatch.setattr(timing, "load_average", lambda: next(loads))
+    entries = {"a": _entry(tmp_path, "a", 1.0), "b": _entry(tmp_path, "b", 3.0)}
+    report = run_entries(["a", "b"], entries, out_dir=tmp_path / "o", root=tmp_path, say=lambda _: None)
+    assert [m["environment"]["load_average"] for m in report["methods"]] == ["1.0/1.0/1.0", "2.0/2.0/2.0"]
+    block = render_block(report)
+    assert block.count("- quick profile; device") == 1  # one machine: one line, the load moved to each method
+    assert re.search(r"\ba \d+ \(1\.0/1\.0/1\.0\), b \d+ \(2\.0/2\.0/2\.0\)\.", block)
 
 
 def test_merge_orders_by_registry_and_fills_old_records():
