@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -119,12 +120,16 @@ def read_json(entry: BenchEntry, profile: str, out_dir: Path, log_text: str) -> 
 
 
 def recorded_walls(root: Path, profile: str) -> dict[str, float]:
-    """Each method's wall seconds in the committed report of `profile` (measured records only); {} without one."""
+    """Each method's wall seconds in the committed report of `profile` (its measured records of that profile with a
+    positive time); {} without a readable report. Only sets the progress bar's length, so a malformed one is ignored."""
     try:
         methods = json.loads((root / COMMITTED_REPORTS[profile]).read_text())["methods"]
-    except (KeyError, OSError, ValueError, TypeError):
+        walls = {m["method"]: float(m["wall_s"]) for m in methods
+                 if isinstance(m, dict) and m.get("status") == "measured" and m.get("profile", profile) == profile
+                 and isinstance(m.get("wall_s"), (int, float))}
+    except (KeyError, OSError, ValueError, TypeError, AttributeError):
         return {}
-    return {m["method"]: m["wall_s"] for m in methods if m.get("status") == "measured" and m.get("wall_s")}
+    return {name: wall for name, wall in walls.items() if math.isfinite(wall) and wall > 0}
 
 
 def progress_line(method: str, elapsed: float, expected: float | None, last: str, width: int = 20) -> str:

@@ -192,6 +192,14 @@ def test_progress_bar_runs_against_the_committed_reports_wall_time(tmp_path, fak
         {"method": "crashes", "status": "failed", "wall_s": 1.0}]}))  # a failed run's time is no expectation
     assert recorded_walls(tmp_path, "quick") == {"slow": 4.0}
     assert recorded_walls(tmp_path, "full") == {}  # no committed full report under this root
+    for bad in ({"methods": {"slow": 1}}, {"methods": [3]}, {"methods": [{"status": "measured", "wall_s": 2}]}, [1]):
+        committed.write_text(json.dumps(bad))
+        assert recorded_walls(tmp_path, "quick") == {}  # malformed: no bar, never a crash
+    committed.write_text(json.dumps({"methods": [
+        {"method": "a", "status": "measured", "wall_s": "12"}, {"method": "b", "status": "measured", "wall_s": -3},
+        {"method": "c", "status": "measured", "wall_s": 5, "profile": "full"},  # a merged report's other profile
+        {"method": "slow", "status": "measured", "wall_s": 4.0, "profile": "quick"}]}))
+    assert recorded_walls(tmp_path, "quick") == {"slow": 4.0}
     slow = BenchEntry("slow", _fake_script(tmp_path, "slow", "import time; print('warming up', flush=True); "
                                                              "time.sleep(1.5); " + _WRITES), "a peer", "m", "x.md",
                       Output("file", "--out"), ("--quick",), extract=_extract)
