@@ -183,7 +183,10 @@ def main(argv=None):
     limit = args.limit or (4 if args.quick else 24)
     max_new = args.max_new_tokens or (64 if args.quick else 200)
     runs = args.agent_runs or ("scripted" if args.quick else "model")
-    args.speedup_traces = args.speedup_traces or (1 if args.quick else 3)
+    if args.speedup_traces is None:
+        args.speedup_traces = 1 if args.quick else 3
+    elif args.speedup_traces < 1:
+        ap.error("--speedup-traces must be at least 1 (the cache figure times that many fixture traces)")
     torch.set_num_threads(args.threads)
     logging.getLogger("agentdash").setLevel(logging.ERROR)  # it logs one warning per code it cannot find
     t_start, c_start = time.perf_counter(), time.process_time()

@@ -150,17 +150,20 @@ def _run_script(cmd: list[str], cwd: Path, log_path: Path, method: str, say: Cal
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
         next_beat = t0 + heartbeat_s
-        while proc.poll() is None:
-            time.sleep(0.2)
-            now = time.perf_counter()
-            if timeout_s is not None and now - t0 > timeout_s:
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                now = time.perf_counter()
+                if timeout_s is not None and now - t0 > timeout_s:
+                    return None, now - t0
+                if now >= next_beat:
+                    next_beat = now + heartbeat_s
+                    lines = [x for x in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if x.strip()]
+                    say(progress_line(method, now - t0, expected_s, lines[-1][-90:] if lines else ""))
+        finally:  # a timeout, Ctrl-C or a failing progress callback must not leave the script running
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-                return None, now - t0
-            if now >= next_beat:
-                next_beat = now + heartbeat_s
-                lines = [x for x in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if x.strip()]
-                say(progress_line(method, now - t0, expected_s, lines[-1][-90:] if lines else ""))
     return proc.returncode, time.perf_counter() - t0
 
 
@@ -271,5 +274,5 @@ def _write_report(out_dir: Path, report: dict, previous: dict | None, entries: d
     return merged
 
 
-__all__ = ["REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment", "repo_root", "run_entries",
-           "table"]
+__all__ = ["COMMITTED_REPORTS", "REPORT_NAME", "Figure", "blocked_reason", "cell", "command", "environment",
+           "progress_line", "recorded_walls", "repo_root", "run_entries", "table"]

@@ -3,6 +3,7 @@ schema; methods that cannot run here are reported with their reason; bad names l
 fake benchmark scripts written to tmp_path, never a real model."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -134,10 +135,9 @@ def _extract(report):
 
 @pytest.fixture
 def fakes(tmp_path):
-    writes = _WRITES
     prints = "print('loading...'); print(json.dumps({'ours': 3.0, 'peer': 1.5, 'joules': 1.0}, indent=1))\n"
     return {
-        "fake": BenchEntry("fake", _fake_script(tmp_path, "fake", writes), "a peer", "seconds per answer", "x.md",
+        "fake": BenchEntry("fake", _fake_script(tmp_path, "fake", _WRITES), "a peer", "seconds per answer", "x.md",
                            Output("file", "--out"), ("--quick",), extract=_extract, paper="about 2x"),
         "printer": BenchEntry("printer", _fake_script(tmp_path, "printer", prints), "a peer", "seconds", "x.md",
                               Output("stdout", "--json"), ("--quick",), extract=_extract),
@@ -145,11 +145,11 @@ def fakes(tmp_path):
                                   "a peer", "m", "x.md", Output("none"), ("--quick",)),
         "crashes": BenchEntry("crashes", _fake_script(tmp_path, "crashes", "print('boom'); sys.exit(3)\n"),
                               "a peer", "m", "x.md", Output("file", "--out"), ("--quick",)),
-        "needs_gpu": BenchEntry("needs_gpu", _fake_script(tmp_path, "needs_gpu", writes), "a peer", "m", "x.md",
+        "needs_gpu": BenchEntry("needs_gpu", _fake_script(tmp_path, "needs_gpu", _WRITES), "a peer", "m", "x.md",
                                 Output("file", "--out"), ("--quick",), requires=("cuda",)),
-        "no_quick": BenchEntry("no_quick", _fake_script(tmp_path, "no_quick", writes), "a peer", "m", "x.md",
+        "no_quick": BenchEntry("no_quick", _fake_script(tmp_path, "no_quick", _WRITES), "a peer", "m", "x.md",
                                Output("file", "--out"), None, quick_note="not timed yet"),
-        "downloads": BenchEntry("downloads", _fake_script(tmp_path, "downloads", writes), "a peer", "m", "x.md",
+        "downloads": BenchEntry("downloads", _fake_script(tmp_path, "downloads", _WRITES), "a peer", "m", "x.md",
                                 Output("file", "--out"), ("--quick",), full_requires=("download:big weights",)),
     }
 
@@ -208,6 +208,30 @@ def test_progress_bar_runs_against_the_committed_reports_wall_time(tmp_path, fak
     beats = [line for line in said if line.startswith("    slow: [")]
     assert beats and all("/ ~4 s  | " in line for line in beats)
     assert beats[-1].endswith("| warming up")
+
+
+def test_a_timeout_or_a_failing_progress_callback_does_not_leave_the_script_running(tmp_path):
+    pid_file = tmp_path / "pid"
+    body = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('up', flush=True); "
+            "time.sleep(60)\n")
+    sleeper = BenchEntry("sleeper", _fake_script(tmp_path, "sleeper", body), "a peer", "m", "x.md",
+                         Output("file", "--out"), ("--quick",))
+
+    def fail_on_heartbeat(line):
+        if line.startswith("    sleeper:"):
+            raise RuntimeError("terminal closed")
+
+    with pytest.raises(RuntimeError, match="terminal closed"):
+        run_entries(["sleeper"], {"sleeper": sleeper}, out_dir=tmp_path / "o", root=tmp_path, heartbeat_s=1.0,
+                    say=fail_on_heartbeat)
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not orphaned
+        os.kill(int(pid_file.read_text()), 0)
+    pid_file.unlink()
+    report = run_entries(["sleeper"], {"sleeper": sleeper}, out_dir=tmp_path / "t", root=tmp_path, timeout_s=1.5,
+                         say=lambda line: None)
+    assert report["methods"][0]["status"] == "failed" and "timed out after 2 s" in report["methods"][0]["reason"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report on a machine without a GPU")
